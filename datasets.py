@@ -1,0 +1,166 @@
+"""Datasets (ImageNet-style folders, CIFAR, iNaturalist) and the DeiT train/eval transforms."""
+import json
+import os
+from typing import Optional, Tuple
+
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import ImageFolder, default_loader
+
+from utils import UserError
+
+# `--data-set` names; CIFAR stays the original's alias of CIFAR-100.
+DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19')
+INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    """timm's posterize op, safe at 0 bits.
+
+    RandAugment's PosterizeIncreasing maps magnitude 10 (reached by the clipped mstd noise of
+    `rand-m9-mstd0.5`, ~0.1% of images) to 0 bits; Pillow >= 11 rejects that and the data-loader
+    worker dies. 0 bits used to give an all-black image, so keep that.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+# AugmentOp looks its function up in this table when a policy is built, so patch it at import.
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    auto_augment.NAME_TO_OP[_name] = posterize
+
+
+class INatDataset(ImageFolder):
+    """iNaturalist 2018/2019 in the original JSON layout: ``{train,val}{year}.json`` and
+    ``categories.json`` under ``root``; ``category`` picks the taxonomy level used as label."""
+
+    def __init__(self, root: str, train: bool = True, year: int = 2018, transform=None,
+                 target_transform=None, category: str = 'name', loader=default_loader):
+        self.root = root
+        self.transform = transform
+        self.target_transform = target_transform
+        self.loader = loader
+        self.year = year
+        split = 'train' if train else 'val'
+        with open(os.path.join(root, f'{split}{year}.json')) as f:
+            data = json.load(f)
+        with open(os.path.join(root, 'categories.json')) as f:
+            categories = json.load(f)
+        with open(os.path.join(root, f'train{year}.json')) as f:
+            train_data = json.load(f)
+
+        # The label set is taken from the train split so that train and val agree.
+        level_of = {c['id']: c[category] for c in categories}
+        names = sorted({level_of[a['category_id']] for a in train_data['annotations']})
+        self.classes = names
+        self.class_to_idx = {name: i for i, name in enumerate(names)}
+        self.nb_classes = len(names)
+
+        self.samples = []
+        for image, annotation in zip(data['images'], data['annotations']):
+            target = self.class_to_idx[level_of[annotation['category_id']]]
+            self.samples.append((os.path.join(root, image['file_name']), target))
+        self.targets = [s[1] for s in self.samples]
+        self.imgs = self.samples
+
+
+def _image_folder(root: str, split: str, transform) -> ImageFolder:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
+    try:
+        return ImageFolder(path, transform=transform)
+    except (FileNotFoundError, PermissionError) as e:
+        raise UserError(f'cannot read {path}: {e}') from None
+
+
+def _cifar(cls, args, is_train: bool, transform):
+    try:
+        return cls(args.data_path, train=is_train, transform=transform, download=True)
+    except Exception as e:  # no network, unwritable folder, corrupt archive
+        raise UserError(f'{cls.__name__} not found under --data-path {args.data_path} and could not be '
+                        f'downloaded ({e}): put the extracted python version there') from None
+
+
+def build_dataset(is_train: bool, args) -> Tuple[object, int]:
+    """The ``--data-set`` split with its transform, and the number of classes."""
+    transform = build_transform(is_train, args)
+    if not os.path.isdir(args.data_path) and args.data_set in ('IMNET', 'INAT', 'INAT19'):
+        raise UserError(f'--data-path {args.data_path} is not a directory: point it at the dataset root')
+
+    if args.data_set in ('CIFAR', 'CIFAR100'):
+        dataset, nb_classes = _cifar(datasets.CIFAR100, args, is_train, transform), 100
+    elif args.data_set == 'CIFAR10':
+        dataset, nb_classes = _cifar(datasets.CIFAR10, args, is_train, transform), 10
+    elif args.data_set == 'IMNET':
+        dataset = _image_folder(args.data_path, 'train' if is_train else 'val', transform)
+        nb_classes = len(dataset.classes)
+    elif args.data_set in ('INAT', 'INAT19'):
+        year = 2018 if args.data_set == 'INAT' else 2019
+        try:
+            dataset = INatDataset(args.data_path, train=is_train, year=year,
+                                  category=args.inat_category, transform=transform)
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f'cannot read the iNaturalist {year} annotations under {args.data_path}: {e}') from None
+        nb_classes = dataset.nb_classes
+    else:
+        raise UserError(f'unknown --data-set {args.data_set}: choose one of {", ".join(DATA_SETS)}')
+
+    if getattr(args, 'nb_classes', None) and args.nb_classes != nb_classes:
+        raise UserError(f'--nb-classes {args.nb_classes} disagrees with the {nb_classes} classes found in '
+                        f'{args.data_set} at {args.data_path}: fix or drop --nb-classes')
+    return dataset, nb_classes
+
+
+def check_same_classes(dataset_train, dataset_val) -> None:
+    """Train and val must label the same classes with the same indices."""
+    train_classes = getattr(dataset_train, 'classes', None)
+    val_classes = getattr(dataset_val, 'classes', None)
+    if train_classes is not None and val_classes is not None and list(train_classes) != list(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise UserError(f'train and val have different class folders (only in train: {only_train}, '
+                        f'only in val: {only_val}): give both splits the same classes')
+
+
+class EvalTransform:
+    """Resize to ``size / crop_ratio`` (bicubic), center crop ``size``, ImageNet normalisation."""
+
+    def __init__(self, input_size: int, crop_ratio: float = 0.875):
+        steps = []
+        if input_size > 32:  # small inputs (CIFAR-sized) are used as they are
+            steps.append(transforms.Resize(int(input_size / crop_ratio),
+                                           interpolation=transforms.InterpolationMode.BICUBIC))
+        steps += [transforms.CenterCrop(input_size), transforms.ToTensor(),
+                  transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        self.transform = transforms.Compose(steps)
+
+    def __call__(self, img):
+        return self.transform(img)
+
+
+def build_train_transform(args):
+    """timm's DeiT train pipeline: RandomResizedCrop, flip, RandAugment, jitter, random erasing.
+
+    Inputs of 32 px or less replace RandomResizedCrop by a 4-pixel padded RandomCrop, as the original.
+    """
+    transform = create_transform(
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
+        interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
+    if args.input_size <= 32:
+        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4, pad_if_needed=True)
+    return transform
+
+
+def build_transform(is_train: bool, args):
+    """The train or eval transform for ``args`` (the original DeiT signature)."""
+    if is_train:
+        return build_train_transform(args)
+    return EvalTransform(args.input_size, args.eval_crop_ratio)

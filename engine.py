@@ -1,0 +1,118 @@
+"""One training epoch and one evaluation pass."""
+import contextlib
+from typing import Optional
+
+import torch
+from timm.data import Mixup
+
+from losses import DistillationLoss
+from utils import MetricLogger, all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run must stop without saving."""
+
+
+class LossScaler:
+    """Backward, optional gradient clipping, optimizer step; fp16 loss scaling only when enabled.
+
+    timm's NativeScaler always scales the loss; bf16 and fp32 need no scaling, so this wraps a
+    GradScaler that is a pass-through when disabled.
+    """
+    state_dict_key = 'scaler'
+
+    def __init__(self, enabled: bool, device_type: str = 'cuda'):
+        self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 clip_grad: Optional[float] = None, parameters=None, create_graph: bool = False) -> None:
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if clip_grad:
+            self._scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._scaler.load_state_dict(state_dict)
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """Mixed-precision context for ``device``, or a no-op when ``amp_dtype`` is None."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_loader, optimizer,
+                    device: torch.device, epoch: int, loss_scaler: LossScaler, max_norm: float = 0,
+                    model_ema=None, mixup_fn: Optional[Mixup] = None, set_training_mode: bool = True,
+                    args=None) -> dict:
+    """Train for one epoch; returns the epoch's average loss and the learning rate."""
+    model.train(set_training_mode)
+    amp_dtype = getattr(args, 'amp_dtype_torch', None)
+    bce_loss = getattr(args, 'bce_loss', False)
+    print_freq = getattr(args, 'print_freq', 10)
+    metric_logger = MetricLogger()
+    header = f'Epoch: [{epoch}]'
+
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        if bce_loss:
+            targets = targets.gt(0.0).type(targets.dtype)
+
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters())
+        if model_ema is not None:
+            model_ema.update(model)
+
+        # Reading the loss back forces a device sync: do it only when a progress line is printed.
+        metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
+        if step % print_freq == 0 or step == len(data_loader) - 1:
+            if not torch.isfinite(metric_logger.sums['loss']):
+                raise NonFiniteLossError(
+                    f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
+                    f'--clip-grad, or check the data; the last saved checkpoint is untouched')
+
+    averages = metric_logger.averages()
+    print(f'Averaged stats: loss {averages["loss"]:.4f}  lr {averages["lr"]:.3g}')
+    return averages
+
+
+@torch.no_grad()
+def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10) -> dict:
+    """Top-1 / top-5 accuracy (%) and cross-entropy loss, summed exactly over all ranks."""
+    criterion = torch.nn.CrossEntropyLoss(reduction='sum')
+    model.eval()
+    metric_logger = MetricLogger()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct@1, correct@5, images
+
+    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        loss = criterion(output, target)
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+        n = images.shape[0]
+        correct1, correct5 = top5[:, 0].sum(), top5.sum()
+        totals += torch.stack([loss.double(), correct1.double(), correct5.double(), totals.new_tensor(n)])
+        metric_logger.update(n, loss=loss / n, acc1=100 * correct1 / n, acc5=100 * correct5 / n)
+
+    loss_sum, correct1, correct5, count = all_reduce_sum(totals).tolist()
+    stats = {'loss': loss_sum / count, 'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count}
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+          f'({int(count)} images)')
+    return stats

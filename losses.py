@@ -1,0 +1,52 @@
+"""Knowledge distillation through the distillation token (DeiT, section 4)."""
+import torch
+import torch.nn.functional as F
+
+DISTILLATION_TYPES = ('none', 'soft', 'hard')
+
+
+class DistillationLoss(torch.nn.Module):
+    """``(1 - alpha) * base(cls logits, labels) + alpha * distillation(dist logits, teacher)``.
+
+    soft: KL(student / tau || teacher / tau) * tau^2, summed and divided by the number of logits;
+    hard: cross-entropy of the student against the teacher's argmax.
+    The teacher sees the un-mixed-up inputs it is given, in eval mode and without gradients.
+    """
+
+    def __init__(self, base_criterion: torch.nn.Module, teacher_model: torch.nn.Module,
+                 distillation_type: str, alpha: float, tau: float):
+        super().__init__()
+        if distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(f'distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type}')
+        self.base_criterion = base_criterion
+        self.teacher_model = teacher_model
+        self.distillation_type = distillation_type
+        self.alpha = alpha
+        self.tau = tau
+
+    def forward(self, inputs: torch.Tensor, outputs, labels: torch.Tensor) -> torch.Tensor:
+        """``outputs`` is the student's logits, or its ``(cls, dist)`` pair for a distilled model."""
+        outputs_kd = None
+        if not isinstance(outputs, torch.Tensor):
+            outputs, outputs_kd = outputs
+        base_loss = self.base_criterion(outputs, labels)
+        if self.distillation_type == 'none':
+            return base_loss
+        if outputs_kd is None:
+            raise ValueError('distillation needs the model to return (cls, dist) logits: '
+                             'use a *_distilled_* model')
+
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(inputs)
+
+        if self.distillation_type == 'soft':
+            T = self.tau
+            distillation_loss = F.kl_div(
+                F.log_softmax(outputs_kd / T, dim=1),
+                F.log_softmax(teacher_outputs / T, dim=1),
+                reduction='sum', log_target=True,
+            ) * (T * T) / outputs_kd.numel()
+        else:
+            distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
+
+        return base_loss * (1 - self.alpha) + distillation_loss * self.alpha

@@ -1,0 +1,491 @@
+"""Train, evaluate, resume and fine-tune DeiT: the command line of the original DeiT scripts.
+
+Reads like a table of contents: parse, build data, build models, build optimisation, loop.
+"""
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+import models  # noqa: F401  (registers our students in timm's registry)
+import utils
+from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset, check_same_classes
+from engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
+from losses import DISTILLATION_TYPES, DistillationLoss
+from samplers import RASampler
+from utils import UserError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The original DeiT flags (same names and defaults), plus a few marked 'new'."""
+    parser = argparse.ArgumentParser('DeiT training and evaluation script', add_help=False)
+    parser.add_argument('--batch-size', default=64, type=int, help='per-GPU (per-process) batch size')
+    parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on mixed targets')
+    parser.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by batch*world/512')
+
+    # Model
+    parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
+                        help='any timm model name, or one of models/')
+    parser.add_argument('--input-size', default=224, type=int, help='image size')
+    parser.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    parser.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate')
+    parser.add_argument('--model-ema', action='store_true')
+    parser.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    parser.set_defaults(model_ema=True)
+    parser.add_argument('--model-ema-decay', type=float, default=0.99996)
+    parser.add_argument('--model-ema-force-cpu', action='store_true')
+
+    # Optimizer
+    parser.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
+    parser.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
+    parser.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    parser.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clip')
+    parser.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    parser.add_argument('--weight-decay', type=float, default=0.05)
+
+    # Learning-rate schedule
+    parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
+    parser.add_argument('--lr', type=float, default=5e-4, metavar='LR', help='for a total batch of 512')
+    parser.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
+    parser.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT')
+    parser.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV')
+    parser.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR')
+    parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
+    parser.add_argument('--decay-epochs', type=float, default=30, metavar='N')
+    parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
+                        help='epochs at --min-lr after the schedule (really run, unlike the original)')
+    parser.add_argument('--patience-epochs', type=int, default=10, metavar='N')
+    parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+
+    # Augmentation
+    parser.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                        help='AutoAugment policy, "none" to disable')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    parser.add_argument('--train-interpolation', type=str, default='bicubic',
+                        help='random, bilinear or bicubic')
+    parser.add_argument('--repeated-aug', action='store_true')
+    parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    parser.set_defaults(repeated_aug=True)
+    parser.add_argument('--train-mode', action='store_true')
+    parser.add_argument('--no-train-mode', action='store_false', dest='train_mode')
+    parser.set_defaults(train_mode=True)
+
+    # Random erasing
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
+    parser.add_argument('--remode', type=str, default='pixel')
+    parser.add_argument('--recount', type=int, default=1)
+    parser.add_argument('--resplit', action='store_true', default=False)
+
+    # Mixup / CutMix
+    parser.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, on if > 0')
+    parser.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, on if > 0')
+    parser.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    parser.add_argument('--mixup-prob', type=float, default=1.0)
+    parser.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    parser.add_argument('--mixup-mode', type=str, default='batch', help='batch, pair or elem')
+
+    # Distillation
+    parser.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL')
+    parser.add_argument('--teacher-path', type=str, default='', help='teacher checkpoint file or https URL')
+    parser.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str)
+    parser.add_argument('--distillation-alpha', default=0.5, type=float)
+    parser.add_argument('--distillation-tau', default=1.0, type=float)
+
+    # Fine-tuning
+    parser.add_argument('--finetune', default='', help='fine-tune from this checkpoint file or URL')
+
+    # Dataset
+    parser.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
+    parser.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
+                        help='IMNET is any ImageFolder with train/ and val/')
+    parser.add_argument('--nb-classes', default=None, type=int,
+                        help='(new) expected number of classes, checked against the data')
+    parser.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str)
+    parser.add_argument('--eval-crop-ratio', default=0.875, type=float)
+
+    # Run
+    parser.add_argument('--output_dir', default='', help='where to save checkpoints and log.txt')
+    parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu (cpu if CUDA is absent)')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help="resume from this checkpoint file or URL; 'auto': "
+                        "the checkpoint in --output_dir if there is one, else start fresh")
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    parser.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
+    parser.add_argument('--dist-eval', action='store_true', default=False, help='shard validation')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
+    parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    parser.add_argument('--amp', action='store_true', default=None,
+                        help='(new) mixed precision; default: on for CUDA, off for CPU')
+    parser.add_argument('--no-amp', action='store_false', dest='amp')
+    parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
+                        help='(new) fp16 uses loss scaling, bf16 does not')
+    parser.add_argument('--print-freq', default=10, type=int, help='(new) steps between progress lines')
+
+    # Distributed (filled from the environment set by torchrun / launch / submitit)
+    parser.add_argument('--world_size', default=1, type=int)
+    parser.add_argument('--dist_url', default='env://')
+    parser.add_argument('--local-rank', '--local_rank', default=0, type=int,
+                        help='set by torch.distributed.launch without --use_env')
+    return parser
+
+
+def validate_args(args) -> None:
+    """Catch impossible settings before any data is read or any model is built."""
+    for name in ('batch_size', 'epochs', 'input_size', 'print_freq'):
+        if getattr(args, name) <= 0:
+            raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.num_workers < 0:
+        raise UserError(f'--num_workers must be >= 0, got {args.num_workers}')
+    for name in ('lr', 'min_lr', 'warmup_lr', 'weight_decay', 'drop', 'drop_path', 'smoothing', 'reprob'):
+        if getattr(args, name) < 0:
+            raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
+    if not timm.is_model(args.model):
+        close = timm.list_models(f'*{args.model.split("_")[0]}*')[:5]
+        raise UserError(f'unknown --model {args.model}' + (f': did you mean one of {close}?' if close else ''))
+    if args.distillation_type != 'none':
+        if not timm.is_model(args.teacher_model):
+            raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
+        if not args.teacher_path:
+            raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path '
+                            '(a checkpoint file or https URL of the teacher)')
+        if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
+            raise UserError(f'--teacher-path {args.teacher_path} does not exist')
+    if args.bce_loss and not mixup_active(args):
+        raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
+    if args.eval and not (args.resume or args.finetune):
+        print('warning: --eval without --resume evaluates a randomly initialised model')
+    if args.resume == 'auto':
+        if not args.output_dir:
+            raise UserError('--resume auto looks in --output_dir: give --output_dir too')
+        args.resume = find_resume_checkpoint(args.output_dir)
+    for name in ('resume', 'finetune'):
+        path = getattr(args, name)
+        if path and not utils.is_url(path) and not os.path.isfile(path):
+            raise UserError(f'--{name} {path} does not exist: check the path')
+    if args.output_dir:
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'cannot create --output_dir {args.output_dir}: {e.strerror}') from None
+        if not os.access(args.output_dir, os.W_OK):
+            raise UserError(f'--output_dir {args.output_dir} is not writable: choose another directory')
+
+
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
+    """Train and val loaders with their samplers (repeated augmentation, sharded eval)."""
+    dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, _ = build_dataset(is_train=False, args=args)
+    check_same_classes(dataset_train, dataset_val)
+    world, rank = utils.get_world_size(), utils.get_rank()
+
+    if args.repeated_aug:
+        sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    elif args.distributed:
+        sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                           seed=args.seed)
+    else:
+        sampler_train = RandomSampler(dataset_train)
+    if args.dist_eval and args.distributed:
+        # Strided shards without padding: every image counted once, so the reduced metrics are exact.
+        dataset_val = Subset(dataset_val, range(rank, len(dataset_val), world))
+
+    pin = args.pin_mem and args.device.type == 'cuda'
+    workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                              drop_last=True, **workers)
+    loader_val = DataLoader(dataset_val, sampler=SequentialSampler(dataset_val),
+                            batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
+    if len(loader_train) == 0:
+        raise UserError(f'{len(sampler_train)} training samples per process are fewer than --batch-size '
+                        f'{args.batch_size}: lower --batch-size')
+    return loader_train, loader_val, nb_classes
+
+
+def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
+    if not mixup_active(args):
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+def build_model(args, nb_classes: int) -> torch.nn.Module:
+    """The student, for --input-size where the architecture takes an image size."""
+    kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    try:
+        model = timm.create_model(args.model, img_size=args.input_size, **kwargs)
+    except TypeError as e:
+        if 'img_size' not in str(e):
+            raise
+        model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
+    if args.distillation_type != 'none':
+        if not hasattr(model, 'set_distilled_training'):
+            raise UserError(f'--model {args.model} has no distillation head: use a *_distilled_* model '
+                            f'(e.g. deit_tiny_distilled_patch16_224) or --distillation-type none')
+        model.set_distilled_training(True)  # return (cls, dist) logits while training
+    return model
+
+
+def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from a checkpoint: heads of another shape are dropped, pos_embed resized to the grid."""
+    state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
+    own = model.state_dict()
+    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
+            del state[k]
+    utils.interpolate_pos_embed(state, model)
+    message = utils.load_state_checked(model, state, f'--finetune {path}', strict=False)
+    print(f'Fine-tuning from {path}: {message}')
+
+
+def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch.nn.Module]:
+    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path."""
+    if args.distillation_type == 'none':
+        return None
+    print(f'Creating teacher model: {args.teacher_model}')
+    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
+    state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
+    utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                             f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def build_criterion(args, teacher: Optional[torch.nn.Module]) -> DistillationLoss:
+    if args.bce_loss:
+        base = torch.nn.BCEWithLogitsLoss()
+    elif mixup_active(args):
+        base = SoftTargetCrossEntropy()  # targets are already smoothed by Mixup
+    elif args.smoothing > 0:
+        base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def plain_args(args) -> dict:
+    """The arguments as plain data, so that checkpoints load with torch.load(weights_only=True)."""
+    return {k: (v if v is None or isinstance(v, (bool, int, float, str, list, tuple)) else str(v))
+            for k, v in vars(args).items()}
+
+
+def find_resume_checkpoint(output_dir: str) -> str:
+    """For --resume auto: the run's checkpoint.pth, or '' (start fresh) when there is none yet."""
+    path = Path(output_dir) / 'checkpoint.pth'
+    if path.is_file():
+        print(f'--resume auto: found {path}')
+        return str(path)
+    print(f'--resume auto: no checkpoint in {output_dir}, starting fresh')
+    return ''
+
+
+def trim_log(output_dir: str, start_epoch: int) -> None:
+    """Drop log.txt lines of epochs that will run again, so that no epoch is logged twice.
+
+    The log line of an epoch is written before its checkpoint: a run stopped in between repeats
+    that epoch after resuming.
+    """
+    log = Path(output_dir) / 'log.txt'
+    if not utils.is_main_process() or not log.is_file():
+        return
+    lines = log.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get('epoch', -1) < start_epoch]
+    if len(kept) != len(lines):
+        utils.write_text_atomic(log, ''.join(line + '\n' for line in kept))
+
+
+def resume_from_checkpoint(args, model, optimizer, lr_scheduler, loss_scaler, model_ema) -> float:
+    """Restore a --resume checkpoint; returns the best accuracy so far. Sets args.start_epoch."""
+    checkpoint = utils.load_checkpoint(args.resume)
+    state = utils.model_state_from_checkpoint(checkpoint, args.resume)
+    utils.load_state_checked(model, state, f'--resume {args.resume}')
+    print(f'Resumed model weights from {args.resume}')
+    if args.eval or not all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        return 0.0
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    loss_scaler.load_state_dict(checkpoint.get('scaler', {}))
+    if model_ema is not None and 'model_ema' in checkpoint:
+        utils.load_state_checked(model_ema.module, checkpoint['model_ema'], f'--resume {args.resume} (EMA)')
+    args.start_epoch = checkpoint['epoch'] + 1
+    lr_scheduler.step(args.start_epoch)
+    print(f'Continuing at epoch {args.start_epoch}')
+    return float(checkpoint.get('max_accuracy', 0.0))
+
+
+def save_checkpoint(path: str, args, epoch: int, model, optimizer, lr_scheduler, loss_scaler, model_ema,
+                    max_accuracy: float) -> None:
+    """The official layout: {'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}."""
+    utils.save_on_master({
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'epoch': epoch,
+        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
+        'scaler': loss_scaler.state_dict(),
+        'args': plain_args(args),
+        'max_accuracy': max_accuracy,
+    }, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def main(args) -> None:
+    validate_args(args)
+    args.device = utils.resolve_device(args.device)
+    utils.init_distributed_mode(args)
+    device = args.device
+    if args.amp is None:
+        args.amp = device.type == 'cuda'
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    seed_everything(args.seed + utils.get_rank())
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    print(args)
+
+    # Data
+    loader_train, loader_val, nb_classes = build_data(args)
+    args.nb_classes = nb_classes
+    mixup_fn = build_mixup(args, nb_classes)
+
+    # Models
+    print(f'Creating model: {args.model}')
+    model = build_model(args, nb_classes)
+    if args.finetune:
+        load_finetune_weights(model, args.finetune)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f'number of params: {n_parameters}')
+    teacher = build_teacher(args, nb_classes, device)
+
+    # Optimisation
+    if not args.unscale_lr:
+        args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
+    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
+    loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+    lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
+    criterion = build_criterion(args, teacher)
+
+    max_accuracy = 0.0
+    if args.resume:
+        max_accuracy = resume_from_checkpoint(args, model_without_ddp, optimizer, lr_scheduler,
+                                              loss_scaler, model_ema)
+    if args.resume and args.output_dir and not args.eval:
+        trim_log(args.output_dir, args.start_epoch)
+    if args.eval:
+        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
+        print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
+        return
+
+    # Loop
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, num_epochs):
+        if hasattr(loader_train.sampler, 'set_epoch'):  # reshuffle per epoch, the same way on every rank
+            loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
+                                      args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode,
+                                      args=args)
+        lr_scheduler.step(epoch + 1)
+
+        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
+        is_best = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  (max {max_accuracy:.2f}%)')
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': max_accuracy}
+        if model_ema is not None:
+            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq)
+            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+
+        if output_dir:
+            if utils.is_main_process():
+                with (output_dir / 'log.txt').open('a') as f:
+                    f.write(json.dumps(log_stats) + '\n')
+            checkpoint_args = (args, epoch, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                               max_accuracy)
+            save_checkpoint(str(output_dir / 'checkpoint.pth'), *checkpoint_args)
+            if is_best:
+                save_checkpoint(str(output_dir / 'best_checkpoint.pth'), *checkpoint_args)
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f'Training time {total_time}')
+
+
+def cli(argv=None) -> int:
+    """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
+    parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 3
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

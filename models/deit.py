@@ -1,0 +1,46 @@
+"""Small-input DeiT variants for fast CPU work (timm has only the 224/384 px family).
+
+They are timm's ``VisionTransformer`` / ``VisionTransformerDistilled`` with a smaller patch, so
+their checkpoints use the official DeiT key names (``cls_token``, ``dist_token``, ``head_dist`` ...).
+"""
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+
+def _cfg(input_size: int, **kwargs) -> dict:
+    return {
+        'url': '', 'num_classes': 10, 'input_size': (3, input_size, input_size), 'pool_size': None,
+        'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
+    }
+
+
+# timm's register_model reads this module-level table for each entrypoint's pretrained config.
+default_cfgs = generate_default_cfgs({
+    'deit_tiny_patch4_32': _cfg(32),
+    'deit_tiny_distilled_patch4_32': _cfg(32, classifier=('head', 'head_dist')),
+})
+
+
+def _create(variant: str, distilled: bool, pretrained: bool, **kwargs):
+    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes.
+    model_cls = VisionTransformerDistilled if distilled else VisionTransformer
+    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+
+
+_TINY_PATCH4 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3)
+
+
+@register_model
+def deit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DeiT-Ti with 4x4 patches for 32x32 inputs (CIFAR-sized): 64 patches + class token."""
+    return _create('deit_tiny_patch4_32', False, pretrained, **dict(_TINY_PATCH4, **kwargs))
+
+
+@register_model
+def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
+    """Distilled DeiT-Ti with 4x4 patches for 32x32 inputs: class + distillation tokens."""
+    return _create('deit_tiny_distilled_patch4_32', True, pretrained, **dict(_TINY_PATCH4, **kwargs))

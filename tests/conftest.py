@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from imagefolder import make_imagefolder  # noqa: E402
+
+# Flags that make a run take seconds on 2 CPU cores.
+FAST = ['--input-size', '32', '--batch-size', '12', '--num_workers', '0', '--warmup-epochs', '0',
+        '--cooldown-epochs', '0', '--print-freq', '100', '--device', 'cpu']
+
+
+def run_main(*args, launcher=(sys.executable, 'main.py'), timeout=300, check=True, env=None):
+    """Run main.py (or a launcher) in a subprocess from the repo root; returns CompletedProcess."""
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **(env or {}))
+    proc = subprocess.run([*launcher, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}')
+    return proc
+
+
+@pytest.fixture(scope='session')
+def imagefolder(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp('data'), num_classes=3, train_per_class=24, val_per_class=8)
+
+
+@pytest.fixture(scope='session')
+def teacher_checkpoint(imagefolder, tmp_path_factory) -> Path:
+    """A small RegNetY convnet trained for one epoch on the generated data."""
+    out = tmp_path_factory.mktemp('teacher')
+    run_main('--data-path', imagefolder, '--model', 'regnety_002', '--epochs', '1', '--lr', '5e-3',
+             '--no-model-ema', '--output_dir', out, *FAST)
+    return out / 'checkpoint.pth'

@@ -1,0 +1,114 @@
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import AugmentOp, rand_augment_transform
+from torchvision import transforms
+
+import main
+from datasets import INatDataset, build_dataset, build_transform, check_same_classes
+from imagefolder import make_imagefolder
+from utils import UserError
+
+
+def parse(*argv):
+    return main.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def test_posterize_at_magnitude_10_gives_black_instead_of_crashing():
+    # PosterizeIncreasing at magnitude 10 asks for 0 bits, which Pillow >= 11 rejects.
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    img = Image.new('RGB', (20, 10), (200, 100, 50))
+    out = op(img)
+    assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    # a partial posterize still works as before
+    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img).getpixel((0, 0)) == (192, 64, 0)  # 2 bits kept
+
+
+def test_deit_randaugment_policy_survives_many_images():
+    ra = rand_augment_transform('rand-m9-mstd0.5-inc1', {'translate_const': 100, 'img_mean': (124, 116, 104)})
+    random.seed(0)
+    img = Image.new('RGB', (16, 16), (120, 80, 40))
+    for _ in range(3000):  # the clipped mstd noise reaches magnitude 10 about once per thousand ops
+        ra(img)
+
+
+def test_train_transform_small_input_uses_padded_random_crop():
+    t = build_transform(True, parse('--input-size', 32))
+    assert isinstance(t.transforms[0], transforms.RandomCrop) and t.transforms[0].padding == 4
+    out = t(Image.new('RGB', (32, 32)))
+    assert out.shape == (3, 32, 32)
+
+
+def test_train_transform_large_input_is_timms_deit_pipeline():
+    t = build_transform(True, parse('--input-size', 64))
+    names = [type(x).__name__ for x in t.transforms]
+    assert names[0] == 'RandomResizedCropAndInterpolation' and 'RandAugment' in names
+    assert 'RandomErasing' in names
+    assert t(Image.new('RGB', (90, 70))).shape == (3, 64, 64)
+
+
+def test_eval_transform_resizes_by_crop_ratio_then_center_crops():
+    t = build_transform(False, parse('--input-size', 224, '--eval-crop-ratio', 0.875))
+    resize = t.transform.transforms[0]
+    assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
+    assert t(Image.new('RGB', (500, 375))).shape == (3, 224, 224)
+
+
+def test_imagefolder_class_count_comes_from_the_folders(tmp_path):
+    root = make_imagefolder(tmp_path, num_classes=4, train_per_class=2, val_per_class=1)
+    dataset, nb_classes = build_dataset(True, parse('--data-path', root, '--input-size', 32))
+    assert nb_classes == 4 and len(dataset) == 8
+    with pytest.raises(UserError, match='--nb-classes 5 disagrees with the 4 classes'):
+        build_dataset(True, parse('--data-path', root, '--input-size', 32, '--nb-classes', 5))
+
+
+def test_train_and_val_with_different_classes_is_an_error(tmp_path):
+    root = make_imagefolder(tmp_path, num_classes=3, train_per_class=2, val_per_class=1)
+    (root / 'val' / 'class_2').rename(root / 'val' / 'class_x')
+    args = parse('--data-path', root, '--input-size', 32)
+    with pytest.raises(UserError, match='different class folders'):
+        check_same_classes(build_dataset(True, args)[0], build_dataset(False, args)[0])
+
+
+def test_inat_json_layout(tmp_path):
+    categories = [{'id': i, 'name': f'species{i}', 'genus': f'genus{i // 2}'} for i in range(4)]
+    (tmp_path / 'categories.json').write_text(json.dumps(categories))
+    for split, ids in (('train', [0, 1, 2, 3, 3]), ('val', [1, 2])):
+        images, annotations = [], []
+        for n, cid in enumerate(ids):
+            name = f'{split}/{cid}/{n}.jpg'
+            (tmp_path / split / str(cid)).mkdir(parents=True, exist_ok=True)
+            Image.new('RGB', (8, 8)).save(tmp_path / name)
+            images.append({'id': n, 'file_name': name})
+            annotations.append({'id': n, 'image_id': n, 'category_id': cid})
+        (tmp_path / f'{split}2019.json').write_text(json.dumps({'images': images, 'annotations': annotations}))
+
+    args = parse('--data-path', tmp_path, '--data-set', 'INAT19', '--input-size', 32, '--inat-category', 'genus')
+    train, nb_classes = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    assert nb_classes == 2 and len(train) == 5 and len(val) == 2
+    assert [t for _, t in val.samples] == [0, 1]  # species 1 -> genus0, species 2 -> genus1
+    image, target = train[4]
+    assert image.shape == (3, 32, 32) and target == 1
+    species = INatDataset(str(tmp_path), train=True, year=2019, category='name')
+    assert species.nb_classes == 4
+
+
+def test_cifar_alias_is_cifar100(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+    seen = {}
+
+    def fake(cls_name):
+        def init(self, root, train, transform, download):
+            seen[cls_name] = (root, train, download)
+        return init
+
+    monkeypatch.setattr(tvd.CIFAR100, '__init__', fake('CIFAR100'))
+    monkeypatch.setattr(tvd.CIFAR10, '__init__', fake('CIFAR10'))
+    assert build_dataset(True, parse('--data-set', 'CIFAR', '--data-path', tmp_path, '--input-size', 32))[1] == 100
+    assert 'CIFAR100' in seen
+    assert build_dataset(False, parse('--data-set', 'CIFAR10', '--data-path', tmp_path, '--input-size', 32))[1] == 10
+    assert seen['CIFAR10'] == (str(tmp_path), False, True)

@@ -1,0 +1,96 @@
+"""End-to-end runs of main.py on a generated JPEG ImageFolder (CPU, seconds each)."""
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FAST, REPO, run_main
+
+STUDENT = ['--model', 'deit_tiny_distilled_patch4_32', '--lr', '2e-3']
+
+
+def read_log(output_dir):
+    return [json.loads(line) for line in (output_dir / 'log.txt').read_text().splitlines()]
+
+
+def printed_acc1(stdout):
+    return float(re.findall(r'\* Acc@1 ([\d.]+)', stdout)[-1])
+
+
+@pytest.fixture(scope='module')
+def distilled_run(imagefolder, teacher_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp('student')
+    run_main('--data-path', imagefolder, *STUDENT, '--epochs', '2', '--distillation-type', 'hard',
+             '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint, '--output_dir', out, *FAST)
+    return out
+
+
+def test_hard_distillation_run_writes_checkpoints_and_log(distilled_run):
+    assert (distilled_run / 'checkpoint.pth').is_file() and (distilled_run / 'best_checkpoint.pth').is_file()
+    log = read_log(distilled_run)
+    assert [row['epoch'] for row in log] == [0, 1]
+    for key in ('train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters',
+                'test_ema_acc1'):
+        assert key in log[0], key
+    checkpoint = torch.load(distilled_run / 'checkpoint.pth', weights_only=True)  # plain data only
+    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args', 'max_accuracy'} <= set(checkpoint)
+    assert checkpoint['epoch'] == 1 and 'dist_token' in checkpoint['model'] and 'head_dist.weight' in checkpoint['model']
+    assert checkpoint['max_accuracy'] == max(row['test_acc1'] for row in log)
+
+
+def test_eval_resume_reproduces_the_logged_accuracy(distilled_run, imagefolder):
+    proc = run_main('--data-path', imagefolder, *STUDENT, '--eval', '--resume',
+                    distilled_run / 'checkpoint.pth', *FAST)
+    assert printed_acc1(proc.stdout) == pytest.approx(read_log(distilled_run)[-1]['test_acc1'], abs=1e-3)
+
+
+def test_finetune_to_a_larger_input_size(distilled_run, imagefolder, tmp_path):
+    proc = run_main('--data-path', imagefolder, *STUDENT, '--finetune', distilled_run / 'checkpoint.pth',
+                    '--epochs', '1', '--output_dir', tmp_path, *FAST[2:], '--input-size', '48')
+    assert 'Position embedding interpolated from 8x8 to 12x12' in proc.stdout
+    assert len(read_log(tmp_path)) == 1
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 146, 192)
+
+
+def test_resume_continues_at_the_next_epoch_with_the_same_learning_rate(imagefolder, tmp_path):
+    common = ['--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '4', '--no-model-ema',
+              *FAST, '--warmup-epochs', '1', '--cooldown-epochs', '1']
+    reference = tmp_path / 'reference'
+    run_main(*common, '--output_dir', reference)
+    assert [row['epoch'] for row in read_log(reference)] == [0, 1, 2, 3, 4]  # cooldown epoch really runs
+
+    interrupted = tmp_path / 'interrupted'
+    proc = subprocess.Popen([sys.executable, 'main.py', *map(str, common), '--output_dir', str(interrupted)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (interrupted / 'checkpoint.pth').exists():  # written atomically after epoch 0's log line
+        assert time.time() < deadline and proc.poll() is None, 'the first epoch never finished'
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = torch.load(interrupted / 'checkpoint.pth', weights_only=True)['epoch']
+    assert done < 4
+
+    resumed = run_main(*common, '--output_dir', interrupted, '--resume', interrupted / 'checkpoint.pth')
+    assert f'Continuing at epoch {done + 1}' in resumed.stdout
+    log = read_log(interrupted)
+    assert [row['epoch'] for row in log] == [0, 1, 2, 3, 4]
+    assert [row['train_lr'] for row in log] == pytest.approx([row['train_lr'] for row in read_log(reference)],
+                                                             rel=1e-12)
+
+
+def test_torchrun_two_cpu_processes_with_dist_eval(imagefolder, tmp_path):
+    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1', '--dist-eval',
+                    '--output_dir', tmp_path, *FAST, '--batch-size', '6',
+                    launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                              'main.py'))
+    assert 'distributed init (rank 0, world 2, gloo)' in proc.stdout
+    assert '(24 images)' in proc.stdout  # the two shards together cover the val set exactly once
+    assert len(read_log(tmp_path)) == 1
+    # rank 0 alone wrote files and printed
+    assert proc.stdout.count('Start training') == 1

@@ -1,0 +1,284 @@
+"""Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
+import builtins
+import datetime
+import os
+import time
+from collections import defaultdict
+from typing import Iterable, Iterator, Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+from timm.layers import resample_abs_pos_embed
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: reported as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+# ---------------------------------------------------------------------------------------------
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on every rank but the first; print(..., force=True) still prints."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The requested device, or the CPU with one warning line when CUDA is asked for but absent."""
+    device = torch.device(requested)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        print(f"warning: --device {requested} requested but CUDA is not available; using the CPU")
+        return torch.device('cpu')
+    return device
+
+
+def init_distributed_mode(args) -> None:
+    """Join the torch.distributed job described by the environment (torchrun, launch, submitit).
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu. Without those variables the run
+    is a single process.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    else:
+        print('Not using distributed mode')
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+
+    args.distributed = True
+    if args.device.type == 'cuda':
+        torch.cuda.set_device(args.gpu)
+        args.device = torch.device('cuda', args.gpu)
+        backend = 'nccl'
+    else:
+        backend = 'gloo'
+    print(f'| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}',
+          flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks (identity in a single process)."""
+    if is_dist_avail_and_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+class MetricLogger:
+    """Running averages of per-step metrics, printed every ``print_freq`` steps with ETA and img/s.
+
+    Values may be tensors: they are summed on their device and only read back (a host sync) when a
+    line is printed, so training steps do not wait on the device.
+    """
+
+    def __init__(self, delimiter: str = '  '):
+        self.sums = defaultdict(float)
+        self.counts = defaultdict(int)
+        self.last = {}
+        self.delimiter = delimiter
+
+    def update(self, n: int = 1, **values) -> None:
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+            self.sums[name] = self.sums[name] + value * n
+            self.counts[name] += n
+            self.last[name] = value
+
+    def global_avg(self, name: str) -> float:
+        return float(self.sums[name]) / max(self.counts[name], 1)
+
+    def averages(self) -> dict:
+        return {name: self.global_avg(name) for name in self.sums}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f'{name}: {float(self.last[name]):.4g} ({self.global_avg(name):.4g})'
+                                   for name in self.sums)
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = '') -> Iterator:
+        """Yield from ``iterable`` and print progress every ``print_freq`` steps and at the end."""
+        total = len(iterable)
+        start = last_print = time.time()
+        images = images_since_print = 0
+        width = len(str(total))
+        for step, batch in enumerate(iterable):
+            yield batch
+            batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else 0
+            images += batch_size
+            images_since_print += batch_size
+            if step % print_freq == 0 or step == total - 1:
+                now = time.time()
+                elapsed = now - start
+                eta = elapsed / (step + 1) * (total - step - 1)
+                rate = images_since_print / max(now - last_print, 1e-9)
+                print(f'{header} [{step:>{width}}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}  '
+                      f'{rate:.1f} img/s  {self}', flush=True)
+                last_print, images_since_print = now, 0
+        elapsed = time.time() - start
+        print(f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
+              f'({images / max(elapsed, 1e-9):.1f} img/s)', flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint I/O
+# ---------------------------------------------------------------------------------------------
+
+def save_atomic(obj, path: str) -> None:
+    """Write ``obj`` with torch.save so that ``path`` is always either the old or the new file.
+
+    The data goes to a temporary file in the same directory, is fsynced, then renamed over ``path``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Replace a small text file so that a reader sees either the old or the new content."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_on_master(obj, path: str) -> None:
+    if is_main_process():
+        save_atomic(obj, path)
+
+
+def is_url(path: str) -> bool:
+    return urlparse(path).scheme in ('http', 'https')
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint file or URL as plain data (``weights_only=True``: no pickled code runs).
+
+    URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
+    torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
+    """
+    if is_url(path):
+        url = urlparse(path)
+        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
+            raise UserError(f'refusing to download {path} over plain http: use an https URL')
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True,
+                                                      weights_only=True)
+        except RuntimeError as e:
+            raise UserError(f'could not load {path}: {e}') from None
+        except OSError as e:
+            raise UserError(f'could not download {path}: {e}') from None
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the path')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, ...: all are "not a checkpoint we can read"
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+
+
+def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:
+    """The model weights of an official-format checkpoint ({'model': ...}) or of a bare state dict."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'{path} is not a checkpoint: expected a dict, found {type(checkpoint).__name__}')
+    state = checkpoint.get('model', checkpoint)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no model weights: expected {{'model': state_dict}} or a state_dict")
+    return state
+
+
+def interpolate_pos_embed(checkpoint_model: dict, model: torch.nn.Module) -> None:
+    """Resize ``checkpoint_model['pos_embed']`` in place to the patch grid of ``model``.
+
+    The leading class/distillation tokens are kept as they are; the grid part is resampled
+    bicubically (as the original DeiT fine-tuning code does), e.g. 14x14 (224 px) -> 24x24 (384 px).
+    """
+    if 'pos_embed' not in checkpoint_model or not hasattr(model, 'patch_embed'):
+        return
+    old = checkpoint_model['pos_embed']
+    num_prefix = model.pos_embed.shape[-2] - model.patch_embed.num_patches
+    old_grid = int((old.shape[-2] - num_prefix) ** 0.5)
+    new_grid = model.patch_embed.grid_size
+    if (old_grid, old_grid) == tuple(new_grid):
+        return
+    print(f'Position embedding interpolated from {old_grid}x{old_grid} to {new_grid[0]}x{new_grid[1]}')
+    checkpoint_model['pos_embed'] = resample_abs_pos_embed(
+        old, new_size=list(new_grid), old_size=[old_grid, old_grid], num_prefix_tokens=num_prefix,
+        interpolation='bicubic', antialias=False)
+
+
+def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = True) -> str:
+    """Missing/unexpected keys and shape clashes between ``state`` and ``model`` ('' if it fits)."""
+    own = model.state_dict()
+    problems = []
+    shapes = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+              for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if shapes:
+        problems.append(f'shapes differ: {", ".join(shapes[:4])}' + (' ...' if len(shapes) > 4 else ''))
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            problems.append(f'missing keys: {", ".join(missing[:4])}' + (' ...' if len(missing) > 4 else ''))
+        if unexpected:
+            problems.append(f'unexpected keys: {", ".join(unexpected[:4])}'
+                            + (' ...' if len(unexpected) > 4 else ''))
+    return '; '.join(problems)
+
+
+def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True):
+    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line."""
+    problems = describe_state_mismatch(model, state, strict)
+    if problems:
+        raise UserError(f'{source} does not fit the model: {problems}')
+    return model.load_state_dict(state, strict=strict)
