@@ -1,12 +1,18 @@
 """Datasets (ImageNet-style folders, CIFAR, iNaturalist) and the DeiT train/eval transforms."""
+import contextlib
 import json
 import os
-from typing import Optional, Tuple
+import random
+from typing import List, Optional, Tuple
 
-from PIL import Image, ImageOps
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment
 from torchvision import datasets, transforms
+from torch.utils.data import Dataset
+from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import ImageFolder, default_loader
 
 from utils import UserError
@@ -75,7 +81,9 @@ def _image_folder(root: str, split: str, transform) -> ImageFolder:
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
         return ImageFolder(path, transform=transform)
-    except (FileNotFoundError, PermissionError) as e:
+    except FileNotFoundError as e:  # torchvision's words for a class folder without images
+        raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
+    except PermissionError as e:
         raise UserError(f'cannot read {path}: {e}') from None
 
 
@@ -164,3 +172,71 @@ def build_transform(is_train: bool, args):
     if is_train:
         return build_train_transform(args)
     return EvalTransform(args.input_size, args.eval_crop_ratio)
+
+
+# What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all).
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: Optional[int]):
+    """Run the block with python/numpy/torch-CPU random generators seeded by ``seed``, then restore them."""
+    if seed is None:
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class RobustSamples(Dataset):
+    """A dataset seen through the trainer: seeded augmentation per sample, unreadable images survived.
+
+    Indexed with ``(index, seed)`` pairs from samplers.ResumableSampler (or a plain index). An image
+    that cannot be decoded never kills a data-loader worker: in training it is replaced by the next
+    readable sample (the batch keeps its size, which Mixup needs); in evaluation it is dropped.
+    Items are ``(image, target, unreadable_paths)``; collate with ``collate_skipping``.
+    """
+
+    def __init__(self, dataset, replace: bool = True):
+        self.dataset = dataset
+        self.replace = replace
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _path(self, index: int) -> str:
+        samples = getattr(self.dataset, 'samples', None)
+        return samples[index][0] if samples else f'sample {index}'
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        unreadable: List[str] = []
+        with seeded_rng(seed):
+            for attempt in range(len(self.dataset)):
+                i = (index + attempt) % len(self.dataset)
+                try:
+                    image, target = self.dataset[i]
+                    return image, target, unreadable
+                except UNREADABLE_IMAGE_ERRORS as e:
+                    unreadable.append(f'{self._path(i)} ({type(e).__name__}: {e})')
+                    if not self.replace:
+                        return None, None, unreadable
+        raise RuntimeError(f'no readable image in the whole dataset, first error: {unreadable[0]}')
+
+
+def collate_skipping(batch):
+    """Collate ``(image, target, unreadable)`` items: drop missing images, gather unreadable paths."""
+    unreadable = [path for _, _, paths in batch for path in paths]
+    kept = [(image, target) for image, target, _ in batch if image is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), unreadable
+    images, targets = default_collate(kept)
+    return images, targets, unreadable

@@ -6,11 +6,20 @@ import torch
 from timm.data import Mixup
 
 from losses import DistillationLoss
-from utils import MetricLogger, all_reduce_sum
+from samplers import sample_seed
+from utils import MetricLogger, UserError, all_reduce_sum, get_rank, seed_everything
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run must stop without saving."""
+
+
+class UnreadableDataError(UserError):
+    """An image could not be decoded and --strict-data asks to fail instead of skipping it."""
+
+
+# Distinguishes the per-step random stream from the per-sample augmentation streams.
+STEP_STREAM = 1
 
 
 class LossScaler:
@@ -40,6 +49,13 @@ class LossScaler:
         self._scaler.load_state_dict(state_dict)
 
 
+def amp_dtype_of(args) -> Optional[torch.dtype]:
+    """The autocast dtype that --amp / --amp-dtype ask for, None for full precision."""
+    if not getattr(args, 'amp', False):
+        return None
+    return getattr(torch, getattr(args, 'amp_dtype', 'float16'))
+
+
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     """Mixed-precision context for ``device``, or a no-op when ``amp_dtype`` is None."""
     if amp_dtype is None:
@@ -47,19 +63,41 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def split_batch(batch):
+    """``(samples, targets)`` plus the unreadable image paths that datasets.collate_skipping reports."""
+    return batch[0], batch[1], (batch[2] if len(batch) > 2 else [])
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_loader, optimizer,
                     device: torch.device, epoch: int, loss_scaler: LossScaler, max_norm: float = 0,
                     model_ema=None, mixup_fn: Optional[Mixup] = None, set_training_mode: bool = True,
-                    args=None) -> dict:
-    """Train for one epoch; returns the epoch's average loss and the learning rate."""
+                    args=None, start_step: int = 0, checkpointer=None, metrics_state: Optional[dict] = None
+                    ) -> dict:
+    """Train for one epoch (from ``start_step`` when resuming); returns the epoch's averages.
+
+    Every step draws its randomness (mixup, dropout, drop-path) from generators seeded by
+    (seed, rank, epoch, step), so a run resumed at any step continues exactly as an uninterrupted one.
+    ``checkpointer.after_step`` may write a step checkpoint or stop the run after any step.
+    """
     model.train(set_training_mode)
-    amp_dtype = getattr(args, 'amp_dtype_torch', None)
+    amp_dtype = amp_dtype_of(args)
     bce_loss = getattr(args, 'bce_loss', False)
     print_freq = getattr(args, 'print_freq', 10)
+    seed, rank = getattr(args, 'seed', 0), get_rank()
     metric_logger = MetricLogger()
-    header = f'Epoch: [{epoch}]'
+    if metrics_state:
+        metric_logger.load_state_dict(metrics_state)
+    unreadable = []
+    last_step = start_step + len(data_loader) - 1
 
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start_step),
+                                 start=start_step):
+        samples, targets, bad_paths = split_batch(batch)
+        unreadable += bad_paths
+        if bad_paths and getattr(args, 'strict_data', False):
+            raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
+                                      'or drop --strict-data to skip such images')
+        seed_everything(sample_seed(seed, rank, epoch, step, STEP_STREAM))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -78,13 +116,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
 
         # Reading the loss back forces a device sync: do it only when a progress line is printed.
         metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
-        if step % print_freq == 0 or step == len(data_loader) - 1:
-            if not torch.isfinite(metric_logger.sums['loss']):
+        if step % print_freq == 0 or step == last_step:
+            if not torch.isfinite(torch.as_tensor(metric_logger.sums['loss'])):
                 raise NonFiniteLossError(
                     f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
                     f'--clip-grad, or check the data; the last saved checkpoint is untouched')
+        if checkpointer is not None:
+            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict())
 
+    if unreadable:
+        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
     averages = metric_logger.averages()
+    averages['unreadable_images'] = len(unreadable)
     print(f'Averaged stats: loss {averages["loss"]:.4f}  lr {averages["lr"]:.3g}')
     return averages
 
@@ -98,7 +141,12 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     metric_logger = MetricLogger()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct@1, correct@5, images
 
-    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+    unreadable = []
+    for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        images, target, bad_paths = split_batch(batch)
+        unreadable += bad_paths
+        if len(images) == 0:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -111,6 +159,8 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         totals += torch.stack([loss.double(), correct1.double(), correct5.double(), totals.new_tensor(n)])
         metric_logger.update(n, loss=loss / n, acc1=100 * correct1 / n, acc5=100 * correct5 / n)
 
+    if unreadable:
+        print(f'warning: {len(unreadable)} unreadable validation images were left out, e.g. {unreadable[0]}')
     loss_sum, correct1, correct5, count = all_reduce_sum(totals).tolist()
     stats = {'loss': loss_sum / count, 'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '

@@ -6,13 +6,12 @@ import argparse
 import datetime
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import numpy as np
 import timm
 import torch
 from timm.data import Mixup
@@ -20,16 +19,17 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+import checkpoint
 import models  # noqa: F401  (registers our students in timm's registry)
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, build_dataset, check_same_classes
-from engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
+from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
+from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
-from samplers import RASampler
-from utils import UserError
+from samplers import RASampler, ResumableSampler
+from utils import UserError, seed_everything
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -141,6 +141,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
                         help='(new) fp16 uses loss scaling, bf16 does not')
     parser.add_argument('--print-freq', default=10, type=int, help='(new) steps between progress lines')
+    parser.add_argument('--save-interval-steps', default=0, type=int,
+                        help='(new) also write a step checkpoint every N training steps (0: off)')
+    parser.add_argument('--save-interval-minutes', default=0, type=float,
+                        help='(new) also write a step checkpoint every M minutes (0: off)')
+    parser.add_argument('--keep-last', default=2, type=int,
+                        help='(new) step checkpoints to keep besides checkpoint.pth and best_checkpoint.pth')
+    parser.add_argument('--deterministic', action='store_true',
+                        help='(new) deterministic kernels: bit-identical results for the same command')
+    parser.add_argument('--strict-data', action='store_true',
+                        help='(new) fail on an unreadable image instead of skipping it')
 
     # Distributed (filled from the environment set by torchrun / launch / submitit)
     parser.add_argument('--world_size', default=1, type=int)
@@ -152,11 +162,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args) -> None:
     """Catch impossible settings before any data is read or any model is built."""
-    for name in ('batch_size', 'epochs', 'input_size', 'print_freq'):
+    for name in ('batch_size', 'epochs', 'input_size', 'print_freq', 'keep_last'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
-    if args.num_workers < 0:
-        raise UserError(f'--num_workers must be >= 0, got {args.num_workers}')
+    for name in ('num_workers', 'save_interval_steps', 'save_interval_minutes', 'start_epoch'):
+        if getattr(args, name) < 0:
+            raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
     for name in ('lr', 'min_lr', 'warmup_lr', 'weight_decay', 'drop', 'drop_path', 'smoothing', 'reprob'):
         if getattr(args, name) < 0:
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
@@ -171,6 +182,7 @@ def validate_args(args) -> None:
                             '(a checkpoint file or https URL of the teacher)')
         if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
+        check_has_distillation_head(args.model)
     if args.bce_loss and not mixup_active(args):
         raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
     if args.eval and not (args.resume or args.finetune):
@@ -178,7 +190,7 @@ def validate_args(args) -> None:
     if args.resume == 'auto':
         if not args.output_dir:
             raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-        args.resume = find_resume_checkpoint(args.output_dir)
+        args.resume = checkpoint.find_newest_checkpoint(args.output_dir)
     for name in ('resume', 'finetune'):
         path = getattr(args, name)
         if path and not utils.is_url(path) and not os.path.isfile(path):
@@ -196,10 +208,13 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+def check_has_distillation_head(name: str) -> None:
+    """Distillation through the token needs a (cls, dist) model; built on the meta device: no memory, no time."""
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=2)
+    if not hasattr(model, 'set_distilled_training'):
+        raise UserError(f'--model {name} has no distillation head: use a *_distilled_* model '
+                        f'(e.g. deit_tiny_distilled_patch16_224) or --distillation-type none')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,22 +228,24 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     check_same_classes(dataset_train, dataset_val)
     world, rank = utils.get_world_size(), utils.get_rank()
 
+    # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
-        sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    elif args.distributed:
-        sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
-                                           seed=args.seed)
+        order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:
-        sampler_train = RandomSampler(dataset_train)
+        order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler_train = ResumableSampler(order, seed=args.seed, rank=rank)
     if args.dist_eval and args.distributed:
         # Strided shards without padding: every image counted once, so the reduced metrics are exact.
         dataset_val = Subset(dataset_val, range(rank, len(dataset_val), world))
 
     pin = args.pin_mem and args.device.type == 'cuda'
-    workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0)
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                              drop_last=True, **workers)
-    loader_val = DataLoader(dataset_val, sampler=SequentialSampler(dataset_val),
+    workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
+                   collate_fn=collate_skipping,
+                   # its own generator: creating an iterator must not consume the global RNG stream
+                   generator=torch.Generator().manual_seed(args.seed))
+    loader_train = DataLoader(RobustSamples(dataset_train, replace=True), sampler=sampler_train,
+                              batch_size=args.batch_size, drop_last=True, **workers)
+    loader_val = DataLoader(RobustSamples(dataset_val, replace=False), sampler=SequentialSampler(dataset_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
     if len(loader_train) == 0:
         raise UserError(f'{len(sampler_train)} training samples per process are fewer than --batch-size '
@@ -258,9 +275,6 @@ def build_model(args, nb_classes: int) -> torch.nn.Module:
             raise
         model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
     if args.distillation_type != 'none':
-        if not hasattr(model, 'set_distilled_training'):
-            raise UserError(f'--model {args.model} has no distillation head: use a *_distilled_* model '
-                            f'(e.g. deit_tiny_distilled_patch16_224) or --distillation-type none')
         model.set_distilled_training(True)  # return (cls, dist) logits while training
     return model
 
@@ -313,16 +327,6 @@ def plain_args(args) -> dict:
             for k, v in vars(args).items()}
 
 
-def find_resume_checkpoint(output_dir: str) -> str:
-    """For --resume auto: the run's checkpoint.pth, or '' (start fresh) when there is none yet."""
-    path = Path(output_dir) / 'checkpoint.pth'
-    if path.is_file():
-        print(f'--resume auto: found {path}')
-        return str(path)
-    print(f'--resume auto: no checkpoint in {output_dir}, starting fresh')
-    return ''
-
-
 def trim_log(output_dir: str, start_epoch: int) -> None:
     """Drop log.txt lines of epochs that will run again, so that no epoch is logged twice.
 
@@ -338,43 +342,83 @@ def trim_log(output_dir: str, start_epoch: int) -> None:
         utils.write_text_atomic(log, ''.join(line + '\n' for line in kept))
 
 
-def resume_from_checkpoint(args, model, optimizer, lr_scheduler, loss_scaler, model_ema) -> float:
-    """Restore a --resume checkpoint; returns the best accuracy so far. Sets args.start_epoch."""
-    checkpoint = utils.load_checkpoint(args.resume)
-    state = utils.model_state_from_checkpoint(checkpoint, args.resume)
-    utils.load_state_checked(model, state, f'--resume {args.resume}')
-    print(f'Resumed model weights from {args.resume}')
-    if args.eval or not all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
-        return 0.0
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    loss_scaler.load_state_dict(checkpoint.get('scaler', {}))
-    if model_ema is not None and 'model_ema' in checkpoint:
-        utils.load_state_checked(model_ema.module, checkpoint['model_ema'], f'--resume {args.resume} (EMA)')
-    args.start_epoch = checkpoint['epoch'] + 1
-    lr_scheduler.step(args.start_epoch)
-    print(f'Continuing at epoch {args.start_epoch}')
-    return float(checkpoint.get('max_accuracy', 0.0))
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores: the objects being trained and where the run stands."""
+    model: torch.nn.Module  # without the DDP wrapper: official key names
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loss_scaler: LossScaler
+    model_ema: Optional[ModelEmaV3]
+    max_accuracy: float = 0.0
+    start_epoch: int = 0
+    start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
+    metrics_state: Optional[dict] = None  # that partial epoch's running averages
 
+    def payload(self, args, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
+        """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
+        what an exact mid-epoch resume needs. ``steps_done`` is None for an epoch-end checkpoint."""
+        return {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(),
+            'epoch': epoch,
+            'step': steps_done,
+            'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
+            'scaler': self.loss_scaler.state_dict(),
+            'args': plain_args(args),
+            'max_accuracy': self.max_accuracy,
+            'train_metrics': metrics,
+            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * args.batch_size},
+            'rng': checkpoint.capture_rng_state(),
+        }
 
-def save_checkpoint(path: str, args, epoch: int, model, optimizer, lr_scheduler, loss_scaler, model_ema,
-                    max_accuracy: float) -> None:
-    """The official layout: {'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}."""
-    utils.save_on_master({
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'lr_scheduler': lr_scheduler.state_dict(),
-        'epoch': epoch,
-        'model_ema': model_ema.module.state_dict() if model_ema is not None else None,
-        'scaler': loss_scaler.state_dict(),
-        'args': plain_args(args),
-        'max_accuracy': max_accuracy,
-    }, path)
+    def resume(self, args) -> None:
+        """Restore --resume: weights only with --eval, else everything, continuing where it stopped."""
+        ckpt = utils.load_checkpoint(args.resume)
+        utils.load_state_checked(self.model, utils.model_state_from_checkpoint(ckpt, args.resume),
+                                 f'--resume {args.resume}')
+        print(f'Resumed model weights from {args.resume}')
+        if args.eval or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
+            return
+        saved_opt = (ckpt.get('args') or {}).get('opt', args.opt)
+        if saved_opt != args.opt:
+            raise UserError(f'--resume {args.resume} was trained with --opt {saved_opt}: resume with the same '
+                            f'--opt, or start from its weights with --finetune')
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
+        if self.model_ema is not None and ckpt.get('model_ema'):
+            utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
+        self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
+        if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
+            self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
+        else:
+            self.start_epoch, self.start_step = ckpt['epoch'], ckpt['step']
+            self.metrics_state = ckpt.get('train_metrics')
+        if ckpt.get('rng'):
+            checkpoint.restore_rng_state(ckpt['rng'])
+        args.start_epoch = self.start_epoch
+        self.lr_scheduler.step(self.start_epoch)
+        print(f'Continuing at epoch {self.start_epoch} step {self.start_step}')
+
+    def save(self, path: str, args, epoch: int) -> None:
+        utils.save_on_master(self.payload(args, epoch), path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+def set_determinism(args) -> None:
+    """--deterministic: the same command gives bit-identical weights; otherwise favour speed."""
+    if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif args.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
 
 def main(args) -> None:
     validate_args(args)
@@ -383,10 +427,11 @@ def main(args) -> None:
     device = args.device
     if args.amp is None:
         args.amp = device.type == 'cuda'
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    amp_dtype = amp_dtype_of(args)
     seed_everything(args.seed + utils.get_rank())
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    set_determinism(args)
+    if args.output_dir and utils.is_main_process():
+        checkpoint.remove_stale_temporaries(args.output_dir)
     print(args)
 
     # Data
@@ -420,50 +465,62 @@ def main(args) -> None:
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = build_criterion(args, teacher)
-
-    max_accuracy = 0.0
+    state = TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                          start_epoch=args.start_epoch)
     if args.resume:
-        max_accuracy = resume_from_checkpoint(args, model_without_ddp, optimizer, lr_scheduler,
-                                              loss_scaler, model_ema)
-    if args.resume and args.output_dir and not args.eval:
-        trim_log(args.output_dir, args.start_epoch)
+        state.resume(args)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
+    if args.resume and args.output_dir:
+        trim_log(args.output_dir, state.start_epoch)
 
     # Loop
+    signals = checkpoint.StopSignals()
+    signals.install()
+    checkpointer = checkpoint.Checkpointer(
+        args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
+        every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
+        keep_last=args.keep_last, signals=signals, sync_every=args.print_freq, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
     print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
     start_time = time.time()
-    for epoch in range(args.start_epoch, num_epochs):
-        if hasattr(loader_train.sampler, 'set_epoch'):  # reshuffle per epoch, the same way on every rank
-            loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler,
-                                      args.clip_grad, model_ema, mixup_fn, set_training_mode=args.train_mode,
-                                      args=args)
-        lr_scheduler.step(epoch + 1)
+    try:
+        for epoch in range(state.start_epoch, num_epochs):
+            resuming = epoch == state.start_epoch and state.start_step > 0
+            start_step = state.start_step if resuming else 0
+            loader_train.sampler.set_epoch(epoch)  # reshuffle per epoch, the same way on every rank
+            loader_train.sampler.skip(start_step * args.batch_size)
+            train_stats = train_one_epoch(
+                model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
+                mixup_fn, set_training_mode=args.train_mode, args=args, start_step=start_step,
+                checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
+            lr_scheduler.step(epoch + 1)
 
-        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
-        is_best = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  (max {max_accuracy:.2f}%)')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': max_accuracy}
-        if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq)
-            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
+            is_best = test_stats['acc1'] > state.max_accuracy
+            state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
+            print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
+                  f'(max {state.max_accuracy:.2f}%)')
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                         **{f'test_{k}': v for k, v in test_stats.items()},
+                         'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
+            if model_ema is not None:
+                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq)
+                log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
-        if output_dir:
-            if utils.is_main_process():
-                with (output_dir / 'log.txt').open('a') as f:
-                    f.write(json.dumps(log_stats) + '\n')
-            checkpoint_args = (args, epoch, model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                               max_accuracy)
-            save_checkpoint(str(output_dir / 'checkpoint.pth'), *checkpoint_args)
-            if is_best:
-                save_checkpoint(str(output_dir / 'best_checkpoint.pth'), *checkpoint_args)
+            if output_dir:
+                if utils.is_main_process():
+                    with (output_dir / 'log.txt').open('a') as f:
+                        f.write(json.dumps(log_stats) + '\n')
+                state.save(str(output_dir / 'checkpoint.pth'), args, epoch)
+                if is_best:
+                    state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
+            checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
+    except checkpoint.TrainingInterrupted as stop:
+        signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
+        raise
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
@@ -481,6 +538,9 @@ def cli(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
+    except checkpoint.TrainingInterrupted as stop:
+        print(f'{stop}', file=sys.stderr)
+        return 128 + stop.signum
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

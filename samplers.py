@@ -5,6 +5,7 @@ torch and timm have no sampler that keeps the copies of an image in the same glo
 import math
 from typing import Iterator, List
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
@@ -67,3 +68,41 @@ class RASampler(Sampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class ResumableSampler(Sampler):
+    """Wraps an epoch-aware sampler: yields ``(index, seed)`` pairs and can start mid-epoch.
+
+    Each sample's augmentation seed is a function of (seed, rank, epoch, position in the epoch),
+    so a run resumed at any step draws the same augmentations as an uninterrupted one, whatever the
+    number of data-loader workers. ``skip(n)`` starts the current epoch at its n-th sample.
+    """
+
+    def __init__(self, sampler: Sampler, seed: int = 0, rank: int = 0):
+        self.sampler = sampler
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+
+    def skip(self, num_samples: int) -> None:
+        self.start = num_samples
+
+    def __iter__(self) -> Iterator:
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield index, sample_seed(self.seed, self.rank, self.epoch, position)
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.start, 0)
+
+
+def sample_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (SeedSequence hashing, stable across runs)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)

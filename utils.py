@@ -2,11 +2,15 @@
 import builtins
 import datetime
 import os
+import pickle
+import random
+import re
 import time
 from collections import defaultdict
 from typing import Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
@@ -46,6 +50,13 @@ def setup_for_distributed(is_master: bool) -> None:
             builtin_print(*args, **kwargs)
 
     builtins.print = print
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -96,6 +107,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of a tensor over all ranks (identity in a single process)."""
+    if is_dist_avail_and_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress
 # ---------------------------------------------------------------------------------------------
@@ -127,17 +146,29 @@ class MetricLogger:
     def averages(self) -> dict:
         return {name: self.global_avg(name) for name in self.sums}
 
+    def state_dict(self) -> dict:
+        """Sums and counts as plain numbers, to continue an epoch's averages after a resume."""
+        return {'sums': {k: float(v) for k, v in self.sums.items()}, 'counts': dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums.update(state['sums'])
+        self.counts.update(state['counts'])
+        self.last.update({k: v / max(state['counts'][k], 1) for k, v in state['sums'].items()})
+
     def __str__(self) -> str:
         return self.delimiter.join(f'{name}: {float(self.last[name]):.4g} ({self.global_avg(name):.4g})'
                                    for name in self.sums)
 
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = '') -> Iterator:
-        """Yield from ``iterable`` and print progress every ``print_freq`` steps and at the end."""
-        total = len(iterable)
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = '', first_step: int = 0) -> Iterator:
+        """Yield from ``iterable`` and print progress every ``print_freq`` steps and at the end.
+
+        ``first_step`` numbers the steps of an epoch resumed in its middle.
+        """
+        total = first_step + len(iterable)
         start = last_print = time.time()
         images = images_since_print = 0
         width = len(str(total))
-        for step, batch in enumerate(iterable):
+        for step, batch in enumerate(iterable, start=first_step):
             yield batch
             batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else 0
             images += batch_size
@@ -145,7 +176,7 @@ class MetricLogger:
             if step % print_freq == 0 or step == total - 1:
                 now = time.time()
                 elapsed = now - start
-                eta = elapsed / (step + 1) * (total - step - 1)
+                eta = elapsed / (step + 1 - first_step) * (total - step - 1)
                 rate = images_since_print / max(now - last_print, 1e-9)
                 print(f'{header} [{step:>{width}}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}  '
                       f'{rate:.1f} img/s  {self}', flush=True)
@@ -222,7 +253,12 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f'checkpoint {path} does not exist: check the path')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...: all are "not a checkpoint we can read"
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code
+        found = re.search(r'GLOBAL [\w.]+', str(e))
+        culprit = found.group(0) if found else 'an unsupported object'
+        raise UserError(f'refusing to load {path}: it holds pickled code ({culprit}), not plain weights; '
+                        're-save it as plain tensors') from None
+    except Exception as e:  # truncated zip, not a torch file, ...: "not a checkpoint we can read"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
 

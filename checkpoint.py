@@ -1,0 +1,194 @@
+"""Never lose a run: step checkpoints inside an epoch, --resume auto, and preemption signals.
+
+Low-level file I/O (atomic writes, safe loading) lives in utils.py; this module decides *when* to
+save, *which* checkpoint to resume from, and how a SIGTERM becomes a clean stop.
+"""
+import glob
+import os
+import random
+import re
+import signal
+import time
+import zipfile
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+import utils
+
+STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
+
+
+class TrainingInterrupted(Exception):
+    """A stop signal arrived; a checkpoint of the finished step was written."""
+
+    def __init__(self, signum: int, where: str, path: Optional[str]):
+        self.signum, self.path = signum, path
+        saved = f'checkpoint {path}' if path else 'no checkpoint (no --output_dir)'
+        super().__init__(f'stopped by {signal.Signals(signum).name} {where}; saved {saved}; '
+                         f'continue with --resume auto')
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (plain data, so that checkpoints load with weights_only=True)
+# ---------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
+    name, keys, *rest = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint to resume from
+# ---------------------------------------------------------------------------------------------
+
+def is_readable_checkpoint(path: str) -> bool:
+    """A complete torch zip archive: a truncated or corrupted file fails the CRC check."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def candidate_checkpoints(output_dir: str) -> List[str]:
+    """checkpoint.pth and the step checkpoints of a run, newest first."""
+    paths = glob.glob(os.path.join(output_dir, 'checkpoint-e*-s*.pth'))
+    paths += [p for p in [os.path.join(output_dir, 'checkpoint.pth')] if os.path.isfile(p)]
+    return sorted(paths, key=os.path.getmtime, reverse=True)
+
+
+def find_newest_checkpoint(output_dir: str) -> str:
+    """For --resume auto: the newest readable checkpoint, or '' (start fresh) when there is none."""
+    for path in candidate_checkpoints(output_dir):
+        if is_readable_checkpoint(path):
+            print(f'--resume auto: resuming from {path}')
+            return path
+        print(f'warning: --resume auto: skipping unreadable checkpoint {path}')
+    print(f'--resume auto: no checkpoint in {output_dir}, starting fresh')
+    return ''
+
+
+def remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary files of writes that a kill interrupted: never valid, safe to delete."""
+    for path in glob.glob(os.path.join(output_dir, '.*.tmp*')):
+        os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals
+# ---------------------------------------------------------------------------------------------
+
+class StopSignals:
+    """Turn preemption signals into a request to stop after the current step.
+
+    Outside Slurm: SIGTERM and SIGUSR1. Under submitit, whose SIGUSR2 handler checkpoints and
+    requeues the job, SIGUSR2 is taken over and submitit's handler is called once our checkpoint
+    is written (``hand_over``); SIGTERM stays with submitit, which expects USR2 to follow it.
+    """
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous = {}
+
+    def install(self) -> None:
+        usr2 = signal.getsignal(signal.SIGUSR2)
+        under_submitit = callable(usr2)
+        for signum in ((signal.SIGUSR2,) if under_submitit else (signal.SIGTERM, signal.SIGUSR1)):
+            self.previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame) -> None:
+        if self.signum is None:
+            print(f'Received {signal.Signals(signum).name}: stopping after the current step', flush=True)
+        self.signum = signum
+
+    def hand_over(self, signum: int) -> None:
+        """Let the handler we replaced (submitit's requeue) act on the signal, if it was a function."""
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step checkpoints
+# ---------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Decides after each training step whether to write a step checkpoint or to stop.
+
+    ``payload(epoch, steps_done, metrics)`` builds the checkpoint dict; only rank 0 builds and
+    writes it. Distributed ranks agree on a stop request at the logging interval (a collective
+    there costs no extra device sync), so that all of them stop after the same step.
+    """
+
+    def __init__(self, output_dir: str, payload: Callable[[int, int, dict], dict], every_steps: int = 0,
+                 every_minutes: float = 0, keep_last: int = 2, signals: Optional[StopSignals] = None,
+                 sync_every: int = 1, device: torch.device = torch.device('cpu')):
+        self.output_dir = output_dir
+        self.payload = payload
+        self.every_steps = every_steps
+        self.every_seconds = every_minutes * 60
+        self.keep_last = keep_last
+        self.signals = signals or StopSignals()
+        self.sync_every = sync_every if utils.get_world_size() > 1 else 1
+        self.device = device
+        self.last_save = time.time()
+
+    def _stop_signal(self, step: int) -> Optional[int]:
+        if utils.get_world_size() == 1:
+            return self.signals.signum
+        if step % self.sync_every:
+            return None
+        flag = torch.tensor([self.signals.signum or 0], device=self.device)
+        return int(utils.all_reduce_max(flag).item()) or None
+
+    def after_step(self, epoch: int, steps_done: int, metrics: dict) -> None:
+        """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop."""
+        signum = self._stop_signal(steps_done - 1)
+        due = (self.every_steps and steps_done % self.every_steps == 0) or \
+              (self.every_seconds and time.time() - self.last_save >= self.every_seconds)
+        path = None
+        if self.output_dir and (due or signum):
+            path = self.save(epoch, steps_done, metrics)
+        if signum:
+            raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
+
+    def after_epoch(self, epoch: int, path: Optional[str]) -> None:
+        """Stop at the end of an epoch (its checkpoint just written) if a signal came during evaluation."""
+        signum = self._stop_signal(0)
+        if signum:
+            raise TrainingInterrupted(signum, f'at the end of epoch {epoch}', path)
+
+    def save(self, epoch: int, steps_done: int, metrics: dict) -> str:
+        path = os.path.join(self.output_dir, f'checkpoint-e{epoch:04d}-s{steps_done:06d}.pth')
+        if utils.is_main_process():
+            utils.save_atomic(self.payload(epoch, steps_done, metrics), path)
+            self.prune()
+        self.last_save = time.time()
+        return path
+
+    def prune(self) -> None:
+        """Keep the ``keep_last`` newest step checkpoints (checkpoint.pth and best_* are separate)."""
+        steps = []
+        for path in glob.glob(os.path.join(self.output_dir, 'checkpoint-e*-s*.pth')):
+            match = STEP_CHECKPOINT.search(path)
+            if match:
+                steps.append(((int(match.group(1)), int(match.group(2))), path))
+        for _, path in sorted(steps, reverse=True)[self.keep_last:]:
+            os.remove(path)
