@@ -14,8 +14,8 @@ parallel. Each Mobile-Former block:
 The classification head pools the local features and concatenates the first global token, then two
 fully connected layers with h-swish in between.
 
-Layer configurations follow the paper's appendix table; where the table is silent the choices
-are those that reproduce its parameter counts (noted where made).
+Layer configurations follow the paper's appendix table; where the paper is silent we take the
+authors' published models' choice (noted where made).
 """
 from typing import Dict, NamedTuple, Optional, Tuple, Type
 
@@ -66,7 +66,7 @@ CONFIGS: Dict[str, MobileFormerConfig] = {
         paper_params=3.5e6, paper_madds=52e6),
 }
 
-BRIDGE_HEADS = 2
+BRIDGE_HEADS = 2  # head counts: the paper is silent, these are the published models'
 FORMER_HEADS = 4
 
 
@@ -105,8 +105,8 @@ class DynamicReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         # centred so that a zero output of the MLP gives a1 = 1, a2 = 0: a plain ReLU
-        residual = 2 * self.coefs(token)[:, :, None, None] - 1
-        a1, a2 = residual.chunk(2, dim=1)
+        offsets = 2 * self.coefs(token)[:, :, None, None] - 1  # in [-1, 1]
+        a1, a2 = offsets.chunk(2, dim=1)
         return torch.maximum(x * (1 + a1), x * a2)
 
 
