@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment
 from torchvision import datasets, transforms
@@ -152,6 +152,38 @@ class EvalTransform:
         return self.transform(img)
 
 
+class RandomGaussianBlur:
+    """PIL Gaussian blur of a random radius in [0.1, 2] (torchvision's needs a fixed kernel size)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+
+class ThreeAugment:
+    """DeiT III's train pipeline (--ThreeAugment): crop and flip, then one of grayscale / solarize /
+    blur, colour jitter, normalisation. ``simple_crop`` (--src) resizes and takes a padded random
+    crop instead of RandomResizedCrop."""
+
+    def __init__(self, input_size: int, color_jitter: float = 0.3, simple_crop: bool = False):
+        bicubic = transforms.InterpolationMode.BICUBIC
+        if simple_crop:
+            crop = [transforms.Resize(input_size, interpolation=bicubic),
+                    transforms.RandomCrop(input_size, padding=4, padding_mode='reflect')]
+        else:
+            crop = [transforms.RandomResizedCrop(input_size, scale=(0.08, 1.0), interpolation=bicubic)]
+        steps = crop + [transforms.RandomHorizontalFlip(),
+                        transforms.RandomChoice([transforms.Grayscale(num_output_channels=3),
+                                                 transforms.RandomSolarize(threshold=128, p=1.0),
+                                                 RandomGaussianBlur()])]
+        if color_jitter:
+            steps.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
+        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        self.transform = transforms.Compose(steps)
+
+    def __call__(self, img):
+        return self.transform(img)
+
+
 def build_train_transform(args):
     """timm's DeiT train pipeline: RandomResizedCrop, flip, RandAugment, jitter, random erasing.
 
@@ -169,6 +201,8 @@ def build_train_transform(args):
 
 def build_transform(is_train: bool, args):
     """The train or eval transform for ``args`` (the original DeiT signature)."""
+    if is_train and getattr(args, 'ThreeAugment', False):
+        return ThreeAugment(args.input_size, args.color_jitter, simple_crop=args.src)
     if is_train:
         return build_train_transform(args)
     return EvalTransform(args.input_size, args.eval_crop_ratio)

@@ -132,15 +132,29 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
     return averages
 
 
+def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Logits per classifier: {'both'} for a plain model; {'cls', 'dist', 'both'} for a distilled one.
+
+    'both' is the average of the two heads, what a distilled model returns in eval mode (the
+    paper's joint classifier); the heads are read separately to fill Table 3 in one evaluation.
+    """
+    net = model.module if hasattr(model, 'module') else model  # DDP
+    if not hasattr(net, 'head_dist'):
+        return {'both': model(images)}
+    features = net.forward_features(images)
+    cls, dist = net.head(features[:, 0]), net.head_dist(features[:, 1])
+    return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
+
+
 @torch.no_grad()
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10) -> dict:
-    """Top-1 / top-5 accuracy (%) and cross-entropy loss, summed exactly over all ranks."""
+             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
+    """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both)."""
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct@1, correct@5, images
-
+    totals = {}  # name -> float64 sum on the device: read back once, at the end
     unreadable = []
     for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         images, target, bad_paths = split_batch(batch)
@@ -150,19 +164,31 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            output = model(images)
-        output = output.float()
-        loss = criterion(output, target)
-        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+            logits = head_logits(model, images)
+        if eval_head not in logits:
+            raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
+        output = logits[eval_head].float()
         n = images.shape[0]
-        correct1, correct5 = top5[:, 0].sum(), top5.sum()
-        totals += torch.stack([loss.double(), correct1.double(), correct5.double(), totals.new_tensor(n)])
-        metric_logger.update(n, loss=loss / n, acc1=100 * correct1 / n, acc5=100 * correct5 / n)
+        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum(),
+                      'images': torch.tensor(n, device=device)}
+        if len(logits) > 1:
+            batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+        for name, value in batch_sums.items():
+            totals[name] = totals.get(name, 0) + value.double()
+        metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
 
     if unreadable:
         print(f'warning: {len(unreadable)} unreadable validation images were left out, e.g. {unreadable[0]}')
-    loss_sum, correct1, correct5, count = all_reduce_sum(totals).tolist()
-    stats = {'loss': loss_sum / count, 'acc1': 100 * correct1 / count, 'acc5': 100 * correct5 / count}
+    if not totals:
+        raise UserError('no readable validation image: check the val/ split')
+    names = sorted(totals)
+    sums = dict(zip(names, all_reduce_sum(torch.stack([totals[k] for k in names])).tolist()))
+    count = sums.pop('images')
+    stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
-          f'({int(count)} images)')
+          f'({int(count)} images, {eval_head} head)')
+    if 'acc1_cls' in stats:
+        print(f'* Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
+              f'both {stats["acc1_both"]:.3f}')
     return stats

@@ -8,14 +8,18 @@ DISTILLATION_TYPES = ('none', 'soft', 'hard')
 class DistillationLoss(torch.nn.Module):
     """``(1 - alpha) * base(cls logits, labels) + alpha * distillation(dist logits, teacher)``.
 
+    With ``distillation_token=False`` (a model without distillation head) the distillation term
+    applies to the class-head logits, the paper's "usual distillation" rows of Table 3.
+
     soft: KL(student / tau || teacher / tau) * tau^2, summed and divided by the number of logits;
     hard: cross-entropy of the student against the teacher's argmax.
-    The teacher sees the un-mixed-up inputs it is given, in eval mode and without gradients.
+    The teacher sees the same (mixed-up) inputs as the student, in eval mode and without gradients.
     """
 
     def __init__(self, base_criterion: torch.nn.Module, teacher_model: torch.nn.Module,
-                 distillation_type: str, alpha: float, tau: float):
+                 distillation_type: str, alpha: float, tau: float, distillation_token: bool = True):
         super().__init__()
+        self.distillation_token = distillation_token
         if distillation_type not in DISTILLATION_TYPES:
             raise ValueError(f'distillation_type must be one of {DISTILLATION_TYPES}, got {distillation_type}')
         self.base_criterion = base_criterion
@@ -33,8 +37,10 @@ class DistillationLoss(torch.nn.Module):
         if self.distillation_type == 'none':
             return base_loss
         if outputs_kd is None:
-            raise ValueError('distillation needs the model to return (cls, dist) logits: '
-                             'use a *_distilled_* model')
+            if self.distillation_token:
+                raise ValueError('distillation through the token needs (cls, dist) logits: use a '
+                                 '*_distilled_* model, or distillation_token=False to distil into the class head')
+            outputs_kd = outputs  # the paper's "usual distillation": both terms on the class head
 
         with torch.no_grad():
             teacher_outputs = self.teacher_model(inputs)

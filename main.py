@@ -85,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--repeated-aug', action='store_true')
     parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
     parser.set_defaults(repeated_aug=True)
+    parser.add_argument('--ThreeAugment', action='store_true',
+                        help='DeiT III: one of grayscale / solarize / blur per image, plus colour jitter')
+    parser.add_argument('--src', action='store_true', help='DeiT III: simple random crop instead of RRC')
     parser.add_argument('--train-mode', action='store_true')
     parser.add_argument('--no-train-mode', action='store_false', dest='train_mode')
     parser.set_defaults(train_mode=True)
@@ -109,6 +112,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str)
     parser.add_argument('--distillation-alpha', default=0.5, type=float)
     parser.add_argument('--distillation-tau', default=1.0, type=float)
+    parser.add_argument('--distillation-token', action='store_true', default=True,
+                        help='distil through the distillation token (needs a *_distilled_* model)')
+    parser.add_argument('--no-distillation-token', action='store_false', dest='distillation_token',
+                        help="classic distillation on the class head of a model without distillation token")
+    parser.add_argument('--eval-head', default='both', choices=('cls', 'dist', 'both'),
+                        help='classifier of a distilled model that test_acc1 reports; all three are logged')
 
     # Fine-tuning
     parser.add_argument('--finetune', default='', help='fine-tune from this checkpoint file or URL')
@@ -182,7 +191,9 @@ def validate_args(args) -> None:
                             '(a checkpoint file or https URL of the teacher)')
         if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
-        check_has_distillation_head(args.model)
+        check_distillation_head(args.model, args.distillation_token)
+    if args.src and not args.ThreeAugment:
+        raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     if args.bce_loss and not mixup_active(args):
         raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
     if args.eval and not (args.resume or args.finetune):
@@ -208,13 +219,20 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
 
-def check_has_distillation_head(name: str) -> None:
-    """Distillation through the token needs a (cls, dist) model; built on the meta device: no memory, no time."""
+def check_distillation_head(name: str, through_token: bool = True) -> None:
+    """The model must have a distillation head exactly when distilling through the token.
+
+    Built on the meta device: no memory, no time, before any data is read.
+    """
     with torch.device('meta'):
-        model = timm.create_model(name, num_classes=2)
-    if not hasattr(model, 'set_distilled_training'):
+        has_head = hasattr(timm.create_model(name, num_classes=2), 'set_distilled_training')
+    if through_token and not has_head:
         raise UserError(f'--model {name} has no distillation head: use a *_distilled_* model '
-                        f'(e.g. deit_tiny_distilled_patch16_224) or --distillation-type none')
+                        f'(e.g. deit_tiny_distilled_patch16_224) with --distillation-token, or keep this '
+                        f'model with --no-distillation-token (classic distillation on the class head)')
+    if not through_token and has_head:
+        raise UserError(f'--no-distillation-token distils into the class head of a model without '
+                        f'distillation token, and --model {name} has one: use its plain variant')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +265,7 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
                               batch_size=args.batch_size, drop_last=True, **workers)
     loader_val = DataLoader(RobustSamples(dataset_val, replace=False), sampler=SequentialSampler(dataset_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
-    if len(loader_train) == 0:
+    if len(loader_train) == 0 and not args.eval:
         raise UserError(f'{len(sampler_train)} training samples per process are fewer than --batch-size '
                         f'{args.batch_size}: lower --batch-size')
     return loader_train, loader_val, nb_classes
@@ -274,7 +292,7 @@ def build_model(args, nb_classes: int) -> torch.nn.Module:
         if 'img_size' not in str(e):
             raise
         model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
-    if args.distillation_type != 'none':
+    if args.distillation_type != 'none' and args.distillation_token:
         model.set_distilled_training(True)  # return (cls, dist) logits while training
     return model
 
@@ -314,7 +332,8 @@ def build_criterion(args, teacher: Optional[torch.nn.Module]) -> DistillationLos
         base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         base = torch.nn.CrossEntropyLoss()
-    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                            distillation_token=args.distillation_token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +489,7 @@ def main(args) -> None:
     if args.resume:
         state.resume(args)
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
+        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
     if args.resume and args.output_dir:
@@ -498,7 +517,7 @@ def main(args) -> None:
                 checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
             lr_scheduler.step(epoch + 1)
 
-            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq)
+            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy
             state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
             print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
@@ -507,7 +526,8 @@ def main(args) -> None:
                          **{f'test_{k}': v for k, v in test_stats.items()},
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
-                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq)
+                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq,
+                                     args.eval_head)
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             if output_dir:

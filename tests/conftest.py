@@ -10,6 +10,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from imagefolder import make_imagefolder  # noqa: E402
+import models  # noqa: E402,F401  (registers our students in timm, as main.py does)
 
 # Flags that make a run take seconds on 2 CPU cores.
 FAST = ['--input-size', '32', '--batch-size', '12', '--num_workers', '0', '--warmup-epochs', '0',

@@ -112,3 +112,19 @@ def test_cifar_alias_is_cifar100(tmp_path, monkeypatch):
     assert 'CIFAR100' in seen
     assert build_dataset(False, parse('--data-set', 'CIFAR10', '--data-path', tmp_path, '--input-size', 32))[1] == 10
     assert seen['CIFAR10'] == (str(tmp_path), False, True)
+
+
+@pytest.mark.parametrize('src', [False, True])
+def test_three_augment_pipeline(src):
+    argv = ['--input-size', 48, '--ThreeAugment'] + (['--src'] if src else [])
+    t = build_transform(True, parse(*argv))
+    names = [type(x).__name__ for x in t.transform.transforms]
+    assert names[0] == ('Resize' if src else 'RandomResizedCrop') and 'RandomChoice' in names
+    assert 'ColorJitter' in names
+    random.seed(0)
+    torch.manual_seed(0)
+    outs = [t(Image.new('RGB', (64, 50), (200, 30, 90))) for _ in range(12)]
+    assert all(o.shape == (3, 48, 48) for o in outs)
+    # grayscale makes the three channels equal before normalisation: some outputs show it, not all
+    gray = [bool(torch.allclose(o[0] * 0.229 + 0.485, o[1] * 0.224 + 0.456, atol=1e-5)) for o in outs]
+    assert any(gray) and not all(gray)

@@ -60,6 +60,14 @@ def test_soft_distillation_against_hand_computation():
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
 
 
+def test_classic_distillation_uses_the_class_head():
+    alpha = 0.3
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), FixedTeacher(TEACHER), 'hard', alpha, 1.0,
+                            distillation_token=False)(None, STUDENT_CLS, LABELS)
+    expected = (1 - alpha) * ce(STUDENT_CLS.tolist(), [0, 1]) + alpha * ce(STUDENT_CLS.tolist(), [1, 0])
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+
+
 def test_distillation_needs_a_distillation_head():
     try:
         make('hard')(None, STUDENT_CLS, LABELS)

@@ -42,8 +42,11 @@ def test_distilled_model_returns_both_heads_in_training_and_their_mean_in_eval()
 
 def test_distillation_with_a_single_head_model_names_the_distilled_variant():
     with pytest.raises(main.UserError, match='distilled'):
-        main.check_has_distillation_head('deit_tiny_patch4_32')
-    main.check_has_distillation_head('deit_base_distilled_patch16_384')  # built on meta: instant
+        main.check_distillation_head('deit_tiny_patch4_32')
+    main.check_distillation_head('deit_base_distilled_patch16_384')  # built on meta: instant
+    main.check_distillation_head('deit_tiny_patch4_32', through_token=False)  # classic distillation
+    with pytest.raises(main.UserError, match='plain variant'):
+        main.check_distillation_head('deit_tiny_distilled_patch4_32', through_token=False)
 
 
 def test_our_distilled_deit_state_dict_roundtrips_with_timm_strictly():

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import timm
 import torch
 
 from conftest import FAST, REPO, run_main
@@ -35,7 +36,7 @@ def test_hard_distillation_run_writes_checkpoints_and_log(distilled_run):
     log = read_log(distilled_run)
     assert [row['epoch'] for row in log] == [0, 1]
     for key in ('train_lr', 'train_loss', 'test_loss', 'test_acc1', 'test_acc5', 'epoch', 'n_parameters',
-                'test_ema_acc1'):
+                'test_ema_acc1', 'test_acc1_cls', 'test_acc1_dist', 'test_acc1_both'):
         assert key in log[0], key
     checkpoint = torch.load(distilled_run / 'checkpoint.pth', weights_only=True)  # plain data only
     assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args', 'max_accuracy'} <= set(checkpoint)
@@ -90,7 +91,40 @@ def test_torchrun_two_cpu_processes_with_dist_eval(imagefolder, tmp_path):
                     launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                               'main.py'))
     assert 'distributed init (rank 0, world 2, gloo)' in proc.stdout
-    assert '(24 images)' in proc.stdout  # the two shards together cover the val set exactly once
+    assert '(24 images, both head)' in proc.stdout  # the two shards together cover the val set exactly once
     assert len(read_log(tmp_path)) == 1
     # rank 0 alone wrote files and printed
     assert proc.stdout.count('Start training') == 1
+
+
+def test_eval_head_reports_each_classifier_of_a_distilled_checkpoint(tmp_path):
+    """Heads that ignore the image and always answer one class: cls -> 0, dist -> 1, their mean -> 2.
+
+    On a validation split of 2 / 4 / 6 images per class they score 16.7%, 33.3% and 50%.
+    """
+    from imagefolder import make_imagefolder
+    root = make_imagefolder(tmp_path / 'data', num_classes=3, train_per_class=2, val_per_class=6)
+    for label, keep in ((0, 2), (1, 4)):
+        for path in sorted((root / 'val' / f'class_{label}').iterdir())[keep:]:
+            path.unlink()
+    model = timm.create_model('deit_tiny_distilled_patch4_32', num_classes=3)
+    state = model.state_dict()
+    for head, bias in (('head', [3.0, 0.0, 2.0]), ('head_dist', [0.0, 3.0, 2.0])):
+        state[f'{head}.weight'].zero_()
+        state[f'{head}.bias'].copy_(torch.tensor(bias))
+    torch.save({'model': state}, tmp_path / 'heads.pth')
+
+    printed = {}
+    for head in ('cls', 'dist', 'both'):
+        proc = run_main('--data-path', root, '--model', 'deit_tiny_distilled_patch4_32', *FAST, '--eval',
+                        '--resume', tmp_path / 'heads.pth', '--eval-head', head)
+        printed[head] = printed_acc1(proc.stdout)
+    assert printed == pytest.approx({'cls': 100 * 2 / 12, 'dist': 100 * 4 / 12, 'both': 100 * 6 / 12}, abs=1e-3)
+    assert re.search(r'per head: cls 16.667  dist 33.333  both 50.000', proc.stdout)
+
+
+def test_classic_distillation_on_the_class_head(imagefolder, teacher_checkpoint, tmp_path):
+    run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1',
+             '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
+             '--teacher-path', teacher_checkpoint, '--output_dir', tmp_path, *FAST)
+    assert [row['epoch'] for row in read_log(tmp_path)] == [0]
