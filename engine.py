@@ -128,6 +128,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
     averages = metric_logger.averages()
     averages['unreadable_images'] = len(unreadable)
+    averages['images_per_sec'] = metric_logger.images_per_sec
     print(f'Averaged stats: loss {averages["loss"]:.4f}  lr {averages["lr"]:.3g}')
     return averages
 

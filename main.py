@@ -4,7 +4,6 @@ Reads like a table of contents: parse, build data, build models, build optimisat
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -150,6 +149,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
                         help='(new) fp16 uses loss scaling, bf16 does not')
     parser.add_argument('--print-freq', default=10, type=int, help='(new) steps between progress lines')
+    parser.add_argument('--tensorboard', action='store_true', default=None,
+                        help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
+                             'tensorboard package is installed and --output_dir is set')
+    parser.add_argument('--no-tensorboard', action='store_false', dest='tensorboard')
     parser.add_argument('--save-interval-steps', default=0, type=int,
                         help='(new) also write a step checkpoint every N training steps (0: off)')
     parser.add_argument('--save-interval-minutes', default=0, type=float,
@@ -346,21 +349,6 @@ def plain_args(args) -> dict:
             for k, v in vars(args).items()}
 
 
-def trim_log(output_dir: str, start_epoch: int) -> None:
-    """Drop log.txt lines of epochs that will run again, so that no epoch is logged twice.
-
-    The log line of an epoch is written before its checkpoint: a run stopped in between repeats
-    that epoch after resuming.
-    """
-    log = Path(output_dir) / 'log.txt'
-    if not utils.is_main_process() or not log.is_file():
-        return
-    lines = log.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line).get('epoch', -1) < start_epoch]
-    if len(kept) != len(lines):
-        utils.write_text_atomic(log, ''.join(line + '\n' for line in kept))
-
-
 @dataclass
 class TrainingState:
     """What a checkpoint saves and restores: the objects being trained and where the run stands."""
@@ -446,6 +434,8 @@ def main(args) -> None:
     device = args.device
     if args.amp is None:
         args.amp = device.type == 'cuda'
+    if args.tensorboard is None:
+        args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     amp_dtype = amp_dtype_of(args)
     seed_everything(args.seed + utils.get_rank())
     set_determinism(args)
@@ -492,8 +482,9 @@ def main(args) -> None:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
-    if args.resume and args.output_dir:
-        trim_log(args.output_dir, state.start_epoch)
+    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard, start_epoch=state.start_epoch)
+    if args.resume:
+        epoch_log.trim(state.start_epoch)
 
     # Loop
     signals = checkpoint.StopSignals()
@@ -530,10 +521,8 @@ def main(args) -> None:
                                      args.eval_head)
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
+            epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
             if output_dir:
-                if utils.is_main_process():
-                    with (output_dir / 'log.txt').open('a') as f:
-                        f.write(json.dumps(log_stats) + '\n')
                 state.save(str(output_dir / 'checkpoint.pth'), args, epoch)
                 if is_best:
                     state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
@@ -541,6 +530,8 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    finally:
+        epoch_log.close()
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')

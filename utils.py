@@ -1,12 +1,17 @@
 """Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
 import builtins
+import csv
 import datetime
+import io
+import json
 import os
 import pickle
 import random
 import re
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
@@ -160,30 +165,98 @@ class MetricLogger:
                                    for name in self.sums)
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = '', first_step: int = 0) -> Iterator:
-        """Yield from ``iterable`` and print progress every ``print_freq`` steps and at the end.
+        """Yield from ``iterable`` and show progress (step, ETA, images/s, the meters).
 
-        ``first_step`` numbers the steps of an epoch resumed in its middle.
+        On a terminal one live line is redrawn at most twice a second; in logs (Slurm, CI, pipes)
+        a plain line is printed every ``print_freq`` steps and at the last one, never carriage
+        returns. ``first_step`` numbers the steps of an epoch resumed in its middle.
         """
+        live = sys.stdout.isatty() and is_main_process()
         total = first_step + len(iterable)
-        start = last_print = time.time()
-        images = images_since_print = 0
+        start = last_shown = time.time()
+        images = images_since_shown = 0
         width = len(str(total))
         for step, batch in enumerate(iterable, start=first_step):
             yield batch
             batch_size = len(batch[0]) if isinstance(batch, (tuple, list)) else 0
             images += batch_size
-            images_since_print += batch_size
-            if step % print_freq == 0 or step == total - 1:
-                now = time.time()
-                elapsed = now - start
-                eta = elapsed / (step + 1 - first_step) * (total - step - 1)
-                rate = images_since_print / max(now - last_print, 1e-9)
-                print(f'{header} [{step:>{width}}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}  '
-                      f'{rate:.1f} img/s  {self}', flush=True)
-                last_print, images_since_print = now, 0
+            images_since_shown += batch_size
+            now = time.time()
+            last = step == total - 1
+            if (live and (now - last_shown >= 0.5 or last)) or (not live and (step % print_freq == 0 or last)):
+                eta = (now - start) / (step + 1 - first_step) * (total - step - 1)
+                rate = images_since_shown / max(now - last_shown, 1e-9)
+                line = (f'{header} [{step:>{width}}/{total}]  eta: {datetime.timedelta(seconds=int(eta))}  '
+                        f'{rate:.1f} img/s  {self}')
+                print('\r' + line + '\x1b[K' if live else line, end='' if live else '\n', flush=True)
+                last_shown, images_since_shown = now, 0
         elapsed = time.time() - start
-        print(f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
-              f'({images / max(elapsed, 1e-9):.1f} img/s)', flush=True)
+        self.images_per_sec = images / max(elapsed, 1e-9)
+        print(('\n' if live else '') + f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
+              f'({self.images_per_sec:.1f} img/s)', flush=True)
+
+
+def tensorboard_available() -> bool:
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        return True
+    except ImportError:
+        return False
+
+
+class EpochLog:
+    """The per-epoch record of a run, written by rank 0 only.
+
+    ``log.txt`` (one JSON line per epoch, the original format) is the source; ``summary.csv`` is
+    rewritten from it after every epoch, and the same scalars go to TensorBoard when enabled
+    (tags ``train/loss``, ``test/acc1``, ``test/ema_acc1`` ...).
+    """
+
+    def __init__(self, output_dir: str, tensorboard: bool = False, start_epoch: int = 0):
+        self.dir = Path(output_dir) if output_dir and is_main_process() else None
+        self.writer = None
+        if self.dir and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events of epochs that a resumed run trains again
+            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=start_epoch)
+
+    def rows(self) -> list:
+        log = self.dir / 'log.txt'
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+    def trim(self, start_epoch: int) -> None:
+        """Drop the records of epochs that will run again (logged, but their checkpoint not written)."""
+        if not self.dir:
+            return
+        rows = self.rows()
+        kept = [row for row in rows if row.get('epoch', -1) < start_epoch]
+        if len(kept) != len(rows):
+            write_text_atomic(self.dir / 'log.txt', ''.join(json.dumps(row) + '\n' for row in kept))
+            self._write_csv(kept)
+
+    def write(self, stats: dict) -> None:
+        if not self.dir:
+            return
+        with (self.dir / 'log.txt').open('a') as f:
+            f.write(json.dumps(stats) + '\n')
+        self._write_csv(self.rows())
+        if self.writer:
+            for key, value in stats.items():
+                if key != 'epoch' and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace('_', '/', 1), value, stats['epoch'])
+            self.writer.flush()
+
+    def _write_csv(self, rows: list) -> None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.dir / 'summary.csv', buffer.getvalue())
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
 # ---------------------------------------------------------------------------------------------

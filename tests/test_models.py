@@ -95,3 +95,20 @@ def test_pos_embed_interpolation_224_to_384():
     state = src.state_dict()
     interpolate_pos_embed(state, dst)
     assert state['pos_embed'].shape == (1, 2 + 24 * 24, 768)
+
+
+def test_progress_is_a_live_line_on_a_terminal_and_plain_lines_in_logs(monkeypatch, capsys):
+    import sys
+    from utils import MetricLogger
+    batches = [(torch.zeros(4, 1), torch.zeros(4))] * 25
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stdout, 'isatty', lambda: tty)
+        logger = MetricLogger()
+        for _ in logger.log_every(batches, print_freq=10, header='Epoch: [0]'):
+            logger.update(loss=1.0)
+        out = capsys.readouterr().out
+        if tty:
+            assert '\r' in out and out.count('\n') == 2  # one live line, then the total
+        else:
+            assert '\r' not in out and out.count('\n') == 4 + 1  # steps 0, 10, 20, 24, then the total
+            assert 'eta:' in out and 'img/s' in out and 'loss: 1' in out

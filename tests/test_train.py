@@ -44,6 +44,20 @@ def test_hard_distillation_run_writes_checkpoints_and_log(distilled_run):
     assert checkpoint['max_accuracy'] == max(row['test_acc1'] for row in log)
 
 
+def test_summary_csv_and_tensorboard_events(distilled_run):
+    import csv
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    rows = list(csv.DictReader((distilled_run / 'summary.csv').open()))
+    assert [int(row['epoch']) for row in rows] == [0, 1]
+    assert float(rows[1]['test_acc1']) == pytest.approx(read_log(distilled_run)[1]['test_acc1'])
+    events = EventAccumulator(str(distilled_run / 'tensorboard'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    assert {'train/loss', 'train/lr', 'train/images_per_sec', 'test/acc1', 'test/acc5', 'test/loss',
+            'test/ema_acc1', 'test/acc1_dist'} <= tags, tags
+    assert [e.step for e in events.Scalars('test/acc1')] == [0, 1]
+
+
 def test_eval_resume_reproduces_the_logged_accuracy(distilled_run, imagefolder):
     proc = run_main('--data-path', imagefolder, *STUDENT, '--eval', '--resume',
                     distilled_run / 'checkpoint.pth', *FAST)
