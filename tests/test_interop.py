@@ -22,6 +22,15 @@ from tools import plot
 MODEL = 'deit_tiny_distilled_patch4_32'
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """Small models on busy shared cores: a second intra-op thread mostly waits (model init was 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def real_run(imagefolder, tmp_path_factory):
     """One epoch of main.py with an EMA that moves (decay 0.9) away from the trained weights."""
