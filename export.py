@@ -1,0 +1,129 @@
+"""Write the model weights of a checkpoint as .safetensors, loadable by timm.
+
+    python export.py output/run/checkpoint.pth -o model.safetensors [--ema]
+
+The file holds the state dict of the model (or, with --ema, of the EMA model) under timm's key
+names, with the model name, class count and input size as metadata. timm loads it with:
+
+    timm.create_model(NAME, pretrained=True,
+                      pretrained_cfg_overlay=dict(file='model.safetensors', num_classes=N))
+
+(``num_classes`` in the overlay too: when it differs from the pretrained config's own class count,
+timm drops the classifier weights and keeps a random head.)
+"""
+import argparse
+import os
+import sys
+from typing import Dict, Optional
+
+import safetensors.torch
+import timm
+import torch
+
+import models  # noqa: F401  (registers our models, whose default input size load_hint reads)
+import utils
+from utils import UserError
+
+
+def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch.Tensor]:
+    """The model (or EMA) state dict of a checkpoint, as tensors safetensors can store."""
+    if ema:
+        if not isinstance(checkpoint, dict) or not checkpoint.get('model_ema'):
+            raise UserError(f'{path} holds no EMA weights (trained with --no-model-ema?): export without --ema')
+        state = utils.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{path} (EMA)')
+    else:
+        state = utils.model_state_from_checkpoint(checkpoint, path)
+    # safetensors refuses non-contiguous tensors and tensors that share memory (views, tied weights):
+    # every tensor gets its own contiguous copy.
+    return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in state.items()}
+
+
+def export_metadata(checkpoint: dict, state: Dict[str, torch.Tensor], ema: bool) -> Dict[str, str]:
+    """String metadata (all safetensors allows): model name and input size from the run's args."""
+    args = checkpoint.get('args') or {}
+    metadata = {'format': 'pt', 'weights': 'ema' if ema else 'model'}  # 'format': what timm/HF tools expect
+    if args.get('model'):
+        metadata['model'] = str(args['model'])
+    if args.get('input_size'):
+        metadata['input_size'] = str(args['input_size'])
+    num_classes = args.get('nb_classes') or num_classes_of(state)
+    if num_classes:
+        metadata['num_classes'] = str(num_classes)
+    return metadata
+
+
+def num_classes_of(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    head = state.get('head.weight')
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
+def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """Write a .safetensors file through a fsynced temporary file renamed over ``path``: never a torn file."""
+    # safetensors.torch.save (bytes) rather than save_file: save_file creates the file with mode
+    # 0600 whatever the umask, unlike the checkpoints beside it.
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, str]:
+    """Write the checkpoint's weights to ``output``; returns the metadata written."""
+    if not output.endswith('.safetensors'):
+        raise UserError(f'-o {output}: the name must end in .safetensors (timm picks the format by suffix)')
+    checkpoint = utils.load_checkpoint(checkpoint_path)
+    state = weights_to_export(checkpoint, checkpoint_path, ema)
+    metadata = export_metadata(checkpoint, state, ema)
+    try:
+        save_safetensors_atomic(state, output, metadata)
+    except OSError as e:
+        raise UserError(f'cannot write {output}: {e.strerror or e}') from None
+    return metadata
+
+
+def load_hint(output: str, metadata: Dict[str, str]) -> str:
+    """The timm call that loads the exported file, for the user to copy."""
+    name = metadata.get('model', 'MODEL_NAME')
+    num_classes = metadata.get('num_classes', 'NUM_CLASSES')
+    return (f"timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
+            f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}))")
+
+
+def img_size_argument(name: str, metadata: Dict[str, str]) -> str:
+    """', img_size=N' when a fixed-size model (a ViT) was trained at another size than its default."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = metadata.get('input_size')
+    if cfg is None or not cfg.fixed_input_size or size is None or int(size) == cfg.input_size[-1]:
+        return ''
+    return f', img_size={size}'
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('python export.py', description=__doc__.split('\n\n')[0])
+    parser.add_argument('checkpoint', help="checkpoint file or https URL ({'model': state_dict, ...} or a state dict)")
+    parser.add_argument('-o', '--output', required=True, help='the .safetensors file to write')
+    parser.add_argument('--ema', action='store_true', help="export the EMA weights ('model_ema')")
+    return parser
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        metadata = export(args.checkpoint, args.output, args.ema)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({metadata['weights']} weights); load it with:\n  {load_hint(args.output, metadata)}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
