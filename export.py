@@ -12,7 +12,6 @@ names, with the model name, class count and input size as metadata. timm loads i
 timm drops the classifier weights and keeps a random head.)
 """
 import argparse
-import os
 import sys
 from typing import Dict, Optional
 
@@ -58,21 +57,11 @@ def num_classes_of(state: Dict[str, torch.Tensor]) -> Optional[int]:
 
 
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
-    """Write a .safetensors file through a fsynced temporary file renamed over ``path``: never a torn file."""
+    """Write a .safetensors file atomically (utils.write_atomic): never a torn file."""
     # safetensors.torch.save (bytes) rather than save_file: save_file creates the file with mode
     # 0600 whatever the umask, unlike the checkpoints beside it.
     data = safetensors.torch.save(tensors, metadata=metadata)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    utils.write_atomic(path, lambda f: f.write(data))
 
 
 def export(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, str]:

@@ -12,7 +12,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -263,16 +263,18 @@ class EpochLog:
 # Checkpoint I/O
 # ---------------------------------------------------------------------------------------------
 
-def save_atomic(obj, path: str) -> None:
-    """Write ``obj`` with torch.save so that ``path`` is always either the old or the new file.
+def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
+    """Create or replace ``path`` so that it is always either the old or the new file.
 
-    The data goes to a temporary file in the same directory, is fsynced, then renamed over ``path``.
+    ``write(f)`` fills a temporary file in the same directory, which is fsynced, then renamed over
+    ``path``; a kill at any moment leaves at most a stale temporary file (``.NAME.tmpPID``).
     """
+    path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp{os.getpid()}')
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -286,14 +288,14 @@ def save_atomic(obj, path: str) -> None:
         os.close(dir_fd)
 
 
+def save_atomic(obj, path: str) -> None:
+    """torch.save ``obj`` to ``path`` atomically (see write_atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
 def write_text_atomic(path, text: str) -> None:
-    """Replace a small text file so that a reader sees either the old or the new content."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace a small text file atomically (see write_atomic)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def save_on_master(obj, path: str) -> None:
