@@ -60,8 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--images', default=192, type=int, help='generated JPEGs per data-pipeline pass')
     parser.add_argument('--image-size', default=(500, 375), type=int, nargs=2, metavar=('W', 'H'),
                         help='size of the generated JPEGs (ImageNet-like by default)')
-    parser.add_argument('--steps', default=2, type=int, help='timed model steps per repeat')
-    parser.add_argument('--repeats', default=5, type=int, help='timed runs per figure (the median is shown)')
+    parser.add_argument('--steps', default=1, type=int, help='timed model steps per repeat')
+    parser.add_argument('--repeats', default=3, type=int, help='timed runs per figure (the median is shown)')
     parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
                         choices=['data', 'train', 'distill', 'eval', 'teacher'])
     parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
@@ -86,14 +86,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def matmul_seconds(n: int = 2048) -> float:
+    """One fp32 n x n matmul (all of torch's threads), the operation a model step can at best run at."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
+
+
 def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int) -> Dict[str, float]:
-    """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs, after one warm-up each.
+    """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs after a warm-up
+    round, and the matmul rate (GFLOP/s) measured between them, so that all three see the same load.
 
     Ours runs with the allocator setting of main.py (speedups.keep_freed_memory), the baseline
     with glibc's default behaviour for large buffers.
     """
     runs = (('baseline', baseline, False), ('ours', ours, True))
-    times = {name: [] for name, _, _ in runs}
+    times = {'baseline': [], 'ours': [], 'matmul': []}
     for repeat in range(repeats + 1):
         for name, fn, keep in runs:
             speedups.keep_freed_memory(keep)
@@ -101,19 +110,10 @@ def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: i
             fn()
             if repeat:  # the first round warms up (and compiles)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def matmul_gflops(repeats: int, n: int = 2048) -> float:
-    """This machine's fp32 matmul rate (all of torch's threads): the limit a model step can approach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    seconds = []
-    for _ in range(max(repeats, 3)):
-        start = time.perf_counter()
-        a @ b
-        seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(seconds) / 1e9
+        times['matmul'].append(matmul_seconds())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians['gflops'] = 2 * 2048 ** 3 / medians.pop('matmul') / 1e9
+    return medians
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -173,8 +173,7 @@ def bench_data(args, root: Path) -> List[dict]:
             wrap = lambda loader, t=transform: fast_data.DeviceBatches(loader, t, torch.device('cpu'))  # noqa: E731
             seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
                                 args.repeats)
-            rows.append(row(name, len(baseline) / seconds['baseline'], len(ours) / seconds['ours'],
-                            unit='img/s/core'))
+            rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -261,7 +260,7 @@ def teachers(args):
     return base, ours
 
 
-def bench_models(args, gflops: float) -> List[dict]:
+def bench_models(args) -> List[dict]:
     rows = []
     batches = synthetic_batches(args, args.steps)
     images = args.batch_size * args.steps
@@ -275,13 +274,11 @@ def bench_models(args, gflops: float) -> List[dict]:
     if 'train' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches),
                             project_step(our_model, our_opt, batches), args.repeats)
-        rows.append(row(f'train step: {args.model}', images / seconds['baseline'], images / seconds['ours'],
-                        step_flops, gflops))
+        rows.append(row(f'train step: {args.model}', images, seconds, step_flops))
     if 'distill' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
                             project_step(our_model, our_opt, batches, our_teacher), args.repeats)
-        rows.append(row(f'distill step: <- {args.teacher_model}', images / seconds['baseline'],
-                        images / seconds['ours'], step_flops + teacher_flops, gflops))
+        rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops))
     if 'eval' in args.sections:
         base_model.eval()
         eval_flops = count_flops(lambda: base_model(batches[0][0])) / args.batch_size
@@ -296,8 +293,7 @@ def bench_models(args, gflops: float) -> List[dict]:
             with contextlib.redirect_stdout(io.StringIO()):
                 evaluate(eval_batches, our_model, torch.device('cpu'))
         seconds = time_pair(plain_eval, project_eval, args.repeats)
-        rows.append(row(f'eval: {args.model}', images / seconds['baseline'], images / seconds['ours'],
-                        eval_flops, gflops))
+        rows.append(row(f'eval: {args.model}', images, seconds, eval_flops))
     if 'teacher' in args.sections:
         def plain_teacher():
             with torch.no_grad():
@@ -308,8 +304,7 @@ def bench_models(args, gflops: float) -> List[dict]:
             for x, _, _ in batches:
                 our_teacher(x)
         seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats)
-        rows.append(row(f'teacher forward: {args.teacher_model}', images / seconds['baseline'],
-                        images / seconds['ours'], teacher_flops, gflops))
+        rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops))
     return rows
 
 
@@ -317,49 +312,53 @@ def bench_models(args, gflops: float) -> List[dict]:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-def row(name: str, baseline: float, ours: float, flops_per_image: float = 0.0, gflops: float = 0.0,
+def row(name: str, images: int, seconds: Dict[str, float], flops_per_image: float = 0.0,
         unit: str = 'img/s') -> dict:
-    """One line of the table; model lines also as a fraction of the matmul limit."""
+    """One line of the table (from time_pair's medians); model lines also as a fraction of the matmul limit."""
+    baseline, ours = images / seconds['baseline'], images / seconds['ours']
     entry = {'name': name, 'unit': unit, 'baseline': baseline, 'ours': ours, 'ratio': ours / baseline,
-             'peak_rss_mib': peak_rss_mib()}
+             'matmul_gflops': seconds['gflops'], 'peak_rss_mib': peak_rss_mib()}
     if flops_per_image:
         entry['gflop_per_image'] = flops_per_image / 1e9
-        entry['baseline_of_limit'] = baseline * flops_per_image / 1e9 / gflops
-        entry['ours_of_limit'] = ours * flops_per_image / 1e9 / gflops
+        entry['baseline_of_limit'] = baseline * flops_per_image / 1e9 / seconds['gflops']
+        entry['ours_of_limit'] = ours * flops_per_image / 1e9 / seconds['gflops']
+    print(f'{name}: {baseline:.1f} -> {ours:.1f} {unit} ({ours / baseline:.2f}x)', file=sys.stderr, flush=True)
     return entry
 
 
-def format_table(rows: List[dict], gflops: float) -> str:
-    lines = [f'fp32 matmul limit: {gflops:.0f} GFLOP/s ({torch.get_num_threads()} threads)',
-             f'{"figure":<40} {"unit":>10} {"baseline":>9} {"ours":>9} {"ratio":>6} '
-             f'{"GFLOP/img":>9} {"base %lim":>9} {"ours %lim":>9} {"peak RSS":>9}']
+def format_table(rows: List[dict]) -> str:
+    lines = [f'{"figure":<38} {"unit":>10} {"baseline":>8} {"ours":>8} {"ratio":>6} {"GFLOP/img":>9} '
+             f'{"matmul GFLOP/s":>14} {"base %lim":>9} {"ours %lim":>9} {"peak RSS":>9}']
     for r in rows:
-        limits = (f'{r["gflop_per_image"]:>9.2f} {100 * r["baseline_of_limit"]:>8.0f}% {100 * r["ours_of_limit"]:>8.0f}%'
-                  if 'gflop_per_image' in r else f'{"":>9} {"":>9} {"":>9}')
-        lines.append(f'{r["name"]:<40} {r["unit"]:>10} {r["baseline"]:>9.1f} {r["ours"]:>9.1f} '
-                     f'{r["ratio"]:>5.2f}x {limits} {r["peak_rss_mib"]:>6.0f} MiB')
+        limits = (f'{r["gflop_per_image"]:>9.2f} {r["matmul_gflops"]:>14.0f} {100 * r["baseline_of_limit"]:>8.0f}% '
+                  f'{100 * r["ours_of_limit"]:>8.0f}%' if 'gflop_per_image' in r else f'{"":>9} {"":>14} {"":>9} {"":>9}')
+        lines.append(f'{r["name"]:<38} {r["unit"]:>10} {r["baseline"]:>8.1f} {r["ours"]:>8.1f} '
+                     f'{r["ratio"]:>5.2f}x {limits} {r["peak_rss_mib"]:>5.0f} MiB')
     return '\n'.join(lines)
 
 
 def run(args) -> dict:
     if args.quick:
         apply_quick(args)
-    gflops = matmul_gflops(args.repeats)
     rows = []
     if 'data' in args.sections:
         with tempfile.TemporaryDirectory(prefix='deit-bench-') as tmp:
             rows += bench_data(args, make_photo_like_jpegs(Path(tmp), args.images, tuple(args.image_size)))
     if {'train', 'distill', 'eval', 'teacher'} & set(args.sections):
-        rows += bench_models(args, gflops)
-    return {'matmul_gflops': gflops, 'threads': torch.get_num_threads(), 'rows': rows,
-            'settings': {k: v for k, v in vars(args).items() if k != 'json'},
+        rows += bench_models(args)
+    limits = [r['matmul_gflops'] for r in rows if 'gflop_per_image' in r]
+    return {'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
+            'rows': rows, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
             'peak_rss_mib': peak_rss_mib()}
 
 
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     report = run(args)
-    print(format_table(report['rows'], report['matmul_gflops']))
+    print(format_table(report['rows']))
+    if report['matmul_gflops']:
+        print(f'fp32 matmul (2048^2, {report["threads"]} threads): {report["matmul_gflops"]:.0f} GFLOP/s, measured '
+              f'between the timed runs of each model line; %lim = achieved GFLOP/s / that rate')
     print(f'settings: model {args.model}, teacher {args.teacher_model}, batch {args.batch_size}, '
           f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}; '
           f'peak RSS {report["peak_rss_mib"]:.0f} MiB')

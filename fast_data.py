@@ -3,12 +3,13 @@
 Per image, in the data-loader workers:
 - the RandomResizedCrop box (or the eval resize + center crop) is chosen on the image header, then
   the JPEG is decoded at a reduced DCT scale (PIL ``draft``) when the box still has at least the
-  output's pixels at that scale, and the box is resized in one PIL call (no intermediate copy;
-  for eval the same filter taps as resize-then-crop, computed for the kept pixels only);
-- flip and RandAugment are timm's own objects, applied as in timm's pipeline;
+  output's pixels at that scale;
+- the crop is resized by torch's antialiased uint8 kernel, PIL's filters within one grey level of
+  PIL's output and several times faster than PIL's resampling;
+- flip and RandAugment are timm's own objects, applied to PIL images as in timm's pipeline;
 - the result ships as a uint8 HWC tensor: no per-image float conversion, a quarter of the bytes.
-Per batch, on the training device (``DeviceBatches``): conversion to float, normalisation in one
-pass (channels_last layout, which the HWC batch already has), and random erasing drawn from a
+Per batch, on the training device (``DeviceBatches``): conversion to float and normalisation in one
+pass (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
 generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
 """
 import math
@@ -17,18 +18,20 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms
-from torchvision.transforms.functional import pil_modes_mapping
 
 from samplers import sample_seed
 
 # Distinguishes the per-step erasing stream from the per-sample and per-step streams (engine.STEP_STREAM).
 ERASE_STREAM = 2
 Box = Tuple[float, float, float, float]
+# The filters of timm's crop that torch's antialiased uint8 resize implements as PIL does.
+RESIZE_MODES = {transforms.InterpolationMode.BILINEAR: 'bilinear', transforms.InterpolationMode.BICUBIC: 'bicubic'}
 
 
 def open_lazily(path: str) -> Image.Image:
@@ -36,32 +39,50 @@ def open_lazily(path: str) -> Image.Image:
     return Image.open(path)
 
 
-def decode_for_box(img: Image.Image, box: Box, out_size: Tuple[int, int]) -> Tuple[Image.Image, Box]:
-    """Decode ``img`` (RGB), at a reduced JPEG DCT scale 1/s (s in 2, 4, 8) when ``box`` still spans at
-    least ``out_size`` (w, h) pixels at that scale; returns the image and ``box`` in its coordinates."""
-    shrink = min((box[2] - box[0]) / out_size[0], (box[3] - box[1]) / out_size[1])
+def decode(img: Image.Image, region: Box, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+    """``img`` as a (1, 3, H, W) uint8 tensor (channels_last memory) and the factor s it was reduced by.
+
+    JPEGs are decoded at DCT scale 1/s (s in 2, 4, 8) when ``region`` (left, top, right, bottom) still
+    spans at least ``out_size`` (w, h) pixels at that scale: no resolution is lost for the output.
+    """
+    factor = 1
+    shrink = min((region[2] - region[0]) / out_size[0], (region[3] - region[1]) / out_size[1])
     if shrink >= 2 and getattr(img, 'format', None) == 'JPEG':
         width = img.width
         # PIL picks the largest s in (8, 4, 2, 1) whose reduced size covers the request: s <= shrink
         if img.draft('RGB', (math.ceil(img.width / shrink), math.ceil(img.height / shrink))):
-            factor = width / img.width if img.width else 1.0
-            factor = 2 ** round(math.log2(factor))  # the DCT scale: sizes are rounded up
-            box = tuple(c / factor for c in box)
+            factor = 2 ** round(math.log2(width / img.width))  # sizes are rounded up: round the ratio
     if img.mode != 'RGB':
         img = img.convert('RGB')
-    img.load()
-    return img, box
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HWC
+    return pixels.permute(2, 0, 1).unsqueeze(0), factor
+
+
+def resize(pixels: torch.Tensor, size: Tuple[int, int], mode: str = 'bicubic') -> torch.Tensor:
+    """PIL's antialiased resize (same filters, within one level of PIL's output) on uint8 NCHW, size (h, w).
+
+    torch's uint8 kernel for channels_last images is several times faster than PIL's resampling.
+    """
+    return F.interpolate(pixels, size=size, mode=mode, antialias=True)
+
+
+def to_hwc(pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) channels_last -> (H, W, 3), a view."""
+    return pixels[0].permute(1, 2, 0)
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     """HWC uint8 tensor of an RGB image (collated into an NHWC batch)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
 def _split_reference(reference: transforms.Compose):
     """(RandomResizedCrop, the PIL steps after it, Normalize, RandomErasing or None) of timm's pipeline."""
     steps = list(reference.transforms)
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
+        return None
+    modes = steps[0].interpolation if isinstance(steps[0].interpolation, (tuple, list)) else [steps[0].interpolation]
+    if not all(mode in RESIZE_MODES for mode in modes):
         return None
     tensor_at = next((i for i, t in enumerate(steps) if isinstance(t, (MaybeToTensor, transforms.ToTensor))), None)
     if tensor_at is None or tensor_at + 1 >= len(steps) or not isinstance(steps[tensor_at + 1], transforms.Normalize):
@@ -87,26 +108,27 @@ class FastTrainTransform:
         self.mean, self.std = tuple(normalize.mean), tuple(normalize.std)  # applied per batch
         self.erasing = erasing
 
-    def crop_box(self, img: Image.Image) -> Tuple[Box, Image.Resampling]:
+    def crop_box(self, img: Image.Image) -> Tuple[Tuple[int, int, int, int], str]:
         """The RandomResizedCrop box (left, top, right, bottom) in full-size pixels, and the filter."""
         top, left, height, width = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
         mode = self.crop.interpolation
         if isinstance(mode, (tuple, list)):
             mode = random.choice(mode)
-        return (left, top, left + width, top + height), pil_modes_mapping[mode]
+        return (left, top, left + width, top + height), RESIZE_MODES[mode]
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        box, resample = self.crop_box(img)
-        decoded, box = decode_for_box(img, box, self.out_size)
-        img = decoded.resize(self.out_size, resample, box=box)
+        box, mode = self.crop_box(img)
+        pixels, factor = decode(img, box, self.out_size)
+        left, top, right, bottom = (round(c / factor) for c in box)
+        crop = resize(pixels[..., top:bottom, left:right], self.crop.size, mode)
+        img = Image.fromarray(to_hwc(crop).numpy())
         for step in self.pil_steps:
             img = step(img)
         return to_uint8_tensor(img)
 
 
 class FastEvalTransform:
-    """Resize the shorter side to ``input_size / crop_ratio`` (bicubic) and center crop ``input_size``,
-    computed as one resize of the kept box (the same output pixels as resize-then-crop)."""
+    """Resize the shorter side to ``input_size / crop_ratio`` (bicubic) and center crop ``input_size``."""
 
     mean, std, erasing = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None  # as datasets.EvalTransform
 
@@ -114,18 +136,19 @@ class FastEvalTransform:
         self.size = input_size
         self.resize_to = int(input_size / crop_ratio)
 
-    def crop_box(self, width: int, height: int) -> Box:
-        """The center-crop box, in full-size pixels, of torchvision's Resize + CenterCrop."""
+    def geometry(self, width: int, height: int) -> Tuple[Tuple[int, int], Box]:
+        """torchvision's Resize + CenterCrop: the resized (h, w) and the crop box in resized pixels."""
         short, long = min(width, height), max(width, height)
         new_short, new_long = self.resize_to, int(self.resize_to * long / short)  # torchvision's rounding
         new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
         top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
-        sx, sy = width / new_w, height / new_h
-        return left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy
+        return (new_h, new_w), (left, top, left + self.size, top + self.size)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        decoded, box = decode_for_box(img, self.crop_box(*img.size), (self.size, self.size))
-        return to_uint8_tensor(decoded.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
+        (new_h, new_w), (left, top, right, bottom) = self.geometry(*img.size)
+        sx, sy = img.width / new_w, img.height / new_h
+        pixels, _ = decode(img, (left * sx, top * sy, right * sx, bottom * sy), (self.size, self.size))
+        return to_hwc(resize(pixels, (new_h, new_w))[..., top:bottom, left:right])
 
 
 FastTransform = Union[FastTrainTransform, FastEvalTransform]
@@ -137,7 +160,7 @@ def speed_up(dataset, is_train: bool, args) -> Optional[FastTransform]:
     yields uint8 HWC images, to be normalised per batch by ``DeviceBatches``."""
     if is_train:
         parts = _split_reference(dataset.transform) if isinstance(dataset.transform, transforms.Compose) else None
-        if parts is None:  # ThreeAugment, the padded crop of <= 32 px inputs, ...
+        if parts is None:  # ThreeAugment, the padded crop of <= 32 px inputs, a filter torch lacks, ...
             return None
         dataset.transform = FastTrainTransform(*parts)
     else:
