@@ -158,14 +158,18 @@ class Checkpointer:
         flag = torch.tensor([self.signals.signum or 0], device=self.device)
         return int(utils.all_reduce_max(flag).item()) or None
 
-    def after_step(self, epoch: int, steps_done: int, metrics: dict) -> None:
-        """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop."""
+    def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict]) -> None:
+        """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop.
+
+        ``metrics()`` gives the epoch's running averages; it is called only when a checkpoint is
+        written, since reading device values back waits for the device.
+        """
         signum = self._stop_signal(steps_done - 1)
         due = (self.every_steps and steps_done % self.every_steps == 0) or \
               (self.every_seconds and time.time() - self.last_save >= self.every_seconds)
         path = None
         if self.output_dir and (due or signum):
-            path = self.save(epoch, steps_done, metrics)
+            path = self.save(epoch, steps_done, metrics())
         if signum:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
 

@@ -122,7 +122,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
                     f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
                     f'--clip-grad, or check the data; the last saved checkpoint is untouched')
         if checkpointer is not None:
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict())
+            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict)  # read only when saving: a device sync
 
     if unreadable:
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
@@ -147,7 +147,7 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
     return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly

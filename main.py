@@ -22,12 +22,15 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 import checkpoint
+import fast_data
 import models  # noqa: F401  (registers our students in timm's registry)
+import speedups
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, DistillationLoss
 from samplers import RASampler, ResumableSampler
+from teacher import autocast_dtype as teacher_autocast_dtype, prepare_teacher
 from utils import UserError, seed_everything
 
 
@@ -139,7 +142,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     parser.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
     parser.add_argument('--dist-eval', action='store_true', default=False, help='shard validation')
-    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--num_workers', default=None, type=int,
+                        help='data-loader worker processes (default: 10, at most the cores per process)')
     parser.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
     parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
     parser.set_defaults(pin_mem=True)
@@ -163,6 +167,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='(new) deterministic kernels: bit-identical results for the same command')
     parser.add_argument('--strict-data', action='store_true',
                         help='(new) fail on an unreadable image instead of skipping it')
+    parser.add_argument('--fast-data', action='store_true', default=True,
+                        help='(new) uint8 images from the workers, DCT-scaled JPEG decoding, normalisation and '
+                             'erasing per batch on the device (same augmentation distribution; default on)')
+    parser.add_argument('--no-fast-data', action='store_false', dest='fast_data',
+                        help="(new) timm's stock per-image transforms (the reference pipeline)")
+    parser.add_argument('--compile', action='store_true',
+                        help='(new) torch.compile the student and the teacher (eager if unavailable)')
 
     # Distributed (filled from the environment set by torchrun / launch / submitit)
     parser.add_argument('--world_size', default=1, type=int)
@@ -177,6 +188,8 @@ def validate_args(args) -> None:
     for name in ('batch_size', 'epochs', 'input_size', 'print_freq', 'keep_last'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     for name in ('num_workers', 'save_interval_steps', 'save_interval_minutes', 'start_epoch'):
         if getattr(args, name) < 0:
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
@@ -218,6 +231,12 @@ def validate_args(args) -> None:
             raise UserError(f'--output_dir {args.output_dir} is not writable: choose another directory')
 
 
+def default_num_workers() -> int:
+    """The original's 10 workers, but no more than the cores available to each process of this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(10, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+
+
 def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
 
@@ -248,6 +267,8 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     dataset_val, _ = build_dataset(is_train=False, args=args)
     check_same_classes(dataset_train, dataset_val)
     world, rank = utils.get_world_size(), utils.get_rank()
+    fast_train = args.fast_data and fast_data.speed_up(dataset_train, True, args)
+    fast_val = args.fast_data and fast_data.speed_up(dataset_val, False, args)
 
     # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
@@ -264,10 +285,16 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
                    collate_fn=collate_skipping,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=torch.Generator().manual_seed(args.seed))
+    if args.num_workers > 0:
+        workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     loader_train = DataLoader(RobustSamples(dataset_train, replace=True), sampler=sampler_train,
                               batch_size=args.batch_size, drop_last=True, **workers)
     loader_val = DataLoader(RobustSamples(dataset_val, replace=False), sampler=SequentialSampler(dataset_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
+    if fast_train:
+        loader_train = fast_data.DeviceBatches(loader_train, fast_train, args.device, seed=args.seed, rank=rank)
+    if fast_val:
+        loader_val = fast_data.DeviceBatches(loader_val, fast_val, args.device)
     if len(loader_train) == 0 and not args.eval:
         raise UserError(f'{len(sampler_train)} training samples per process are fewer than --batch-size '
                         f'{args.batch_size}: lower --batch-size')
@@ -314,7 +341,8 @@ def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch.nn.Module]:
-    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path."""
+    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
+    inference-only module (teacher.py: BatchNorm folded, channels_last, autocast on CUDA)."""
     if args.distillation_type == 'none':
         return None
     print(f'Creating teacher model: {args.teacher_model}')
@@ -322,8 +350,8 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
     utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                              f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
+    amp_dtype = teacher_autocast_dtype(device) if args.amp else None  # None on the CPU: fp32 is faster there
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
 
 def build_criterion(args, teacher: Optional[torch.nn.Module]) -> DistillationLoss:
@@ -439,6 +467,7 @@ def main(args) -> None:
     amp_dtype = amp_dtype_of(args)
     seed_everything(args.seed + utils.get_rank())
     set_determinism(args)
+    speedups.keep_freed_memory()
     if args.output_dir and utils.is_main_process():
         checkpoint.remove_stale_temporaries(args.output_dir)
     print(args)
@@ -465,12 +494,15 @@ def main(args) -> None:
         model_without_ddp = model.module
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
+    if args.compile:
+        model = speedups.compile_or_eager(model, 'student')
     teacher = build_teacher(args, nb_classes, device)
 
     # Optimisation
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
-    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args),
+                                    **speedups.optimizer_kwargs(device, args.opt))
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = build_criterion(args, teacher)

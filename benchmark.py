@@ -1,0 +1,371 @@
+"""Throughput of this machine for DeiT training: data pipeline, training step, distillation, evaluation.
+
+Every figure is the median of --repeats timed runs, and each is measured next to a baseline in the
+same run (baseline and ours alternate within each repeat, so that a load change hits both):
+
+  data   timm's stock create_transform pipeline with PIL decoding (as datasets.build_transform) vs
+         --fast-data (fast_data.py); in this process on one thread, collate and the per-batch
+         normalisation / erasing included: images/s per core.
+  train  a plain eager forward / backward / AdamW step vs engine.train_one_epoch as main.py runs it
+         (fused AdamW, --compile when given).
+  distill the same with a hard-distillation teacher: plain eager teacher (no_grad) vs teacher.py.
+  eval   eager no_grad forward vs engine.evaluate (inference teacher-style, --compile when given).
+  teacher the teacher's forward alone.
+
+Model figures are also shown as a fraction of this machine's fp32 matmul rate, measured in the same
+run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode.
+"""
+import argparse
+import contextlib
+import io
+import json
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.optim import create_optimizer_v2
+from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import ImageFolder
+
+import fast_data
+import main
+import models  # noqa: F401  (registers our students in timm's registry)
+import speedups
+from datasets import RobustSamples, build_transform, collate_skipping
+from engine import LossScaler, evaluate, train_one_epoch
+from losses import DistillationLoss
+from samplers import ResumableSampler
+from teacher import prepare_teacher
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('DeiT throughput benchmark', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='deit_tiny_patch16_224', help='student (any timm model)')
+    parser.add_argument('--teacher-model', default='regnety_160', help='teacher for the distillation figures')
+    parser.add_argument('--batch-size', default=32, type=int)
+    parser.add_argument('--input-size', default=224, type=int)
+    parser.add_argument('--images', default=192, type=int, help='generated JPEGs per data-pipeline pass')
+    parser.add_argument('--image-size', default=(500, 375), type=int, nargs=2, metavar=('W', 'H'),
+                        help='size of the generated JPEGs (ImageNet-like by default)')
+    parser.add_argument('--steps', default=1, type=int, help='timed model steps per repeat')
+    parser.add_argument('--repeats', default=3, type=int, help='timed runs per figure (the median is shown)')
+    parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
+                        choices=['data', 'train', 'distill', 'eval', 'teacher'])
+    parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
+    parser.add_argument('--json', default='', metavar='PATH', help='also write the figures as JSON here')
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny models, few small images, 2 repeats: seconds (for tests)')
+    return parser
+
+
+def apply_quick(args) -> None:
+    """--quick: small enough that the whole benchmark takes seconds on 2 cores."""
+    args.model, args.teacher_model = 'test_vit', 'test_byobnet'
+    args.batch_size, args.input_size, args.images, args.image_size = 4, 64, 12, (96, 72)
+    args.steps, args.repeats = 1, 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_seconds(n: int = 2048) -> float:
+    """One fp32 n x n matmul (all of torch's threads), the operation a model step can at best run at."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
+
+
+def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int) -> Dict[str, float]:
+    """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs after a warm-up
+    round, and the matmul rate (GFLOP/s) measured between them, so that all three see the same load.
+
+    Ours runs with the allocator setting of main.py (speedups.keep_freed_memory), the baseline
+    with glibc's default behaviour for large buffers.
+    """
+    runs = (('baseline', baseline, False), ('ours', ours, True))
+    times = {'baseline': [], 'ours': [], 'matmul': []}
+    for repeat in range(repeats + 1):
+        for name, fn, keep in runs:
+            speedups.keep_freed_memory(keep)
+            start = time.perf_counter()
+            fn()
+            if repeat:  # the first round warms up (and compiles)
+                times[name].append(time.perf_counter() - start)
+        times['matmul'].append(matmul_seconds())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians['gflops'] = 2 * 2048 ** 3 / medians.pop('matmul') / 1e9
+    return medians
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data pipeline
+# ---------------------------------------------------------------------------------------------
+
+def make_photo_like_jpegs(root: Path, count: int, size, seed: int = 0) -> Path:
+    """root/train/class_k/*.jpg and root/val/...: stripes plus pixel noise, quality 90.
+
+    The noise gives the JPEGs the entropy of photographs (about 100 KB at 500x375, like ImageNet's
+    average file), so decoding costs what it costs on real data; flat synthetic images decode faster.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent / 'tests'))
+    from imagefolder import make_image
+    rng, noise = random.Random(seed), np.random.default_rng(seed)
+    for split in ('train', 'val'):
+        for i in range(count):
+            label = i % 2
+            folder = root / split / f'class_{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.asarray(make_image(label, rng, size), dtype=np.int16)
+            pixels = pixels + noise.integers(-40, 40, pixels.shape)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f'{i:04d}.jpg', quality=90)
+    return root
+
+
+def data_pass(dataset, batch_size: int, wrap: Optional[Callable] = None) -> Callable[[], None]:
+    """One pass over ``dataset`` as the trainer reads it (seeded samples, collate), in this process."""
+    sampler = ResumableSampler(SequentialSampler(dataset))
+    loader = DataLoader(RobustSamples(dataset), sampler=sampler, batch_size=batch_size, collate_fn=collate_skipping)
+    batches = wrap(loader) if wrap else loader
+
+    def run():
+        for _ in batches:
+            pass
+    return run
+
+
+def bench_data(args, root: Path) -> List[dict]:
+    """Images/s per core of the train and eval pipelines, stock timm vs --fast-data."""
+    options = main.get_args_parser().parse_args(['--input-size', str(args.input_size)])
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core
+    try:
+        for is_train, name in ((True, 'data: train transform'), (False, 'data: eval transform')):
+            folder = root / ('train' if is_train else 'val')
+            baseline = ImageFolder(str(folder), transform=build_transform(is_train, options))
+            ours = ImageFolder(str(folder), transform=build_transform(is_train, options))
+            transform = fast_data.speed_up(ours, is_train, options)
+            wrap = lambda loader, t=transform: fast_data.DeviceBatches(loader, t, torch.device('cpu'))  # noqa: E731
+            seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
+                                args.repeats)
+            rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Model steps
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_batches(args, steps: int, num_classes: int = 1000) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=g),
+             torch.randint(0, num_classes, (args.batch_size,), generator=g), []) for _ in range(steps)]
+
+
+def create(name: str, args) -> torch.nn.Module:
+    torch.manual_seed(0)
+    try:
+        return timm.create_model(name, num_classes=1000, img_size=args.input_size)
+    except TypeError:
+        return timm.create_model(name, num_classes=1000)
+
+
+def engine_args() -> Namespace:
+    """What train_one_epoch reads from main.py's arguments: fp32, no mixup, progress only at the ends."""
+    return Namespace(amp=False, bce_loss=False, print_freq=10 ** 6, seed=0, strict_data=False)
+
+
+def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
+    """The baseline: eager forward, cross-entropy (plus hard distillation), backward, torch AdamW."""
+    def run():
+        model.train()
+        for images, targets, _ in batches:
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = F.cross_entropy(outputs, targets)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_labels = teacher(images).argmax(dim=1)
+                loss = 0.5 * loss + 0.5 * F.cross_entropy(outputs, teacher_labels)
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def project_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
+    """Ours: engine.train_one_epoch, the loop main.py runs (its progress lines silenced)."""
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, 'hard' if teacher else 'none', 0.5, 1.0,
+                                 distillation_token=False)
+    scaler = LossScaler(enabled=False, device_type='cpu')
+
+    def run():
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, scaler,
+                            args=engine_args())
+    return run
+
+
+def train_flops(model, batches) -> float:
+    """FLOPs per image of forward + backward (the optimizer's elementwise work is not counted)."""
+    images, targets, _ = batches[0]
+
+    def step():
+        F.cross_entropy(model(images), targets).backward()
+    flops = count_flops(step)
+    model.zero_grad(set_to_none=True)
+    return flops / len(images)
+
+
+def students(args):
+    """(baseline model + optimizer, our model + optimizer), same initial weights."""
+    base_model, our_model = create(args.model, args), create(args.model, args)
+    base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4, weight_decay=0.05)
+    our_opt = create_optimizer_v2(our_model, 'adamw', lr=1e-4, weight_decay=0.05,
+                                  **speedups.optimizer_kwargs(torch.device('cpu')))
+    if args.compile:
+        our_model = speedups.compile_or_eager(our_model, 'student')
+    return (base_model, base_opt), (our_model, our_opt)
+
+
+def teachers(args):
+    base = create(args.teacher_model, args).eval().requires_grad_(False)
+    ours = prepare_teacher(create(args.teacher_model, args), torch.device('cpu'), compile=args.compile)
+    return base, ours
+
+
+def bench_models(args) -> List[dict]:
+    rows = []
+    batches = synthetic_batches(args, args.steps)
+    images = args.batch_size * args.steps
+    (base_model, base_opt), (our_model, our_opt) = students(args)
+    step_flops = train_flops(base_model, batches)
+    base_teacher = our_teacher = None
+    if {'distill', 'teacher'} & set(args.sections):
+        base_teacher, our_teacher = teachers(args)
+        teacher_flops = count_flops(lambda: base_teacher(batches[0][0])) / args.batch_size
+
+    if 'train' in args.sections:
+        seconds = time_pair(plain_step(base_model, base_opt, batches),
+                            project_step(our_model, our_opt, batches), args.repeats)
+        rows.append(row(f'train step: {args.model}', images, seconds, step_flops))
+    if 'distill' in args.sections:
+        seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
+                            project_step(our_model, our_opt, batches, our_teacher), args.repeats)
+        rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops))
+    if 'eval' in args.sections:
+        base_model.eval()
+        eval_flops = count_flops(lambda: base_model(batches[0][0])) / args.batch_size
+        eval_batches = [(x, y.remainder(1000), []) for x, y, _ in batches]
+
+        def plain_eval():
+            with torch.no_grad():
+                for x, _, _ in eval_batches:
+                    base_model(x)
+
+        def project_eval():
+            with contextlib.redirect_stdout(io.StringIO()):
+                evaluate(eval_batches, our_model, torch.device('cpu'))
+        seconds = time_pair(plain_eval, project_eval, args.repeats)
+        rows.append(row(f'eval: {args.model}', images, seconds, eval_flops))
+    if 'teacher' in args.sections:
+        def plain_teacher():
+            with torch.no_grad():
+                for x, _, _ in batches:
+                    base_teacher(x)
+
+        def our_teacher_forward():
+            for x, _, _ in batches:
+                our_teacher(x)
+        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats)
+        rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def row(name: str, images: int, seconds: Dict[str, float], flops_per_image: float = 0.0,
+        unit: str = 'img/s') -> dict:
+    """One line of the table (from time_pair's medians); model lines also as a fraction of the matmul limit."""
+    baseline, ours = images / seconds['baseline'], images / seconds['ours']
+    entry = {'name': name, 'unit': unit, 'baseline': baseline, 'ours': ours, 'ratio': ours / baseline,
+             'matmul_gflops': seconds['gflops'], 'peak_rss_mib': peak_rss_mib()}
+    if flops_per_image:
+        entry['gflop_per_image'] = flops_per_image / 1e9
+        entry['baseline_of_limit'] = baseline * flops_per_image / 1e9 / seconds['gflops']
+        entry['ours_of_limit'] = ours * flops_per_image / 1e9 / seconds['gflops']
+    print(f'{name}: {baseline:.1f} -> {ours:.1f} {unit} ({ours / baseline:.2f}x)', file=sys.stderr, flush=True)
+    return entry
+
+
+def format_table(rows: List[dict]) -> str:
+    lines = [f'{"figure":<38} {"unit":>10} {"baseline":>8} {"ours":>8} {"ratio":>6} {"GFLOP/img":>9} '
+             f'{"matmul GFLOP/s":>14} {"base %lim":>9} {"ours %lim":>9} {"peak RSS":>9}']
+    for r in rows:
+        limits = (f'{r["gflop_per_image"]:>9.2f} {r["matmul_gflops"]:>14.0f} {100 * r["baseline_of_limit"]:>8.0f}% '
+                  f'{100 * r["ours_of_limit"]:>8.0f}%' if 'gflop_per_image' in r else f'{"":>9} {"":>14} {"":>9} {"":>9}')
+        lines.append(f'{r["name"]:<38} {r["unit"]:>10} {r["baseline"]:>8.1f} {r["ours"]:>8.1f} '
+                     f'{r["ratio"]:>5.2f}x {limits} {r["peak_rss_mib"]:>5.0f} MiB')
+    return '\n'.join(lines)
+
+
+def run(args) -> dict:
+    if args.quick:
+        apply_quick(args)
+    rows = []
+    if 'data' in args.sections:
+        with tempfile.TemporaryDirectory(prefix='deit-bench-') as tmp:
+            rows += bench_data(args, make_photo_like_jpegs(Path(tmp), args.images, tuple(args.image_size)))
+    if {'train', 'distill', 'eval', 'teacher'} & set(args.sections):
+        rows += bench_models(args)
+    limits = [r['matmul_gflops'] for r in rows if 'gflop_per_image' in r]
+    return {'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
+            'rows': rows, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
+            'peak_rss_mib': peak_rss_mib()}
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    report = run(args)
+    print(format_table(report['rows']))
+    if report['matmul_gflops']:
+        print(f'fp32 matmul (2048^2, {report["threads"]} threads): {report["matmul_gflops"]:.0f} GFLOP/s, measured '
+              f'between the timed runs of each model line; %lim = achieved GFLOP/s / that rate')
+    print(f'settings: model {args.model}, teacher {args.teacher_model}, batch {args.batch_size}, '
+          f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}; '
+          f'peak RSS {report["peak_rss_mib"]:.0f} MiB')
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

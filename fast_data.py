@@ -1,0 +1,254 @@
+"""A faster input pipeline with the augmentation distribution of timm's DeiT transforms (--fast-data).
+
+Per image, in the data-loader workers:
+- the RandomResizedCrop box (or the eval resize + center crop) is chosen on the image header, then
+  the JPEG is decoded at a reduced DCT scale (PIL ``draft``) when the box still has at least the
+  output's pixels at that scale;
+- the crop is resized by torch's antialiased uint8 kernel, PIL's filters within one grey level of
+  PIL's output and several times faster than PIL's resampling;
+- flip and RandAugment are timm's own objects, applied to PIL images as in timm's pipeline;
+- the result ships as a uint8 HWC tensor: no per-image float conversion, a quarter of the bytes.
+Per batch, on the training device (``DeviceBatches``): conversion to float and normalisation in one
+pass (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
+generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
+"""
+import math
+import random
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from torchvision import transforms
+
+from samplers import sample_seed
+
+# Distinguishes the per-step erasing stream from the per-sample and per-step streams (engine.STEP_STREAM).
+ERASE_STREAM = 2
+Box = Tuple[float, float, float, float]
+# The filters of timm's crop that torch's antialiased uint8 resize implements as PIL does.
+RESIZE_MODES = {transforms.InterpolationMode.BILINEAR: 'bilinear', transforms.InterpolationMode.BICUBIC: 'bicubic'}
+
+
+def open_lazily(path: str) -> Image.Image:
+    """Open an image file without decoding it: the transform decodes it, at the scale it needs."""
+    return Image.open(path)
+
+
+def decode(img: Image.Image, region: Box, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+    """``img`` as a (1, 3, H, W) uint8 tensor (channels_last memory) and the factor s it was reduced by.
+
+    JPEGs are decoded at DCT scale 1/s (s in 2, 4, 8) when ``region`` (left, top, right, bottom) still
+    spans at least ``out_size`` (w, h) pixels at that scale: no resolution is lost for the output.
+    """
+    factor = 1
+    shrink = min((region[2] - region[0]) / out_size[0], (region[3] - region[1]) / out_size[1])
+    if shrink >= 2 and getattr(img, 'format', None) == 'JPEG':
+        width = img.width
+        # PIL picks the largest s in (8, 4, 2, 1) whose reduced size covers the request: s <= shrink
+        if img.draft('RGB', (math.ceil(img.width / shrink), math.ceil(img.height / shrink))):
+            factor = 2 ** round(math.log2(width / img.width))  # sizes are rounded up: round the ratio
+    if img.mode != 'RGB':
+        img = img.convert('RGB')
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # HWC
+    return pixels.permute(2, 0, 1).unsqueeze(0), factor
+
+
+def resize(pixels: torch.Tensor, size: Tuple[int, int], mode: str = 'bicubic') -> torch.Tensor:
+    """PIL's antialiased resize (same filters, within one level of PIL's output) on uint8 NCHW, size (h, w).
+
+    torch's uint8 kernel for channels_last images is several times faster than PIL's resampling.
+    """
+    return F.interpolate(pixels, size=size, mode=mode, antialias=True)
+
+
+def to_hwc(pixels: torch.Tensor) -> torch.Tensor:
+    """(1, 3, H, W) channels_last -> (H, W, 3), a view."""
+    return pixels[0].permute(1, 2, 0)
+
+
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """HWC uint8 tensor of an RGB image (collated into an NHWC batch)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+def _split_reference(reference: transforms.Compose):
+    """(RandomResizedCrop, the PIL steps after it, Normalize, RandomErasing or None) of timm's pipeline."""
+    steps = list(reference.transforms)
+    if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
+        return None
+    modes = steps[0].interpolation if isinstance(steps[0].interpolation, (tuple, list)) else [steps[0].interpolation]
+    if not all(mode in RESIZE_MODES for mode in modes):
+        return None
+    tensor_at = next((i for i, t in enumerate(steps) if isinstance(t, (MaybeToTensor, transforms.ToTensor))), None)
+    if tensor_at is None or tensor_at + 1 >= len(steps) or not isinstance(steps[tensor_at + 1], transforms.Normalize):
+        return None
+    tail = steps[tensor_at + 2:]
+    if len(tail) > 1 or (tail and not isinstance(tail[0], RandomErasing)):
+        return None
+    return steps[0], steps[1:tensor_at], steps[tensor_at + 1], (tail[0] if tail else None)
+
+
+class FastTrainTransform:
+    """timm's DeiT train transform up to the uint8 image: same crop, flip and RandAugment draws.
+
+    The crop box is drawn by timm's own ``get_params`` on the full-size image, so box and scale
+    statistics are those of the reference by construction; only decoding and resizing change.
+    """
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence,
+                 normalize: transforms.Normalize, erasing: Optional[RandomErasing] = None):
+        self.crop = crop
+        self.pil_steps = list(pil_steps)
+        self.out_size = (crop.size[1], crop.size[0])  # PIL (w, h)
+        self.mean, self.std = tuple(normalize.mean), tuple(normalize.std)  # applied per batch
+        self.erasing = erasing
+
+    def crop_box(self, img: Image.Image) -> Tuple[Tuple[int, int, int, int], str]:
+        """The RandomResizedCrop box (left, top, right, bottom) in full-size pixels, and the filter."""
+        top, left, height, width = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        mode = self.crop.interpolation
+        if isinstance(mode, (tuple, list)):
+            mode = random.choice(mode)
+        return (left, top, left + width, top + height), RESIZE_MODES[mode]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        box, mode = self.crop_box(img)
+        pixels, factor = decode(img, box, self.out_size)
+        left, top, right, bottom = (round(c / factor) for c in box)
+        crop = resize(pixels[..., top:bottom, left:right], self.crop.size, mode)
+        img = Image.fromarray(to_hwc(crop).numpy())
+        for step in self.pil_steps:
+            img = step(img)
+        return to_uint8_tensor(img)
+
+
+class FastEvalTransform:
+    """Resize the shorter side to ``input_size / crop_ratio`` (bicubic) and center crop ``input_size``."""
+
+    mean, std, erasing = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None  # as datasets.EvalTransform
+
+    def __init__(self, input_size: int, crop_ratio: float = 0.875):
+        self.size = input_size
+        self.resize_to = int(input_size / crop_ratio)
+
+    def geometry(self, width: int, height: int) -> Tuple[Tuple[int, int], Box]:
+        """torchvision's Resize + CenterCrop: the resized (h, w) and the crop box in resized pixels."""
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = self.resize_to, int(self.resize_to * long / short)  # torchvision's rounding
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+        return (new_h, new_w), (left, top, left + self.size, top + self.size)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        (new_h, new_w), (left, top, right, bottom) = self.geometry(*img.size)
+        sx, sy = img.width / new_w, img.height / new_h
+        pixels, _ = decode(img, (left * sx, top * sy, right * sx, bottom * sy), (self.size, self.size))
+        return to_hwc(resize(pixels, (new_h, new_w))[..., top:bottom, left:right])
+
+
+FastTransform = Union[FastTrainTransform, FastEvalTransform]
+
+
+def speed_up(dataset, is_train: bool, args) -> Optional[FastTransform]:
+    """Switch ``dataset`` (built by datasets.build_dataset) to the fast transform when its transform is
+    the standard DeiT one, and return that transform (None: left as it was). The dataset then
+    yields uint8 HWC images, to be normalised per batch by ``DeviceBatches``."""
+    if is_train:
+        parts = _split_reference(dataset.transform) if isinstance(dataset.transform, transforms.Compose) else None
+        if parts is None:  # ThreeAugment, the padded crop of <= 32 px inputs, a filter torch lacks, ...
+            return None
+        dataset.transform = FastTrainTransform(*parts)
+    else:
+        if args.input_size <= 32:  # evaluated without resizing
+            return None
+        dataset.transform = FastEvalTransform(args.input_size, args.eval_crop_ratio)
+    if hasattr(dataset, 'loader'):  # ImageFolder / iNaturalist: decode in the transform, after draft
+        dataset.loader = open_lazily
+    return dataset.transform
+
+
+def erase_(images: torch.Tensor, erasing: RandomErasing, rng: random.Random,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """timm's RandomErasing on a normalised NCHW batch, with its draws from ``rng`` / ``generator``.
+
+    The same per-image decisions as timm's ``_erase`` (probability, count, area, aspect, position,
+    noise per pixel / per block / zero), from explicit generators instead of the global streams.
+    """
+    _, chan, img_h, img_w = images.shape
+    for img in images:
+        if rng.random() > erasing.probability:
+            continue
+        count = erasing.min_count if erasing.min_count == erasing.max_count else \
+            rng.randint(erasing.min_count, erasing.max_count)
+        for _ in range(count):
+            for _attempt in range(10):
+                target_area = rng.uniform(erasing.min_area, erasing.max_area) * img_h * img_w / count
+                aspect_ratio = math.exp(rng.uniform(*erasing.log_aspect_ratio))
+                h = int(round(math.sqrt(target_area * aspect_ratio)))
+                w = int(round(math.sqrt(target_area / aspect_ratio)))
+                if w < img_w and h < img_h:
+                    top, left = rng.randint(0, img_h - h), rng.randint(0, img_w - w)
+                    img[:, top:top + h, left:left + w] = _erasing_pixels(erasing, (chan, h, w), images, generator)
+                    break
+    return images
+
+
+def _erasing_pixels(erasing: RandomErasing, shape, like: torch.Tensor, generator) -> torch.Tensor:
+    if erasing.per_pixel:
+        return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(generator=generator)
+    if erasing.rand_color:
+        return torch.empty((shape[0], 1, 1), dtype=like.dtype, device=like.device).normal_(generator=generator)
+    return torch.zeros((shape[0], 1, 1), dtype=like.dtype, device=like.device)
+
+
+class DeviceBatches:
+    """A DataLoader of uint8 NHWC batches seen as normalised float NCHW batches on ``device``.
+
+    Normalisation is one fused multiply-add per element; the result keeps the NHWC memory layout
+    (``channels_last``), which convolutions prefer. Random erasing (training) draws from generators
+    seeded by (seed, rank, epoch, step), the step being counted from the sampler's resume position:
+    the batches do not depend on the global random streams, and a resumed run sees the same ones.
+    Exposes ``sampler`` and ``len()`` like the wrapped loader.
+    """
+
+    def __init__(self, loader, transform: FastTransform, device: torch.device, seed: int = 0, rank: int = 0):
+        self.loader = loader
+        self.device = device
+        self.scale = torch.tensor([1.0 / (255.0 * s) for s in transform.std], device=device)
+        self.shift = torch.tensor([-m / s for m, s in zip(transform.mean, transform.std)], device=device)
+        self.erasing = transform.erasing
+        self.seed, self.rank = seed, rank
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW (channels_last memory), (x / 255 - mean) / std."""
+        images = images.to(self.device, non_blocking=True)
+        return torch.addcmul(self.shift, images, self.scale).permute(0, 3, 1, 2)
+
+    def erase(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        seed = sample_seed(self.seed, self.rank, epoch, step, ERASE_STREAM)
+        generator = torch.Generator(device=images.device)
+        generator.manual_seed(seed)
+        return erase_(images, self.erasing, random.Random(seed), generator)
+
+    def __iter__(self):
+        sampler = self.loader.sampler
+        epoch = getattr(sampler, 'epoch', 0)
+        first_step = getattr(sampler, 'start', 0) // max(self.loader.batch_size or 1, 1)
+        for step, (images, targets, unreadable) in enumerate(self.loader, start=first_step):
+            if images.ndim == 4:  # an evaluation batch of unreadable images only is empty
+                images = self.normalise(images)
+                if self.erasing is not None and self.erasing.probability > 0:
+                    images = self.erase(images, epoch, step)
+            yield images, targets, unreadable

@@ -1,0 +1,247 @@
+"""The fast paths compute what the reference computes: crops, eval pixels, erasing, teacher logits, losses.
+
+Speed itself is measured by benchmark.py, not by tests.
+"""
+import copy
+import functools
+import json
+import random
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from timm.optim import create_optimizer_v2
+
+import fast_data
+import main
+import speedups
+from conftest import FAST, REPO, run_main
+from datasets import build_transform, seeded_rng
+from engine import LossScaler, train_one_epoch
+from losses import DistillationLoss
+from teacher import fold_batchnorm, prepare_teacher
+
+
+def parse(*argv):
+    return main.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def ramp_jpeg(path, width: int, height: int):
+    """Red grows with x, green with y: a crop's extent can be read back from its pixels."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    pixels = np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=95)
+    return path
+
+
+def box_from_pixels(image: torch.Tensor, width: int, height: int):
+    """(left, top, right, bottom) in source pixels, from the red / green ramps of an HWC uint8 crop
+    (min / max, so a horizontal flip does not matter)."""
+    red, green = image[..., 0].float(), image[..., 1].float()
+    return (red.min() / 255 * width, green.min() / 255 * height, red.max() / 255 * width, green.max() / 255 * height)
+
+
+def reference_uint8(transform, img) -> torch.Tensor:
+    """The reference (timm) output brought back to HWC uint8 levels."""
+    normalize = next(t for t in transform.transforms if type(t).__name__ == 'Normalize')
+    mean, std = torch.as_tensor(normalize.mean)[:, None, None], torch.as_tensor(normalize.std)[:, None, None]
+    return (transform(img) * std + mean).mul(255).permute(1, 2, 0)
+
+
+def test_fast_train_crops_match_the_reference_sample_by_sample_and_in_distribution(tmp_path, monkeypatch):
+    width, height = 640, 480  # at 112 px, crops of >= 224 px are decoded at half or quarter scale
+    path = ramp_jpeg(tmp_path / 'ramp.jpg', width, height)
+    args = parse('--input-size', 112, '--aa', 'none', '--reprob', 0, '--color-jitter', 0)
+    reference = build_transform(True, args)
+    fast = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    factors = []
+    decode = fast_data.decode
+    monkeypatch.setattr(fast_data, 'decode', lambda *a: (lambda out: factors.append(out[1]) or out)(decode(*a)))
+
+    scales, ref_scales, errors = [], [], []
+    for k in range(160):
+        with seeded_rng(k):
+            ref_box = box_from_pixels(reference_uint8(reference, Image.open(path).convert('RGB')), width, height)
+        with seeded_rng(k):
+            box = box_from_pixels(fast(fast_data.open_lazily(path)), width, height)
+        errors.append(max(abs(float(a - b)) for a, b in zip(box, ref_box)))
+        scales.append(float((box[2] - box[0]) * (box[3] - box[1])) / (width * height))
+        ref_scales.append(float((ref_box[2] - ref_box[0]) * (ref_box[3] - ref_box[1])) / (width * height))
+
+    assert sum(f > 1 for f in factors) > 30, 'the reduced-scale decoding path was not exercised'
+    assert statistics.median(errors) < 2 and max(errors) < 8, max(errors)  # source pixels
+    assert statistics.mean(scales) == pytest.approx(statistics.mean(ref_scales), abs=0.01)
+    for q in (0.1, 0.5, 0.9):
+        assert np.quantile(scales, q) == pytest.approx(np.quantile(ref_scales, q), abs=0.02)
+    # and the distribution is RandomResizedCrop's: area fraction uniform in [0.08, 1] (clipped by the frame)
+    assert 0.4 < statistics.mean(scales) < 0.6 and min(scales) > 0.06
+
+
+@pytest.mark.parametrize('size', [(500, 375), (375, 500), (301, 257), (1200, 900)])
+def test_fast_eval_is_resize_then_center_crop(tmp_path, size):
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'photo.jpg'
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).resize(size).save(path)
+    args = parse('--input-size', 224)
+    expected = reference_uint8(build_transform(False, args).transform, Image.open(path).convert('RGB'))
+    ours = fast_data.FastEvalTransform(224)(fast_data.open_lazily(path)).float()
+    assert ours.shape == (224, 224, 3)
+    if max(size) < 1000:  # full-scale decoding: the same pixels (rounding of the float box aside)
+        assert (ours - expected).abs().max() <= 1.01
+    else:  # decoded at half scale: the DCT's downscale instead of bicubic's, on noise
+        assert (ours - expected).abs().mean() < 12
+
+
+def test_device_batches_normalise_like_totensor_normalize_and_keep_channels_last():
+    args = parse('--input-size', 48, '--reprob', 0)
+    transform = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8)
+    loader = torch.utils.data.DataLoader([(img, 0, []) for img in images], batch_size=4,
+                                         collate_fn=lambda b: (torch.stack([x[0] for x in b]), torch.tensor([0] * 4), []))
+    batch = next(iter(fast_data.DeviceBatches(loader, transform, torch.device('cpu'))))[0]
+    reference = torch.stack([(img.permute(2, 0, 1) / 255 - torch.tensor(transform.mean)[:, None, None])
+                             / torch.tensor(transform.std)[:, None, None] for img in images])
+    assert torch.allclose(batch, reference, atol=1e-5)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_batch_erasing_has_timms_distribution():
+    erasing = RandomErasing(0.25, mode='pixel', device='cpu')
+    random.seed(0)
+    torch.manual_seed(0)
+    timm_erased = erasing(torch.zeros(3000, 1, 24, 24)).ne(0).float().mean(dim=(1, 2, 3))
+    ours = fast_data.erase_(torch.zeros(3000, 1, 24, 24), erasing, random.Random(1), torch.Generator().manual_seed(1))
+    ours_erased = ours.ne(0).float().mean(dim=(1, 2, 3))
+    assert ours_erased.gt(0).float().mean() == pytest.approx(timm_erased.gt(0).float().mean(), abs=0.03)
+    assert ours_erased[ours_erased > 0].mean() == pytest.approx(timm_erased[timm_erased > 0].mean(), abs=0.015)
+
+
+class _Sampler(list):
+    """A resumable sampler's state (epoch, start) over a fixed order, as main.py's ResumableSampler."""
+    epoch, start = 3, 0
+
+    def __iter__(self):
+        return iter(self[self.start:])
+
+
+def test_batch_erasing_is_the_same_for_a_resumed_step():
+    args = parse('--input-size', 40, '--reprob', 1.0)
+    transform = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    data = torch.full((12, 40, 40, 3), 128, dtype=torch.uint8)
+    sampler = _Sampler(range(12))
+
+    def batches(start):
+        sampler.start = start
+        loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler,
+                                             collate_fn=lambda b: (torch.stack(b), torch.zeros(4), []))
+        return [b[0] for b in fast_data.DeviceBatches(loader, transform, torch.device('cpu'), seed=5)]
+
+    whole, resumed = batches(0), batches(8)
+    assert torch.equal(whole[2], resumed[0])  # step 2 erased the same, resumed or not
+    assert not torch.equal(whole[0], whole[1])  # and each step differently
+
+
+def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):
+    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1', '--no-model-ema',
+                    '--output_dir', tmp_path, *FAST, '--input-size', '40', '--num_workers', '1')
+    assert '(24 images, both head)' in proc.stdout
+    assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] > 0
+
+
+def random_batchnorm(model):
+    """Non-trivial running statistics, as a trained teacher has."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def test_teacher_logits_equal_the_eager_teacher():
+    torch.manual_seed(0)
+    eager = random_batchnorm(timm.create_model('regnety_002', num_classes=10))
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in eager.modules())
+    fast = prepare_teacher(copy.deepcopy(eager), torch.device('cpu'))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # all folded
+    assert fold_batchnorm(random_batchnorm(timm.create_model('regnety_002'))) == norms
+    assert not any(p.requires_grad for p in fast.parameters())
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = eager(images)
+    got = fast.train()(images)  # train() cannot switch the folded teacher back to batch statistics
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_inference_teacher_output_enters_the_soft_distillation_loss():
+    teacher = prepare_teacher(random_batchnorm(timm.create_model('regnety_002', num_classes=10)), torch.device('cpu'))
+    student = torch.nn.Linear(3 * 32 * 32, 10)
+    images = torch.randn(2, 3, 32, 32)
+    loss = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, 'soft', 0.5, 2.0, distillation_token=False)
+    loss(images, student(images.flatten(1)), torch.tensor([1, 2])).backward()
+    assert student.weight.grad is not None
+
+
+def run_steps(model, optimizer, batches):
+    """Losses of engine.train_one_epoch, one step per batch (progress printing at every step)."""
+    args = parse('--print-freq', 1, '--seed', 0)
+    args.amp = False
+    losses = []
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
+    for step, batch in enumerate(batches):
+        stats = train_one_epoch(model, criterion, [batch], optimizer, torch.device('cpu'), 0,
+                                LossScaler(False, 'cpu'), args=args, start_step=step)
+        losses.append(stats['loss'])
+    return losses
+
+
+@pytest.mark.parametrize('compiled', [False, True])
+def test_optimised_training_step_gives_the_same_loss_curve(monkeypatch, compiled):
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
+               for _ in range(4)]
+    torch.manual_seed(0)
+    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
+    model = copy.deepcopy(reference)
+    plain = create_optimizer_v2(reference, 'adamw', lr=1e-3, weight_decay=0.05, foreach=False)
+    fused = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05,
+                                **speedups.optimizer_kwargs(torch.device('cpu')))
+    assert fused.defaults.get('fused') and not plain.defaults.get('fused')
+    if compiled:
+        # graph capture and AOT autograd as --compile does, without the C++ build (minutes on 2 cores)
+        monkeypatch.setattr(speedups, 'compiler_problem', lambda: '')
+        monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+        model = speedups.compile_or_eager(model, 'student')
+    expected, got = run_steps(reference, plain, batches), run_steps(model, fused, batches)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert expected[-1] != expected[0]
+
+
+def test_compile_falls_back_to_eager_with_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(speedups, 'compiler_problem', lambda: 'InvalidCxxCompiler: No working C++ compiler found')
+    model = torch.nn.Linear(2, 2)
+    assert speedups.compile_or_eager(model, 'student') is model
+    assert capsys.readouterr().out.count('\n') == 1
+
+
+def test_benchmark_quick_writes_the_table_and_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--json', str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    names = [r['name'] for r in report['rows']]
+    assert [n.split(':')[0] for n in names] == ['data', 'data', 'train step', 'distill step', 'eval',
+                                                'teacher forward']
+    assert report['matmul_gflops'] > 0 and all(r['ratio'] > 0 and r['peak_rss_mib'] > 0 for r in report['rows'])
+    assert 'ratio' in proc.stdout and 'fp32 matmul (2048^2' in proc.stdout
