@@ -1,4 +1,5 @@
 """Never lose a run: kills, signals, interrupted writes, corrupt inputs and hostile checkpoints."""
+import json
 import os
 import pickle
 import random
@@ -70,7 +71,9 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
     assert ours['epoch'] == ref['epoch'] == 2, targets
     for key in ('model', 'model_ema', 'optimizer'):
         assert_same_tensors(ours[key], ref[key], f'{key} (killed at steps {targets})')
-    assert (run / 'log.txt').read_text() == (reference / 'log.txt').read_text()
+    timeless = [[{k: v for k, v in json.loads(line).items() if k != 'train_images_per_sec'}
+                 for line in (d / 'log.txt').read_text().splitlines()] for d in (run, reference)]
+    assert timeless[0] == timeless[1]  # the same losses and accuracies, epoch by epoch
 
 
 KILL_MID_WRITE = '''
@@ -158,7 +161,6 @@ def test_corrupt_images_are_skipped_counted_or_fail_with_strict_data(tmp_path):
     out = tmp_path / 'out'
     proc = run_main('--data-path', root, *TINY, '--epochs', '1', '--output_dir', out, '--no-repeated-aug')
     assert 'unreadable images were skipped' in proc.stdout
-    import json
     log = json.loads((out / 'log.txt').read_text())
     assert log['train_unreadable_images'] == 2
 
