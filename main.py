@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 import checkpoint
+import config
 import fast_data
 import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
@@ -37,6 +38,8 @@ from utils import UserError, seed_everything
 def get_args_parser() -> argparse.ArgumentParser:
     """The original DeiT flags (same names and defaults), plus a few marked 'new'."""
     parser = argparse.ArgumentParser('DeiT training and evaluation script', add_help=False)
+    parser.add_argument('--config', default='', metavar='FILE.yaml',
+                        help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
     parser.add_argument('--batch-size', default=64, type=int, help='per-GPU (per-process) batch size')
     parser.add_argument('--epochs', default=300, type=int)
     parser.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on mixed targets')
@@ -471,6 +474,7 @@ def main(args) -> None:
     if args.output_dir and utils.is_main_process():
         checkpoint.remove_stale_temporaries(args.output_dir)
     print(args)
+    config.save_args(args, get_args_parser())
 
     # Data
     loader_train, loader_val, nb_classes = build_data(args)
@@ -572,7 +576,7 @@ def main(args) -> None:
 def cli(argv=None) -> int:
     """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
     parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+    args = config.parse_args(parser, argv)
     try:
         main(args)
     except UserError as e:

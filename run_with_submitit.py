@@ -16,6 +16,7 @@ from pathlib import Path
 
 import submitit
 
+import config
 import main as trainer
 
 REPO = Path(__file__).resolve().parent
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--constraint', default=None, type=str, help='Slurm node constraint')
     parser.add_argument('--exclude', default=None, type=str, help='nodes to exclude')
     parser.add_argument('--job-name', default='deit', type=str, help='Slurm job name')
-    return parser.parse_args(argv)
+    return config.parse_args(parser, argv)
 
 
 class Trainer:

@@ -1,6 +1,8 @@
 import json
 import random
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -8,7 +10,7 @@ from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from torchvision import transforms
 
 import main
-from datasets import INatDataset, build_dataset, build_transform, check_same_classes
+from datasets import DigitsDataset, INatDataset, build_dataset, build_transform, check_same_classes
 from imagefolder import make_imagefolder
 from utils import UserError
 
@@ -128,3 +130,30 @@ def test_three_augment_pipeline(src):
     # grayscale makes the three channels equal before normalisation: some outputs show it, not all
     gray = [bool(torch.allclose(o[0] * 0.229 + 0.485, o[1] * 0.224 + 0.456, atol=1e-5)) for o in outs]
     assert any(gray) and not all(gray)
+
+
+def test_digits_is_embedded_with_a_fixed_stratified_split(tmp_path):
+    args = parse('--data-set', 'DIGITS', '--input-size', 16, '--data-path', tmp_path / 'absent')
+    (train, nb_classes), (val, _) = build_dataset(True, args), build_dataset(False, args)
+    assert nb_classes == 10 and (len(train), len(val)) == (1437, 360)
+    assert set(train.indices).isdisjoint(val.indices) and len(set(train.indices) | set(val.indices)) == 1797
+    assert val.indices[:4] == [21, 24, 28, 34] and DigitsDataset(False).indices == val.indices  # the same everywhere
+    assert sorted(Counter(val.targets).values()) == [35, 35] + [36] * 6 + [37, 37]  # stratified
+    image, target = train[0]
+    assert image.shape == (3, 16, 16) and 0 <= target < 10
+
+
+def test_digits_images_are_the_scikit_learn_pixels_as_rgb():
+    from sklearn.datasets import load_digits
+    raw = DigitsDataset(True)  # size 8: no resampling
+    image = raw[5][0]
+    assert image.mode == 'RGB' and image.size == (8, 8)
+    expected = load_digits().images[raw.indices[5]] * 255 / 16
+    assert np.abs(np.asarray(image)[:, :, 0] - expected).max() <= 0.5
+    assert DigitsDataset(True, size=16)[5][0].size == (16, 16)
+
+
+def test_digits_are_not_flipped_and_small_inputs_pad_in_proportion():
+    digits = build_transform(True, parse('--data-set', 'DIGITS', '--input-size', 16, '--aa', 'none'))
+    assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in digits.transforms)
+    assert digits.transforms[0].padding == 2

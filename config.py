@@ -1,0 +1,135 @@
+"""``--config FILE.yaml``: parser defaults from a YAML file, and the run's arguments as ``args.yaml``.
+
+The keys of a config are flag names, spelled like the flag (``batch-size``) or like its argparse
+destination (``batch_size``). The file replaces the parser's defaults, so flags given on the
+command line still win. A mistake in the file (unknown key, wrong type) is a ``UserError`` naming
+the key.
+"""
+import argparse
+import difflib
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from utils import UserError, is_main_process, write_text_atomic
+
+# Options that are not run settings: --config itself (configs do not nest) and --help.
+NOT_KEYS = ('config', 'help')
+
+
+def _actions_by_key(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    """Each valid key (dest, and every long flag without its dashes) -> the action that stores it.
+
+    Negated switches (``--no-model-ema``) are left out: their key is the positive dest
+    (``model_ema: false``), which avoids two keys for one setting.
+    """
+    keys = {}
+    for action in parser._actions:
+        if action.dest in NOT_KEYS or action.dest == argparse.SUPPRESS:
+            continue
+        keys.setdefault(action.dest, action)
+        if not isinstance(action, argparse._StoreFalseAction):
+            for flag in action.option_strings:
+                if flag.startswith('--'):
+                    keys.setdefault(flag[2:], action)
+    return keys
+
+
+def _convert(action: argparse.Action, key: str, value, path: str):
+    """``value`` checked and converted as argparse would convert it on the command line."""
+    where = f'{key!r} in --config {path}'
+    if value is None:
+        if action.default is not None:
+            raise UserError(f'{where} may not be empty (its default is {action.default!r})')
+        return None
+    if action.nargs == 0:  # a switch: store_true / store_false
+        if not isinstance(value, bool):
+            raise UserError(f'{where} must be true or false, got {value!r}')
+        return value
+    if isinstance(action.nargs, int) or action.nargs in ('+', '*'):
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(action, where, item) for item in items]
+    if isinstance(value, (list, dict)):
+        raise UserError(f'{where} takes one value, got {value!r}')
+    return _convert_one(action, where, value)
+
+
+def _convert_one(action: argparse.Action, where: str, value):
+    # Through str() like a command-line word: PyYAML reads 5e-4 (no dot) as a string, and a bool
+    # or a fraction must not pass silently as an int.
+    convert = action.type or str
+    try:
+        result = convert(str(value))
+    except (TypeError, ValueError):
+        raise UserError(f'{where} must be {getattr(convert, "__name__", "valid")}, got {value!r}') from None
+    if action.choices is not None and result not in action.choices:
+        raise UserError(f'{where} is {result!r}, not one of {", ".join(map(str, action.choices))}')
+    return result
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, object]:
+    """The settings of a YAML config as ``{dest: value}``, ready for ``parser.set_defaults``."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    except OSError as e:
+        raise UserError(f'cannot read --config {path}: {e.strerror}') from None
+    except yaml.YAMLError as e:
+        raise UserError(f'--config {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f'--config {path} must map flag names to values, found a {type(data).__name__}')
+
+    actions = _actions_by_key(parser)
+    settings = {}
+    for key, value in data.items():
+        action = actions.get(str(key))
+        if action is None:
+            close = difflib.get_close_matches(str(key), actions, n=1)
+            raise UserError(f'unknown key {key!r} in --config {path}'
+                            + (f': did you mean {close[0]!r}?' if close else ''))
+        if action.dest in settings:
+            raise UserError(f'{key!r} in --config {path} sets {action.dest} a second time')
+        settings[action.dest] = _convert(action, str(key), value, path)
+    return settings
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Two passes: read ``--config`` alone, make the file's settings the defaults, then parse all.
+
+    A config mistake exits like an argparse error (code 2), as one ``error: ...`` line.
+    """
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument('--config', default='')
+    known, _ = first.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**load_config(known.config, parser))
+        except UserError as e:
+            parser.exit(2, f'error: {e}\n')
+    return parser.parse_args(argv)
+
+
+def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Rank 0 writes ``output_dir/args.yaml``: this run's value of every parser setting, as plain data.
+
+    Only the parser's settings are written (not the run state that main() adds), so the file is
+    itself a valid ``--config`` that repeats the run.
+    """
+    if not args.output_dir or not is_main_process():
+        return
+    dests = {action.dest for action in _actions_by_key(parser).values()}
+    plain = {k: _plain(v) for k, v in vars(args).items() if k in dests}
+    source = f' (defaults from --config {args.config})' if getattr(args, 'config', '') else ''
+    header = f'# The arguments of this run{source}; repeat it with --config this file.\n'
+    write_text_atomic(os.path.join(args.output_dir, 'args.yaml'), header + yaml.safe_dump(plain, sort_keys=False))
+
+
+def _plain(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)  # e.g. torch.device

@@ -1,0 +1,115 @@
+"""--config FILE.yaml: defaults from a file, flags win, mistakes named; args.yaml; every recipe builds."""
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler
+
+import config
+import main
+import run_with_submitit
+from conftest import REPO, run_main
+from utils import UserError
+
+CONFIGS = sorted((REPO / 'configs').rglob('*.yaml'))
+
+
+def parse(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(parents=[main.get_args_parser()])
+    return config.parse_args(parser, [str(a) for a in argv])
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / 'run.yaml'
+    path.write_text(text)
+    return path
+
+
+def test_config_sets_defaults_and_a_flag_overrides_it(tmp_path):
+    path = write(tmp_path, 'batch-size: 32\nlr: 5e-4\nmodel_ema: false\nopt_betas: [0.9, 0.95]\ndata-set: DIGITS\n')
+    args = parse('--config', path, '--batch-size', 7)
+    assert args.batch_size == 7  # the flag wins
+    assert args.lr == 5e-4 and isinstance(args.lr, float)  # PyYAML reads 5e-4 as a string
+    assert args.model_ema is False and args.opt_betas == [0.9, 0.95] and args.data_set == 'DIGITS'
+    assert parse('--config', path, '--model-ema').model_ema is True
+
+
+@pytest.mark.parametrize('text,fragments', [
+    ('batch_sise: 3\n', ["unknown key 'batch_sise'", "did you mean 'batch_size'"]),
+    ('epochs: 2.5\n', ["'epochs'", 'must be int']),
+    ('data-set: FOO\n', ["'data-set'", 'not one of']),
+    ('batch-size: 3\nbatch_size: 4\n', ['batch_size a second time']),
+    ('- 1\n', ['must map flag names to values']),
+])
+def test_a_mistake_in_the_config_is_one_error_line_naming_it(tmp_path, capsys, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(SystemExit) as exit_info:
+        main.cli(['--config', str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: ') and str(path) in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def test_submitit_reads_the_config_with_its_own_keys(tmp_path):
+    path = write(tmp_path, 'nodes: 3\nbatch-size: 16\n')
+    args = run_with_submitit.parse_args(['--config', str(path), '--ngpus', '4'])
+    assert (args.nodes, args.ngpus, args.batch_size) == (3, 4, 16)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=[str(p.relative_to(REPO / 'configs')) for p in CONFIGS])
+def test_every_config_builds_its_model_optimizer_and_schedule(path):
+    """All keys valid; the student, optimizer and schedule build (no weights are downloaded)."""
+    assert path.read_text(encoding='utf-8').startswith('# ')  # the paper table / purpose comes first
+    args = parse('--config', path)
+    nb_classes = {'CIFAR10': 10, 'CIFAR100': 100, 'DIGITS': 10}.get(args.data_set, 1000)
+    model = main.build_model(args, nb_classes)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    scheduler, num_epochs = create_scheduler(args, optimizer)
+    assert num_epochs == args.epochs + args.cooldown_epochs and scheduler is not None
+
+
+def test_paper_recipes_match_the_paper():
+    recipes = {p.stem: parse('--config', p) for p in CONFIGS if p.parent.name == 'configs'}
+    for name, args in recipes.items():
+        if name.endswith('patch16_224'):  # ImageNet pre-training: 300 epochs, 1024 images on 8 GPUs
+            assert (args.epochs, args.batch_size * 8, args.lr, args.weight_decay) == (300, 1024, 5e-4, 0.05)
+            assert (args.mixup, args.cutmix, args.reprob, args.drop_path) == (0.8, 1.0, 0.25, 0.1)
+            assert args.repeated_aug and args.model_ema and args.aa == 'rand-m9-mstd0.5-inc1'
+            assert (args.distillation_type == 'hard') == ('distilled' in name)
+    assert recipes['deit_base_distilled_patch16_224'].teacher_model == 'regnety_160'
+    finetune = recipes['deit_base_patch16_384_finetune']
+    assert (finetune.input_size, finetune.epochs, finetune.lr, finetune.min_lr, finetune.weight_decay,
+            finetune.batch_size) == (384, 30, 5e-6, 5e-6, 1e-8, 32)
+    for n in (10, 100):
+        cifar = recipes[f'deit_base_patch16_224_cifar{n}']
+        assert (cifar.data_set, cifar.opt, cifar.lr, cifar.weight_decay, cifar.reprob, cifar.drop_path) == \
+            (f'CIFAR{n}', 'sgd', 0.01, 1e-4, 0.0, 0.0)
+
+
+def test_args_yaml_is_written_and_is_itself_a_valid_config(tmp_path):
+    """A one-epoch DIGITS run from a small config; then resumed for one more epoch."""
+    out = tmp_path / 'run'
+    small = write(tmp_path, 'data-set: DIGITS\nmodel: test_resnet\ninput-size: 16\nbatch-size: 64\n'
+                            'model-ema: false\nlr: 5e-3\n')
+    common = ['--config', small, '--device', 'cpu', '--num_workers', '0',
+              '--cooldown-epochs', '0', '--warmup-epochs', '0', '--output_dir', out]
+    run_main(*common, '--epochs', '1')
+    saved = yaml.safe_load((out / 'args.yaml').read_text())
+    assert saved['epochs'] == 1 and saved['data_set'] == 'DIGITS' and saved['device'] == 'cpu'
+    assert 'distributed' not in saved and 'config' not in saved  # run state and --config are not settings
+    again = parse('--config', out / 'args.yaml')
+    assert {k: getattr(again, k) for k in saved} == saved
+
+    proc = run_main(*common, '--epochs', '2', '--resume', out / 'checkpoint.pth')
+    assert 'Continuing at epoch 1' in proc.stdout
+    resumed = yaml.safe_load((out / 'args.yaml').read_text())
+    assert resumed['epochs'] == 2 and resumed['resume'] == str(out / 'checkpoint.pth')
+
+
+def test_load_config_rejects_a_missing_file(tmp_path):
+    with pytest.raises(UserError, match='cannot read --config'):
+        config.load_config(str(tmp_path / 'nope.yaml'), main.get_args_parser())
