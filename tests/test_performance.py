@@ -61,7 +61,7 @@ def test_fast_train_crops_match_the_reference_sample_by_sample_and_in_distributi
     path = ramp_jpeg(tmp_path / 'ramp.jpg', width, height)
     args = parse('--input-size', 112, '--aa', 'none', '--reprob', 0, '--color-jitter', 0)
     reference = build_transform(True, args)
-    fast = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    fast = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
     factors = []
     decode = fast_data.decode
     monkeypatch.setattr(fast_data, 'decode', lambda *a: (lambda out: factors.append(out[1]) or out)(decode(*a)))
@@ -102,7 +102,7 @@ def test_fast_eval_is_resize_then_center_crop(tmp_path, size):
 
 def test_device_batches_normalise_like_totensor_normalize_and_keep_channels_last():
     args = parse('--input-size', 48, '--reprob', 0)
-    transform = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    transform = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
     images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8)
     loader = torch.utils.data.DataLoader([(img, 0, []) for img in images], batch_size=4,
                                          collate_fn=lambda b: (torch.stack([x[0] for x in b]), torch.tensor([0] * 4), []))
@@ -134,7 +134,7 @@ class _Sampler(list):
 
 def test_batch_erasing_is_the_same_for_a_resumed_step():
     args = parse('--input-size', 40, '--reprob', 1.0)
-    transform = fast_data.FastTrainTransform(*fast_data._split_reference(build_transform(True, args)))
+    transform = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
     data = torch.full((12, 40, 40, 3), 128, dtype=torch.uint8)
     sampler = _Sampler(range(12))
 
