@@ -118,7 +118,8 @@ def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     Only the parser's settings are written (not the run state that main() adds), so the file is
     itself a valid ``--config`` that repeats the run.
     """
-    if not args.output_dir or not is_main_process():
+    # An --eval run into a training run's output_dir must not replace that run's args.yaml.
+    if not args.output_dir or args.eval or not is_main_process():
         return
     dests = {action.dest for action in _actions_by_key(parser).values()}
     plain = {k: _plain(v) for k, v in vars(args).items() if k in dests}

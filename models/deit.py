@@ -22,6 +22,8 @@ def _cfg(input_size: int, **kwargs) -> dict:
 default_cfgs = generate_default_cfgs({
     'deit_tiny_patch4_32': _cfg(32),
     'deit_tiny_distilled_patch4_32': _cfg(32, classifier=('head', 'head_dist')),
+    'deit_micro_patch4_16': _cfg(16),
+    'deit_micro_distilled_patch4_16': _cfg(16, classifier=('head', 'head_dist')),
 })
 
 
@@ -32,6 +34,9 @@ def _create(variant: str, distilled: bool, pretrained: bool, **kwargs):
 
 
 _TINY_PATCH4 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3)
+# Half of DeiT-Ti's depth: an epoch costs half as much on a CPU, so that the DIGITS quickstart's
+# students get 30 epochs within its time budget.
+_MICRO_PATCH4 = dict(img_size=16, patch_size=4, embed_dim=192, depth=6, num_heads=3)
 
 
 @register_model
@@ -44,3 +49,15 @@ def deit_tiny_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformer
 def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
     """Distilled DeiT-Ti with 4x4 patches for 32x32 inputs: class + distillation tokens."""
     return _create('deit_tiny_distilled_patch4_32', True, pretrained, **dict(_TINY_PATCH4, **kwargs))
+
+
+@register_model
+def deit_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DeiT-Ti with 6 blocks and 4x4 patches for 16x16 inputs: 16 patches + class token."""
+    return _create('deit_micro_patch4_16', False, pretrained, **dict(_MICRO_PATCH4, **kwargs))
+
+
+@register_model
+def deit_micro_distilled_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
+    """Distilled DeiT-Ti with 6 blocks and 4x4 patches for 16x16 inputs: class + distillation tokens."""
+    return _create('deit_micro_distilled_patch4_16', True, pretrained, **dict(_MICRO_PATCH4, **kwargs))
