@@ -44,10 +44,10 @@ import main
 import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
 from datasets import RobustSamples, build_transform, collate_skipping
-from engine import LossScaler, evaluate, train_one_epoch
+from engine import LossScaler, amp_dtype_of, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
-from teacher import prepare_teacher
+from teacher import autocast_dtype as teacher_autocast_dtype, prepare_teacher
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
                         choices=['data', 'train', 'distill', 'eval', 'teacher'])
     parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
+    parser.add_argument('--amp-dtype', default='', choices=('', 'bfloat16', 'float16'),
+                        help='run ours under autocast in this dtype, as main.py --amp --amp-dtype does '
+                             '(mixed precision: not the same numbers; the baseline stays fp32)')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the figures as JSON here')
     parser.add_argument('--quick', action='store_true',
                         help='tiny models, few small images, 2 repeats: seconds (for tests)')
@@ -197,9 +200,11 @@ def create(name: str, args) -> torch.nn.Module:
         return timm.create_model(name, num_classes=1000)
 
 
-def engine_args() -> Namespace:
-    """What train_one_epoch reads from main.py's arguments: fp32, no mixup, progress only at the ends."""
-    return Namespace(amp=False, bce_loss=False, print_freq=10 ** 6, seed=0, strict_data=False)
+def engine_args(amp_dtype: str = '') -> Namespace:
+    """What train_one_epoch reads from main.py's arguments: fp32 (or --amp-dtype), no mixup, progress
+    only at the ends."""
+    return Namespace(amp=bool(amp_dtype), amp_dtype=amp_dtype, bce_loss=False, print_freq=10 ** 6, seed=0,
+                     strict_data=False)
 
 
 def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
@@ -219,16 +224,16 @@ def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
     return run
 
 
-def project_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
+def project_step(model, optimizer, batches, teacher=None, amp_dtype: str = '') -> Callable[[], None]:
     """Ours: engine.train_one_epoch, the loop main.py runs (its progress lines silenced)."""
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, 'hard' if teacher else 'none', 0.5, 1.0,
                                  distillation_token=False)
-    scaler = LossScaler(enabled=False, device_type='cpu')
+    scaler = LossScaler(enabled=amp_dtype == 'float16', device_type='cpu')
 
     def run():
         with contextlib.redirect_stdout(io.StringIO()):
             train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, scaler,
-                            args=engine_args())
+                            args=engine_args(amp_dtype))
     return run
 
 
@@ -256,7 +261,9 @@ def students(args):
 
 def teachers(args):
     base = create(args.teacher_model, args).eval().requires_grad_(False)
-    ours = prepare_teacher(create(args.teacher_model, args), torch.device('cpu'), compile=args.compile)
+    cpu = torch.device('cpu')
+    amp_dtype = teacher_autocast_dtype(cpu) if args.amp_dtype else None  # as main.py's build_teacher
+    ours = prepare_teacher(create(args.teacher_model, args), cpu, compile=args.compile, amp_dtype=amp_dtype)
     return base, ours
 
 
@@ -273,11 +280,11 @@ def bench_models(args) -> List[dict]:
 
     if 'train' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches),
-                            project_step(our_model, our_opt, batches), args.repeats)
+                            project_step(our_model, our_opt, batches, amp_dtype=args.amp_dtype), args.repeats)
         rows.append(row(f'train step: {args.model}', images, seconds, step_flops))
     if 'distill' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
-                            project_step(our_model, our_opt, batches, our_teacher), args.repeats)
+                            project_step(our_model, our_opt, batches, our_teacher, args.amp_dtype), args.repeats)
         rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops))
     if 'eval' in args.sections:
         base_model.eval()
@@ -291,7 +298,7 @@ def bench_models(args) -> List[dict]:
 
         def project_eval():
             with contextlib.redirect_stdout(io.StringIO()):
-                evaluate(eval_batches, our_model, torch.device('cpu'))
+                evaluate(eval_batches, our_model, torch.device('cpu'), amp_dtype_of(engine_args(args.amp_dtype)))
         seconds = time_pair(plain_eval, project_eval, args.repeats)
         rows.append(row(f'eval: {args.model}', images, seconds, eval_flops))
     if 'teacher' in args.sections:
@@ -360,7 +367,8 @@ def cli(argv=None) -> int:
         print(f'fp32 matmul (2048^2, {report["threads"]} threads): {report["matmul_gflops"]:.0f} GFLOP/s, measured '
               f'between the timed runs of each model line; %lim = achieved GFLOP/s / that rate')
     print(f'settings: model {args.model}, teacher {args.teacher_model}, batch {args.batch_size}, '
-          f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}; '
+          f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}, '
+          f'ours in {args.amp_dtype or "float32"}; '
           f'peak RSS {report["peak_rss_mib"]:.0f} MiB')
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + '\n')

@@ -353,7 +353,7 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
     utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                              f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    amp_dtype = teacher_autocast_dtype(device) if args.amp else None  # None on the CPU: fp32 is faster there
+    amp_dtype = teacher_autocast_dtype(device) if args.amp else None
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
 

@@ -26,7 +26,7 @@ from conftest import FAST, REPO, run_main
 from datasets import build_transform, seeded_rng
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
-from teacher import fold_batchnorm, prepare_teacher
+from teacher import autocast_dtype as teacher_autocast_dtype, fold_batchnorm, prepare_teacher
 
 
 def parse(*argv):
@@ -181,6 +181,28 @@ def test_teacher_logits_equal_the_eager_teacher():
         expected = eager(images)
     got = fast.train()(images)  # train() cannot switch the folded teacher back to batch statistics
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_amp_teacher_on_a_cpu_runs_in_bf16_close_to_fp32(monkeypatch):
+    """--amp on a CPU with bf16 kernels: the teacher runs in bf16, its fp32 logits near the fp32 teacher's."""
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert teacher_autocast_dtype(cpu) is None  # no bf16 kernels: an emulated bf16 would be slower
+    monkeypatch.undo()
+    if teacher_autocast_dtype(cpu) is None:
+        pytest.skip('this CPU has no bf16 kernels (oneDNN): the bf16 teacher path cannot run here')
+    torch.manual_seed(0)
+    eager = random_batchnorm(timm.create_model('regnety_002', num_classes=10))
+    images = torch.randn(8, 3, 64, 64)
+    with torch.no_grad():
+        expected = eager(images)
+    fast = prepare_teacher(copy.deepcopy(eager), cpu, amp_dtype=teacher_autocast_dtype(cpu))
+    calls = []
+    fast.model.register_forward_hook(lambda module, args, out: calls.append(out.dtype))
+    got = fast(images)
+    assert calls == [torch.bfloat16] and got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 5e-2 * expected.abs().max()  # bf16 keeps ~3 significant digits
+    assert (got - expected).abs().max() > 0  # really another precision
 
 
 def test_inference_teacher_output_enters_the_soft_distillation_loss():
