@@ -59,7 +59,9 @@ def run_stage(stage: Stage, output: Path, threads: int) -> dict:
                 epoch += 1
     (out / 'console.txt').write_text(''.join(lines))
     if proc.returncode != 0:
-        sys.exit(''.join(lines[-15:]) + f'\n{stage.name} failed (exit {proc.returncode}); see {out / "console.txt"}')
+        errors = [line for line in lines if 'error:' in line]  # a user mistake: main.py's one error line
+        sys.exit(''.join(errors[-1:] or lines[-15:]) + f'{stage.name} failed (exit {proc.returncode}); '
+                 f'see {out / "console.txt"}')
     log = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     return {**log[-1], 'seconds': time.time() - start}
 

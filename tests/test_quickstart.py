@@ -49,3 +49,11 @@ def test_args_yaml_is_a_valid_config_and_is_rewritten_on_resume(quickstart):
     assert 'Continuing at epoch 1' in proc.stdout
     resumed = read_args(teacher / 'args.yaml')
     assert (resumed['epochs'], resumed['resume']) == (2, str(teacher / 'checkpoint.pth'))
+
+
+def test_a_bad_flag_stops_it_with_main_pys_error_line(tmp_path):
+    proc = run_main('--output', tmp_path, '--epochs', 'x', launcher=(sys.executable, 'quickstart.py'), check=False)
+    assert proc.returncode == 1
+    first, second = proc.stderr.strip().splitlines()
+    assert first.endswith("error: argument --epochs: invalid int value: 'x'")
+    assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in proc.stderr
