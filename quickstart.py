@@ -88,5 +88,6 @@ def format_table(results: List[Tuple[Stage, dict]]) -> str:
              f'| {last["seconds"]:.0f} s |' for stage, last in results]
     return '\n'.join(rows)
 
+
 if __name__ == '__main__':
     sys.exit(main())

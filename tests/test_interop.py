@@ -109,7 +109,7 @@ def test_hub_builds_every_entrypoint_and_deit_configs_keep_official_urls():
         for name in hub_entrypoints():
             model = torch.hub.load(str(REPO), name, source='local', pretrained=False, verbose=False)
             assert isinstance(model, torch.nn.Module), name
-            if timm.models.model_entrypoint(name).__module__ == 'timm.models.deit' and name.startswith('deit_'):
+            if timm.models.model_entrypoint(name).__module__ == hubconf._TIMM_DEIT_MODULE and name.startswith('deit_'):
                 assert model.pretrained_cfg['url'].startswith('https://dl.fbaipublicfiles.com/deit/'), name
 
 
