@@ -23,7 +23,7 @@ import fast_data
 import main
 import speedups
 from conftest import FAST, REPO, run_main
-from datasets import build_transform, seeded_rng
+from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, seeded_rng
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
 from teacher import autocast_dtype as teacher_autocast_dtype, fold_batchnorm, prepare_teacher
@@ -98,6 +98,20 @@ def test_fast_eval_is_resize_then_center_crop(tmp_path, size):
         assert (ours - expected).abs().max() <= 1.01
     else:  # decoded at half scale: the DCT's downscale instead of bicubic's, on noise
         assert (ours - expected).abs().mean() < 12
+
+
+def test_full_scale_decode_has_pils_pixels_in_channels_last_and_a_broken_jpeg_is_unreadable(tmp_path):
+    path = tmp_path / 'photo.jpg'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
+    pixels, factor = fast_data.decode(fast_data.open_lazily(path), (0, 0, 400, 300), (224, 224))
+    assert factor == 1 and pixels.shape == (1, 3, 375, 500)
+    assert pixels.is_contiguous(memory_format=torch.channels_last)  # what the fast uint8 resize needs
+    assert torch.equal(fast_data.to_hwc(pixels), torch.from_numpy(np.array(Image.open(path).convert('RGB'))))
+
+    broken = tmp_path / 'broken.jpg'
+    broken.write_bytes(path.read_bytes()[:20000])  # header intact, scan data cut
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS, match='cannot decode JPEG'):
+        fast_data.decode(fast_data.open_lazily(broken), (0, 0, 400, 300), (224, 224))
 
 
 def test_device_batches_normalise_like_totensor_normalize_and_keep_channels_last():
