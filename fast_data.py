@@ -12,6 +12,8 @@ Per batch, on the training device (``DeviceBatches``): conversion to float and n
 pass (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
 generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
 """
+import functools
+import io
 import math
 import random
 from typing import Optional, Sequence, Tuple, Union
@@ -24,9 +26,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms
-from torchvision.io import decode_jpeg
 
 from samplers import sample_seed
+
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec: PIL decodes where it is gone
+    from torchvision.io import decode_jpeg
+except ImportError:
+    decode_jpeg = None
 
 # Distinguishes the per-step erasing stream from the per-sample and per-step streams (engine.STEP_STREAM).
 ERASE_STREAM = 2
@@ -55,11 +61,25 @@ def decode(img: Image.Image, region: Box, out_size: Tuple[int, int]) -> Tuple[to
         # PIL picks the largest s in (8, 4, 2, 1) whose reduced size covers the request: s <= shrink
         if shrink >= 2 and img.draft('RGB', (math.ceil(img.width / shrink), math.ceil(img.height / shrink))):
             factor = 2 ** round(math.log2(width / img.width))  # sizes are rounded up: round the ratio
-        elif img.mode == 'RGB' and getattr(img, 'fp', None) is not None:
+        elif img.mode == 'RGB' and getattr(img, 'fp', None) is not None and torchvision_decodes_jpeg():
             return to_nchw(decode_jpeg_file(img)), factor
     if img.mode != 'RGB':
         img = img.convert('RGB')
     return to_nchw(torch.from_numpy(np.array(img, dtype=np.uint8))), factor
+
+
+@functools.lru_cache(maxsize=None)
+def torchvision_decodes_jpeg() -> bool:
+    """Whether torchvision's JPEG decoder works here, probed once on a tiny JPEG (it needs torchvision's
+    image extension, and it is deprecated since torchvision 0.29): where it does not, PIL decodes."""
+    if decode_jpeg is None:
+        return False
+    buffer = io.BytesIO()
+    Image.new('RGB', (16, 16), (200, 100, 50)).save(buffer, format='JPEG')
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)).shape == (3, 16, 16)
+    except RuntimeError:  # torchvision built without its image extension
+        return False
 
 
 def decode_jpeg_file(img: Image.Image) -> torch.Tensor:

@@ -100,7 +100,13 @@ def test_fast_eval_is_resize_then_center_crop(tmp_path, size):
         assert (ours - expected).abs().mean() < 12
 
 
-def test_full_scale_decode_has_pils_pixels_in_channels_last_and_a_broken_jpeg_is_unreadable(tmp_path):
+@pytest.mark.parametrize('torchvision', [True, False], ids=['torchvision', 'pil-fallback'])
+def test_full_scale_decode_has_pils_pixels_in_channels_last_and_a_broken_jpeg_is_unreadable(
+        tmp_path, monkeypatch, torchvision):
+    if torchvision:
+        assert fast_data.torchvision_decodes_jpeg()
+    else:  # where torchvision's decoder is gone (deprecated since 0.29) or broken, PIL decodes
+        monkeypatch.setattr(fast_data, 'torchvision_decodes_jpeg', lambda: False)
     path = tmp_path / 'photo.jpg'
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(path, quality=90)
     pixels, factor = fast_data.decode(fast_data.open_lazily(path), (0, 0, 400, 300), (224, 224))
@@ -110,7 +116,7 @@ def test_full_scale_decode_has_pils_pixels_in_channels_last_and_a_broken_jpeg_is
 
     broken = tmp_path / 'broken.jpg'
     broken.write_bytes(path.read_bytes()[:20000])  # header intact, scan data cut
-    with pytest.raises(UNREADABLE_IMAGE_ERRORS, match='cannot decode JPEG'):
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS, match='cannot decode JPEG' if torchvision else 'truncated'):
         fast_data.decode(fast_data.open_lazily(broken), (0, 0, 400, 300), (224, 224))
 
 
