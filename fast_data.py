@@ -3,13 +3,13 @@
 Per image, in the data-loader workers:
 - the RandomResizedCrop box (or the eval resize + center crop) is chosen on the image header, then
   the JPEG is decoded at a reduced DCT scale (PIL ``draft``) when the box still has at least the
-  output's pixels at that scale;
+  output's pixels at that scale, else by torchvision straight into a tensor;
 - the crop is resized by torch's antialiased uint8 kernel, PIL's filters within one grey level of
   PIL's output and several times faster than PIL's resampling;
 - flip and RandAugment are timm's own objects, applied to PIL images as in timm's pipeline;
 - the result ships as a uint8 HWC tensor: no per-image float conversion, a quarter of the bytes.
-Per batch, on the training device (``DeviceBatches``): conversion to float and normalisation in one
-pass (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
+Per batch, on the training device (``DeviceBatches``): conversion to float and normalisation in
+place (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
 generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
 """
 import functools
