@@ -14,8 +14,12 @@ same run (baseline and ours alternate within each repeat, so that a load change 
 
 Model figures are also shown as a fraction of this machine's fp32 matmul rate, measured in the same
 run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode.
+
+--breakdown also prints where the time goes, and the best ratio that leaves: the stages of both
+train pipelines (ms per image) and the operator groups of the baseline's training step.
 """
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -28,6 +32,7 @@ import time
 from argparse import Namespace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+from unittest import mock
 
 import numpy as np
 import timm
@@ -36,7 +41,9 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 import fast_data
@@ -68,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp-dtype', default='', choices=('', 'bfloat16', 'float16'),
                         help='run ours under autocast in this dtype, as main.py --amp --amp-dtype does '
                              '(mixed precision: not the same numbers; the baseline stays fp32)')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='also time each stage of the train pipelines (with data) and profile the baseline '
+                             'training step by operator group (with train), and print the best ratio each leaves')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the figures as JSON here')
     parser.add_argument('--quick', action='store_true',
                         help='tiny models, few small images, 2 repeats: seconds (for tests)')
@@ -161,13 +171,26 @@ def data_pass(dataset, batch_size: int, wrap: Optional[Callable] = None) -> Call
     return run
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one thread: data figures are per core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def data_options(args) -> Namespace:
+    return main.get_args_parser().parse_args(['--input-size', str(args.input_size)])
+
+
 def bench_data(args, root: Path) -> List[dict]:
     """Images/s per core of the train and eval pipelines, stock timm vs --fast-data."""
-    options = main.get_args_parser().parse_args(['--input-size', str(args.input_size)])
+    options = data_options(args)
     rows = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # per core
-    try:
+    with one_thread():
         for is_train, name in ((True, 'data: train transform'), (False, 'data: eval transform')):
             folder = root / ('train' if is_train else 'val')
             baseline = ImageFolder(str(folder), transform=build_transform(is_train, options))
@@ -177,9 +200,68 @@ def bench_data(args, root: Path) -> List[dict]:
             seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
                                 args.repeats)
             rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
-    finally:
-        torch.set_num_threads(threads)
     return rows
+
+
+class StageTimer:
+    """Seconds spent in named calls, summed by wrapping the callables a pipeline calls."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = collections.defaultdict(float)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+        return timed
+
+    def ms_per_image(self, run: Callable[[], None], images: int, repeats: int) -> Dict[str, float]:
+        """Each stage's ms per image over ``repeats`` runs after a warm-up one (in the order of first
+        call), 'other' for the rest of the run and 'total'."""
+        run()
+        self.seconds.clear()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        per_image = 1e3 / repeats / images
+        stages = {name: seconds * per_image for name, seconds in self.seconds.items()}
+        total = (time.perf_counter() - start) * per_image
+        return {**stages, 'other': total - sum(stages.values()), 'total': total}
+
+
+def train_pipeline_stages(args, root: Path) -> Dict[str, Dict[str, float]]:
+    """Where the train pipelines' time goes: ms per image of each stage, stock and fast, one thread.
+
+    The stages are timed where the pipelines call them (wrapped, not copied); 'other' is file
+    reading, the sampler and per-sample seeding, collate and the conversions between stages.
+    """
+    options, folder = data_options(args), root / 'train'
+    stock_timer, fast_timer = StageTimer(), StageTimer()
+    stock = ImageFolder(str(folder), transform=build_transform(True, options))
+    stock.loader = stock_timer.wrap('decode (PIL)', stock.loader)
+    stock.transform = transforms.Compose([stock_timer.wrap(type(t).__name__, t) for t in stock.transform.transforms])
+
+    fast = ImageFolder(str(folder), transform=build_transform(True, options))
+    transform = fast_data.speed_up(fast, True, options)
+    fast.loader = fast_timer.wrap('open (header)', fast.loader)
+    transform.crop_box = fast_timer.wrap('crop box', transform.crop_box)
+    transform.pil_steps = [fast_timer.wrap(type(t).__name__, t) for t in transform.pil_steps]
+
+    def device_batches(loader):
+        batches = fast_data.DeviceBatches(loader, transform, torch.device('cpu'))
+        batches.normalise = fast_timer.wrap('normalise (batch)', batches.normalise)
+        batches.erase = fast_timer.wrap('erase (batch)', batches.erase)
+        return batches
+    # FastTrainTransform calls these module functions by name: timed while patched, restored after.
+    timed_functions = {name: fast_timer.wrap(name, getattr(fast_data, name))
+                       for name in ('decode', 'resize', 'to_uint8_tensor')}
+    with one_thread(), mock.patch.multiple(fast_data, **timed_functions):
+        return {'stock': stock_timer.ms_per_image(data_pass(stock, args.batch_size), len(stock), args.repeats),
+                'fast': fast_timer.ms_per_image(data_pass(fast, args.batch_size, device_batches), len(fast),
+                                                args.repeats)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +397,56 @@ def bench_models(args) -> List[dict]:
     return rows
 
 
+# The operators a compiler cannot remove from a ViT step: GEMMs (linear layers, the patch
+# embedding's convolution) and the attention kernel (itself two batched GEMMs and a softmax).
+GEMM_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_addmm_activation',
+            'aten::convolution', 'aten::convolution_backward'}
+
+
+def operator_group(name: str) -> str:
+    if 'scaled_dot_product' in name or 'flash_attention' in name:
+        return 'attention'
+    return 'matmul' if name in GEMM_OPS else 'other'
+
+
+class OperatorTimer(TorchDispatchMode):
+    """Seconds spent in each operator group, forward and backward, while active.
+
+    A dispatch mode rather than torch.profiler: it sees the same aten operators, and kineto prints
+    its own start/stop (and GPU-probe) lines on machines without a GPU.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: Dict[str, float] = collections.defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[operator_group(func.name())] += time.perf_counter() - start
+        return out
+
+
+def step_profile(args) -> Dict[str, float]:
+    """Shares of the baseline training step's time by operator group ('other' is the rest of the step:
+    elementwise operators, the optimizer, Python), the step timed without the timer."""
+    model = create(args.model, args)
+    step = plain_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05),
+                      synthetic_batches(args, 1))
+    step()  # warm-up
+    walls = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - start)
+    timer = OperatorTimer()
+    with timer:
+        step()
+    wall = statistics.median(walls)
+    shares = {group: timer.seconds[group] / wall for group in ('matmul', 'attention')}
+    return {**shares, 'other': 1 - sum(shares.values())}
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -344,18 +476,49 @@ def format_table(rows: List[dict]) -> str:
     return '\n'.join(lines)
 
 
+def format_breakdown(breakdown: dict, rows: List[dict], args) -> str:
+    """The breakdown's lines, each ending with the best ratio over the baseline it leaves."""
+    lines = []
+    if 'train pipeline' in breakdown:
+        stages = breakdown['train pipeline']
+        lines.append(f'where the train pipeline\'s time goes, ms per image (one thread, {args.images} JPEGs of '
+                     f'{args.image_size[0]}x{args.image_size[1]}, mean of {args.repeats} passes):')
+        for name, ms in stages.items():
+            parts = ', '.join(f'{stage} {value:.2f}' for stage, value in ms.items() if stage != 'total')
+            lines.append(f'  {name:<5} {ms["total"]:.2f} = {parts}')
+        kept = stages['fast']['decode'] + stages['fast'].get('RandAugment', 0.0)
+        lines.append(f'  the fast path\'s decode and RandAugment (timm\'s, as in the stock pipeline) alone take '
+                     f'{kept:.2f} ms: at most {stages["stock"]["total"] / kept:.2f}x the stock pipeline '
+                     f'if everything else took no time')
+    if 'train step' in breakdown:
+        shares = breakdown['train step']
+        kept = shares['matmul'] + shares['attention']
+        train = next((r for r in rows if r['name'].startswith('train step')), None)
+        limit = f' and {100 * train["baseline_of_limit"] / kept:.0f}% of the matmul limit' if train else ''
+        lines.append(f'baseline training step by operator group (share of its time): matmul and convolution '
+                     f'{100 * shares["matmul"]:.0f}%, attention {100 * shares["attention"]:.0f}%, '
+                     f'other {100 * shares["other"]:.0f}%: removing all of the other work (what a compiler '
+                     f'fuses) would give at most {1 / kept:.2f}x{limit}')
+    return '\n'.join(lines)
+
+
 def run(args) -> dict:
     if args.quick:
         apply_quick(args)
-    rows = []
+    rows, breakdown = [], {}
     if 'data' in args.sections:
         with tempfile.TemporaryDirectory(prefix='deit-bench-') as tmp:
-            rows += bench_data(args, make_photo_like_jpegs(Path(tmp), args.images, tuple(args.image_size)))
+            root = make_photo_like_jpegs(Path(tmp), args.images, tuple(args.image_size))
+            rows += bench_data(args, root)
+            if args.breakdown:
+                breakdown['train pipeline'] = train_pipeline_stages(args, root)
     if {'train', 'distill', 'eval', 'teacher'} & set(args.sections):
         rows += bench_models(args)
+    if args.breakdown and 'train' in args.sections:
+        breakdown['train step'] = step_profile(args)
     limits = [r['matmul_gflops'] for r in rows if 'gflop_per_image' in r]
     return {'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
-            'rows': rows, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
+            'rows': rows, 'breakdown': breakdown, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
             'peak_rss_mib': peak_rss_mib()}
 
 
@@ -370,6 +533,8 @@ def cli(argv=None) -> int:
           f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}, '
           f'ours in {args.amp_dtype or "float32"}; '
           f'peak RSS {report["peak_rss_mib"]:.0f} MiB')
+    if report['breakdown']:
+        print(format_breakdown(report['breakdown'], report['rows'], args))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + '\n')
     return 0

@@ -276,9 +276,9 @@ def test_compile_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().out.count('\n') == 1
 
 
-def test_benchmark_quick_writes_the_table_and_json(tmp_path):
+def test_benchmark_quick_writes_the_table_the_breakdown_and_json(tmp_path):
     out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--json', str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--breakdown', '--json', str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -287,3 +287,16 @@ def test_benchmark_quick_writes_the_table_and_json(tmp_path):
                                                 'teacher forward']
     assert report['matmul_gflops'] > 0 and all(r['ratio'] > 0 and r['peak_rss_mib'] > 0 for r in report['rows'])
     assert 'ratio' in proc.stdout and 'fp32 matmul (2048^2' in proc.stdout
+
+    # Every stage was reached where the pipeline calls it, and the stages (disjoint calls) fit in the pass.
+    stages = report['breakdown']['train pipeline']
+    assert list(stages['stock'])[:2] == ['decode (PIL)', 'RandomResizedCropAndInterpolation']
+    assert {'RandAugment', 'RandomErasing', 'other', 'total'} <= set(stages['stock'])
+    assert list(stages['fast'])[:3] == ['open (header)', 'crop box', 'decode']
+    assert {'resize', 'RandAugment', 'to_uint8_tensor', 'normalise (batch)', 'erase (batch)'} <= set(stages['fast'])
+    for ms in stages.values():
+        assert all(value > 0 for value in ms.values())
+        assert sum(ms.values()) == pytest.approx(2 * ms['total'])
+    shares = report['breakdown']['train step']
+    assert shares['matmul'] > 0 and shares['attention'] > 0 and sum(shares.values()) == pytest.approx(1)
+    assert proc.stdout.count('at most') == 2
