@@ -404,7 +404,7 @@ GEMM_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_add
 
 
 def operator_group(name: str) -> str:
-    if 'scaled_dot_product' in name or 'flash_attention' in name:
+    if 'attention' in name:  # aten's fused attention kernels, forward and backward, on any device
         return 'attention'
     return 'matmul' if name in GEMM_OPS else 'other'
 
