@@ -30,7 +30,10 @@ PANELS = [
 
 
 class PlotError(Exception):
-    """A missing or unreadable log: reported as one line, exit code 2."""
+    """A missing or unreadable log: reported as one line, exit code 2.
+
+    Not utils.UserError: utils imports torch and timm (~10 s cold), which drawing a log never needs.
+    """
 
 
 def read_log(run_dir: Path) -> List[dict]:
