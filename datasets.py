@@ -4,7 +4,7 @@ import contextlib
 import json
 import os
 import random
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -260,21 +260,22 @@ UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueEr
 
 
 @contextlib.contextmanager
-def seeded_rng(seed: Optional[int]):
-    """Run the block with python/numpy/torch-CPU random generators seeded by ``seed``, then restore them."""
-    if seed is None:
-        yield
-        return
+def preserved_rng():
+    """Run the block, then restore the python/numpy/torch-CPU random generators to their state before it."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def seed_rng(seed: int) -> None:
+    """Seed the python/numpy/torch-CPU random generators (what a sample's augmentation draws from)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.default_generator.manual_seed(seed)
 
 
 class RobustSamples(Dataset):
@@ -298,18 +299,29 @@ class RobustSamples(Dataset):
         return samples[index][0] if samples else f'sample {index}'
 
     def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list) -> list:
+        """A batch's samples (the DataLoader's batched fetch): the generators' state is saved and
+        restored once per batch, not per sample (numpy's alone costs 75 us, 3% of a fast-path image)."""
+        with preserved_rng():
+            return [self._sample(key) for key in keys]
+
+    def _sample(self, key):
+        """Item ``key`` with its augmentation seeded, or the next readable one; leaves the generators seeded."""
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            seed_rng(seed)
         unreadable: List[str] = []
-        with seeded_rng(seed):
-            for attempt in range(len(self.dataset)):
-                i = (index + attempt) % len(self.dataset)
-                try:
-                    image, target = self.dataset[i]
-                    return image, target, unreadable
-                except UNREADABLE_IMAGE_ERRORS as e:
-                    unreadable.append(f'{self._path(i)} ({type(e).__name__}: {e})')
-                    if not self.replace:
-                        return None, None, unreadable
+        for attempt in range(len(self.dataset)):
+            i = (index + attempt) % len(self.dataset)
+            try:
+                image, target = self.dataset[i]
+                return image, target, unreadable
+            except UNREADABLE_IMAGE_ERRORS as e:
+                unreadable.append(f'{self._path(i)} ({type(e).__name__}: {e})')
+                if not self.replace:
+                    return None, None, unreadable
         raise RuntimeError(f'no readable image in the whole dataset, first error: {unreadable[0]}')
 
 

@@ -10,7 +10,7 @@ from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from torchvision import transforms
 
 import main
-from datasets import DigitsDataset, INatDataset, build_dataset, build_transform, check_same_classes
+from datasets import DigitsDataset, INatDataset, RobustSamples, build_dataset, build_transform, check_same_classes
 from imagefolder import make_imagefolder
 from utils import UserError
 
@@ -35,6 +35,30 @@ def test_deit_randaugment_policy_survives_many_images():
     img = Image.new('RGB', (16, 16), (120, 80, 40))
     for _ in range(3000):  # the clipped mstd noise reaches magnitude 10 about once per thousand ops
         ra(img)
+
+
+class Draws(torch.utils.data.Dataset):
+    """Each item is one draw from each global generator (python, numpy, torch)."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return (random.random(), float(np.random.rand()), float(torch.rand(1))), index
+
+
+def test_robust_samples_seed_each_sample_and_restore_the_generators_once_per_batch():
+    samples, keys = RobustSamples(Draws()), [(i, 100 + i) for i in range(6)]
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    one_by_one = [samples[key] for key in keys]
+    loader = torch.utils.data.DataLoader(samples, sampler=keys, batch_size=3, collate_fn=lambda batch: batch,
+                                         generator=torch.Generator())  # as main.py: no draw from the global one
+    batched = [item for batch in loader for item in batch]  # the DataLoader's batched fetch: __getitems__
+    assert batched == one_by_one and samples[(0, 100)] == one_by_one[0]  # each sample's draws are its seed's
+    assert len({draws for draws, _, _ in batched}) == 6
+    assert random.getstate() == state[0] and np.array_equal(np.random.get_state()[1], state[1])
+    assert torch.equal(torch.get_rng_state(), state[2])  # the global streams are as they were
 
 
 def test_train_transform_small_input_uses_padded_random_crop():
