@@ -2,8 +2,8 @@
 
 Per image, in the data-loader workers:
 - the RandomResizedCrop box (or the eval resize + center crop) is chosen on the image header, then
-  the JPEG is decoded at a reduced DCT scale (PIL ``draft``) when the box still has at least the
-  output's pixels at that scale, else by OpenCV straight into an array;
+  the JPEG is decoded by OpenCV straight into an array, at a reduced DCT scale when the box still
+  has at least the output's pixels at that scale (grey and CMYK JPEGs: by PIL, with ``draft``);
 - the crop is resized by torch's antialiased uint8 kernel, PIL's filters within one grey level of
   PIL's output and several times faster than PIL's resampling;
 - flip and RandAugment draw as timm's objects do and compute on the array (fast_augment.py);
@@ -12,9 +12,10 @@ Per batch, on the training device (``DeviceBatches``): conversion to float and n
 place (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
 generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
 """
+import io
 import math
 import random
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -36,44 +37,82 @@ Box = Tuple[float, float, float, float]
 RESIZE_MODES = {transforms.InterpolationMode.BILINEAR: 'bilinear', transforms.InterpolationMode.BICUBIC: 'bicubic'}
 
 
-def open_lazily(path: str) -> Image.Image:
-    """Open an image file without decoding it: the transform decodes it, at the scale it needs."""
-    return Image.open(path)
+class JpegFile(NamedTuple):
+    """A colour JPEG file, read but not decoded: its bytes and the size its frame header gives."""
+    data: bytes
+    size: Tuple[int, int]  # (width, height), as PIL's Image.size
 
 
-def decode(img: Image.Image, region: Box, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
+# Frame headers of the Huffman-coded JPEGs every decoder reads: baseline, extended, progressive.
+HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
+# OpenCV's flags for libjpeg-turbo's DCT scale 1/s, RGB, EXIF orientation ignored as PIL and timm do.
+READ_FLAGS = {s: reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION for s, reduced in
+              ((1, 0), (2, cv2.IMREAD_REDUCED_GRAYSCALE_2), (4, cv2.IMREAD_REDUCED_GRAYSCALE_4),
+               (8, cv2.IMREAD_REDUCED_GRAYSCALE_8))}
+
+
+def jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """(width, height, components) from a JPEG's frame header; None where there is none of HUFFMAN_FRAMES.
+
+    Read here because PIL's JPEG opener parses every marker segment in Python: 0.05 ms of a 2 ms image.
+    """
+    if not data.startswith(b'\xff\xd8'):
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in HUFFMAN_FRAMES:
+            if pos + 10 > len(data):
+                return None
+            width, height = int.from_bytes(data[pos + 7:pos + 9], 'big'), int.from_bytes(data[pos + 5:pos + 7], 'big')
+            return width, height, data[pos + 9]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte, markers without a segment
+            pos += 1 if marker == 0xFF else 2
+        elif 0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) or marker == 0xDA:
+            return None  # another frame type (lossless, arithmetic), or the scan without a frame
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
+    return None
+
+
+def open_lazily(path: str) -> Union[JpegFile, Image.Image]:
+    """An image file, not decoded yet: the transform decodes it, at the scale it needs.
+
+    Colour JPEGs come as a JpegFile (OpenCV decodes them); other files (grey or CMYK JPEGs, PNG, ...)
+    are opened lazily by PIL.
+    """
+    with open(path, 'rb') as f:
+        data = f.read()
+    frame = jpeg_frame(data)
+    if frame is not None and frame[2] == 3 and min(frame[:2]) > 0:
+        return JpegFile(data, frame[:2])
+    return Image.open(io.BytesIO(data))
+
+
+def decode(img: Union[JpegFile, Image.Image], region: Box, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, int]:
     """``img`` as a (1, 3, H, W) uint8 tensor (channels_last memory) and the factor s it was reduced by.
 
     JPEGs are decoded at DCT scale 1/s (s in 2, 4, 8) when ``region`` (left, top, right, bottom) still
     spans at least ``out_size`` (w, h) pixels at that scale: no resolution is lost for the output.
-    At full scale, RGB JPEG files are decoded by OpenCV straight into an array: PIL's pixels (the same
-    libjpeg-turbo decoder and settings) without PIL's copy out of its own image memory, and a little
-    sooner than torchvision's decoder (1.1 against 1.2 ms at 500x375), which 0.29 deprecated.
+    Colour JPEGs are decoded by OpenCV straight into an array: PIL's pixels (the same libjpeg-turbo
+    decoder and settings, also at reduced scale) without PIL's copy out of its own image memory, and
+    a little sooner than torchvision's decoder (1.1 against 1.2 ms at 500x375), which 0.29 deprecated.
     """
-    factor = 1
-    if getattr(img, 'format', None) == 'JPEG':
-        shrink = min((region[2] - region[0]) / out_size[0], (region[3] - region[1]) / out_size[1])
-        width = img.width
-        # PIL picks the largest s in (8, 4, 2, 1) whose reduced size covers the request: s <= shrink
-        if shrink >= 2 and img.draft('RGB', (math.ceil(img.width / shrink), math.ceil(img.height / shrink))):
-            factor = 2 ** round(math.log2(width / img.width))  # sizes are rounded up: round the ratio
-        elif img.mode == 'RGB' and getattr(img, 'fp', None) is not None:
-            return to_nchw(torch.from_numpy(decode_jpeg_file(img))), factor
+    shrink = min((region[2] - region[0]) / out_size[0], (region[3] - region[1]) / out_size[1])
+    if isinstance(img, JpegFile):
+        factor = next((s for s in (8, 4, 2) if s <= shrink), 1)
+        pixels = cv2.imdecode(np.frombuffer(img.data, dtype=np.uint8), READ_FLAGS[factor])
+        if pixels is None:  # OpenCV's answer to a broken file; PIL's (and RobustSamples') error is OSError
+            raise OSError('cannot decode JPEG: the file is truncated or corrupt')
+        return to_nchw(torch.from_numpy(pixels)), factor
+    factor, width = 1, img.width
+    # PIL picks the largest s in (8, 4, 2, 1) whose reduced size covers the request: s <= shrink
+    if img.format == 'JPEG' and shrink >= 2 and img.draft('RGB', (math.ceil(img.width / shrink),
+                                                                  math.ceil(img.height / shrink))):
+        factor = 2 ** round(math.log2(width / img.width))  # sizes are rounded up: round the ratio
     if img.mode != 'RGB':
         img = img.convert('RGB')
     return to_nchw(torch.from_numpy(np.array(img, dtype=np.uint8))), factor
-
-
-def decode_jpeg_file(img: Image.Image) -> np.ndarray:
-    """The (H, W, 3) pixels of a lazily opened RGB JPEG, decoded by OpenCV; closes the file."""
-    img.fp.seek(0)
-    data = np.frombuffer(img.fp.read(), dtype=np.uint8)
-    img.close()
-    # As PIL: no EXIF rotation (timm's pipeline does not apply it either).
-    pixels = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:  # OpenCV's answer to a broken file; PIL's (and RobustSamples') error is OSError
-        raise OSError('cannot decode JPEG: the file is truncated or corrupt')
-    return pixels
 
 
 def to_nchw(pixels: torch.Tensor) -> torch.Tensor:
@@ -128,16 +167,18 @@ class FastTrainTransform:
         self.mean, self.std = tuple(normalize.mean), tuple(normalize.std)  # applied per batch
         self.erasing = erasing
 
-    def crop_box(self, img: Image.Image) -> Tuple[Tuple[int, int, int, int], str]:
-        """The RandomResizedCrop box (left, top, right, bottom) in full-size pixels, and the filter."""
-        top, left, height, width = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+    def crop_box(self, size: Tuple[int, int]) -> Tuple[Tuple[int, int, int, int], str]:
+        """The RandomResizedCrop box (left, top, right, bottom) for an image of ``size`` (w, h), and the filter."""
+        # timm's get_params reads only the image's size: an empty (0, H, W) tensor has it, without pixels
+        top, left, height, width = self.crop.get_params(torch.empty(0, size[1], size[0]), self.crop.scale,
+                                                        self.crop.ratio)
         mode = self.crop.interpolation
         if isinstance(mode, (tuple, list)):
             mode = random.choice(mode)
         return (left, top, left + width, top + height), RESIZE_MODES[mode]
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        box, mode = self.crop_box(img)
+    def __call__(self, img: Union[JpegFile, Image.Image]) -> torch.Tensor:
+        box, mode = self.crop_box(img.size)
         pixels, factor = decode(img, box, self.out_size)
         left, top, right, bottom = (round(c / factor) for c in box)
         crop = np.ascontiguousarray(to_hwc(resize(pixels[..., top:bottom, left:right], self.crop.size, mode)))
@@ -163,9 +204,9 @@ class FastEvalTransform:
         top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
         return (new_h, new_w), (left, top, left + self.size, top + self.size)
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Union[JpegFile, Image.Image]) -> torch.Tensor:
         (new_h, new_w), (left, top, right, bottom) = self.geometry(*img.size)
-        sx, sy = img.width / new_w, img.height / new_h
+        sx, sy = img.size[0] / new_w, img.size[1] / new_h
         pixels, _ = decode(img, (left * sx, top * sy, right * sx, bottom * sy), (self.size, self.size))
         return to_hwc(resize(pixels, (new_h, new_w))[..., top:bottom, left:right])
 

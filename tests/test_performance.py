@@ -125,6 +125,35 @@ def test_full_scale_decode_has_pils_pixels_in_channels_last_and_a_broken_jpeg_is
         fast_data.decode(fast_data.open_lazily(broken), (0, 0, 400, 300), (224, 224))
 
 
+def test_open_lazily_reads_colour_jpeg_headers_and_leaves_other_files_to_pil(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (375, 501, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, 'camera'  # rotated 90 degrees, by a camera: an APP1 segment before the frame
+    files = {'baseline.jpg': dict(quality=90), 'progressive.jpg': dict(quality=90, progressive=True),
+             'exif.jpg': dict(quality=90, exif=exif),
+             'grey.jpg': dict(mode='L'), 'cmyk.jpg': dict(mode='CMYK'), 'photo.png': dict()}
+    for name, options in files.items():
+        mode = options.pop('mode', 'RGB')
+        Image.fromarray(pixels).convert(mode).save(tmp_path / name, **options)
+    for name in files:
+        img = fast_data.open_lazily(tmp_path / name)
+        assert isinstance(img, fast_data.JpegFile) == (name in ('baseline.jpg', 'progressive.jpg', 'exif.jpg'))
+        assert tuple(img.size) == (501, 375)
+        expected = np.array(Image.open(tmp_path / name).convert('RGB'))  # PIL's pixels, no EXIF rotation
+        decoded, factor = fast_data.decode(img, (0, 0, 501, 375), (501, 375))
+        assert factor == 1 and np.array_equal(fast_data.to_hwc(decoded).numpy(), expected), name
+
+    # A crop that keeps the output's pixels at a quarter scale is decoded there: PIL's draft pixels.
+    decoded, factor = fast_data.decode(fast_data.open_lazily(tmp_path / 'baseline.jpg'), (0, 0, 501, 375), (120, 90))
+    draft = Image.open(tmp_path / 'baseline.jpg')
+    draft.draft('RGB', (501 // 4, 375 // 4))
+    assert factor == 4 and np.array_equal(fast_data.to_hwc(decoded).numpy(), np.array(draft.convert('RGB')))
+
+    (tmp_path / 'notes.jpg').write_bytes(b'not an image')
+    with pytest.raises(UNREADABLE_IMAGE_ERRORS):
+        fast_data.open_lazily(tmp_path / 'notes.jpg')
+
+
 def photo_like(seed: int, size: int = 224) -> np.ndarray:
     """Smooth colour gradients with pixel noise, levels within [30, 200] (auto-contrast has work to do)."""
     rng = np.random.default_rng(seed)
