@@ -94,7 +94,7 @@ def solarize_add(img: np.ndarray, add: int, thresh: int = 128, **__) -> np.ndarr
 
 
 def blend(degenerate: np.ndarray, img: np.ndarray, factor: float) -> np.ndarray:
-    """PIL's Image.blend(degenerate, img, factor), what ImageEnhance computes: rounded, clipped."""
+    """PIL's Image.blend(degenerate, img, factor), what ImageEnhance computes; clipped, rounded where PIL truncates."""
     return cv2.addWeighted(img, factor, degenerate, 1.0 - factor, 0.0)
 
 
