@@ -13,7 +13,8 @@ same run (baseline and ours alternate within each repeat, so that a load change 
   teacher the teacher's forward alone.
 
 Model figures are also shown as a fraction of this machine's fp32 matmul rate, measured in the same
-run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode.
+run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode (plus torch's attention formulas
+for the CPU attention kernel, which it lacks).
 
 --breakdown also prints where the time goes, and the best ratio that leaves: the stages of both
 train pipelines (ms per image) and the operator groups of the baseline's training step.
@@ -42,7 +43,7 @@ from PIL import Image
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, SequentialSampler
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils import flop_counter
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
@@ -129,10 +130,31 @@ def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: i
     return medians
 
 
-def count_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode counts the CUDA attention kernels but has no formula for the CPU flash kernel that
+# scaled_dot_product_attention runs here: without these, a ViT's attention matmuls (14% of
+# deit_tiny's FLOPs) would count as free. Same formulas as torch's for the CUDA kernels.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                           _cpu_attention_backward_flops}
+
+
+def flops_by_operator(fn: Callable[[], None]) -> Dict[str, int]:
+    """FLOPs that ``fn`` runs, by aten operator ('aten::mm': ...), the CPU attention kernels included."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         fn()
-    return counter.get_total_flops()
+    return {op._qualified_op_name: flops for op, flops in counter.get_flop_counts()['Global'].items()}
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    return sum(flops_by_operator(fn).values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,9 +449,10 @@ class OperatorTimer(TorchDispatchMode):
         return out
 
 
-def step_profile(args) -> Dict[str, float]:
-    """Shares of the baseline training step's time by operator group ('other' is the rest of the step:
-    elementwise operators, the optimizer, Python), the step timed without the timer."""
+def step_profile(args) -> Dict[str, Dict[str, float]]:
+    """Where the baseline training step's time goes: each operator group's share of the step ('other'
+    is the rest: elementwise operators, the optimizer, Python; the step timed without the timer) and
+    the GFLOP/s that the matmul and attention groups run at within it."""
     model = create(args.model, args)
     step = plain_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05),
                       synthetic_batches(args, 1))
@@ -442,9 +465,14 @@ def step_profile(args) -> Dict[str, float]:
     timer = OperatorTimer()
     with timer:
         step()
+    flops = collections.Counter()
+    for op, count in flops_by_operator(step).items():
+        flops[operator_group(op)] += count
     wall = statistics.median(walls)
-    shares = {group: timer.seconds[group] / wall for group in ('matmul', 'attention')}
-    return {**shares, 'other': 1 - sum(shares.values())}
+    kept = ('matmul', 'attention')
+    shares = {group: timer.seconds[group] / wall for group in kept}
+    return {'share': {**shares, 'other': 1 - sum(shares.values())},
+            'gflops': {group: flops[group] / timer.seconds[group] / 1e9 for group in kept}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,14 +518,21 @@ def format_breakdown(breakdown: dict, rows: List[dict], args) -> str:
         lines.append(f'  the fast path\'s JPEG decoding (libjpeg-turbo, as PIL\'s) alone takes {kept:.2f} ms: at most '
                      f'{stages["stock"]["total"] / kept:.2f}x the stock pipeline if everything else took no time')
     if 'train step' in breakdown:
-        shares = breakdown['train step']
+        shares, rates = breakdown['train step']['share'], breakdown['train step']['gflops']
         kept = shares['matmul'] + shares['attention']
+        # The GEMMs already run near the matmul limit (the line says how near): the best a step could
+        # then do is to run the attention's FLOPs at the GEMMs' rate and nothing else.
+        floor = shares['matmul'] + shares['attention'] * rates['attention'] / rates['matmul']
         train = next((r for r in rows if r['name'].startswith('train step')), None)
         limit = f' and {100 * train["baseline_of_limit"] / kept:.0f}% of the matmul limit' if train else ''
+        gemm_rate = (f' ({100 * rates["matmul"] / train["matmul_gflops"]:.0f}% of the matmul limit)'
+                     if train else '')
         lines.append(f'baseline training step by operator group (share of its time): matmul and convolution '
-                     f'{100 * shares["matmul"]:.0f}%, attention {100 * shares["attention"]:.0f}%, '
+                     f'{100 * shares["matmul"]:.0f}% at {rates["matmul"]:.0f} GFLOP/s{gemm_rate}, attention '
+                     f'{100 * shares["attention"]:.0f}% at {rates["attention"]:.0f} GFLOP/s, '
                      f'other {100 * shares["other"]:.0f}%: removing all of the other work (what a compiler '
-                     f'fuses) would give at most {1 / kept:.2f}x{limit}')
+                     f'fuses) would give at most {1 / kept:.2f}x{limit}; running the attention at the GEMMs\' '
+                     f'rate as well, at most {1 / floor:.2f}x')
     return '\n'.join(lines)
 
 

@@ -21,6 +21,7 @@ from timm.data.auto_augment import AugmentOp
 from timm.data.random_erasing import RandomErasing
 from timm.optim import create_optimizer_v2
 
+import benchmark
 import fast_augment
 import fast_data
 import main
@@ -410,6 +411,17 @@ def test_benchmark_quick_writes_the_table_the_breakdown_and_json(tmp_path):
     for ms in stages.values():
         assert all(value > 0 for value in ms.values())
         assert sum(ms.values()) == pytest.approx(2 * ms['total'])
-    shares = report['breakdown']['train step']
-    assert shares['matmul'] > 0 and shares['attention'] > 0 and sum(shares.values()) == pytest.approx(1)
-    assert proc.stdout.count('at most') == 2
+    step = report['breakdown']['train step']
+    assert step['share']['matmul'] > 0 and step['share']['attention'] > 0
+    assert sum(step['share'].values()) == pytest.approx(1)
+    assert step['gflops']['matmul'] > 0 and step['gflops']['attention'] > 0
+    assert proc.stdout.count('at most') == 3
+
+
+def test_benchmark_counts_the_attention_kernels_flops():
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    forward = 2 * (2 * 2 * 3 * 5 * 5 * 4)  # q @ k^T and scores @ v: 2 FLOPs per multiply-add
+    assert benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == forward
+    # torch's formula for the CUDA kernels' backward: the scores recomputed, then four matmuls
+    backward = benchmark.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) - forward
+    assert backward == 5 * forward // 2
