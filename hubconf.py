@@ -39,9 +39,9 @@ def _load_official_weights(model: torch.nn.Module, name: str) -> None:
                               'use pretrained=False')
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(url), url)
     if isinstance(model, _vit.VisionTransformer):
-        # timm's own filter for DeiT weights: maps DeiT III's original key names (blocks.N.gamma_1)
-        # and resizes pos_embed to an img_size other than the weights' own.
-        state = _vit.checkpoint_filter_fn(state, model, adapt_layer_scale=True)
+        # DeiT III's original key names (blocks.N.gamma_1, parallel blocks' attn1 ...) renamed, then
+        # timm's own filter for DeiT weights resizes pos_embed to an img_size other than the weights' own.
+        state = _vit.checkpoint_filter_fn(utils.timm_key_names(state, model), model)
     utils.load_state_checked(model, state, url)
 
 

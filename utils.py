@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer, checkpoint_filter_fn
 
 
 class UserError(Exception):
@@ -387,8 +388,47 @@ def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = 
     return '; '.join(problems)
 
 
+# The original DeiT III code (models_v2.py) names the two branches of its parallel blocks norm1/norm11,
+# attn/attn1, gamma_1/gamma_1_1 (and norm2/norm21, mlp/mlp1, gamma_2/gamma_2_1); timm's
+# ParallelThingsBlock keeps them in attns.N / ffns.N, and timm has no converter for these keys.
+_PARALLEL_BLOCK_KEYS = {
+    'norm1': 'attns.0.norm', 'attn': 'attns.0.attn', 'gamma_1': 'attns.0.ls.gamma',
+    'norm11': 'attns.1.norm', 'attn1': 'attns.1.attn', 'gamma_1_1': 'attns.1.ls.gamma',
+    'norm2': 'ffns.0.norm', 'mlp': 'ffns.0.mlp', 'gamma_2': 'ffns.0.ls.gamma',
+    'norm21': 'ffns.1.norm', 'mlp1': 'ffns.1.mlp', 'gamma_2_1': 'ffns.1.ls.gamma',
+}
+_BLOCK_KEY = re.compile(r'^(blocks\.\d+\.)([^.]+)(.*)$')  # block prefix, its child's name, the rest
+_LAYER_SCALE_KEY = re.compile(r'^blocks\.\d+\.gamma_\d$')
+
+
+def timm_key_names(state: dict, model: torch.nn.Module) -> dict:
+    """``state`` with the key names of the original DeiT III code (``blocks.N.gamma_1``, parallel blocks'
+    ``attn1``, ``norm11`` ...) renamed to those of ``model``, a timm ViT; any other state is returned as is."""
+    if not isinstance(model, VisionTransformer):  # e.g. CaiT, whose own keys are gamma_1 / gamma_2
+        return state
+    if any(isinstance(block, ParallelThingsBlock) for block in model.blocks):
+        renamed = {}
+        for key, value in state.items():
+            match = _BLOCK_KEY.match(key)
+            if match and match.group(2) in _PARALLEL_BLOCK_KEYS:
+                key = match.group(1) + _PARALLEL_BLOCK_KEYS[match.group(2)] + match.group(3)
+            renamed[key] = value
+        return renamed
+    layer_scale = {k: v for k, v in state.items() if _LAYER_SCALE_KEY.match(k)}
+    if not layer_scale:
+        return state
+    # timm's own DeiT III conversion (gamma_N -> lsN.gamma), given only these keys so that it
+    # resamples nothing: position embeddings are resized by interpolate_pos_embed, as the original does.
+    others = {k: v for k, v in state.items() if k not in layer_scale}
+    return {**others, **checkpoint_filter_fn(layer_scale, model, adapt_layer_scale=True)}
+
+
 def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True):
-    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line."""
+    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line.
+
+    A state in the original DeiT III key layout is renamed first (timm_key_names).
+    """
+    state = timm_key_names(state, model)
     problems = describe_state_mismatch(model, state, strict)
     if problems:
         raise UserError(f'{source} does not fit the model: {problems}')

@@ -1,0 +1,169 @@
+"""DeiT III: the original's model names, its checkpoints' key layout, LAMB, --cosub, --attn-only."""
+import re
+
+import pytest
+import timm
+import torch
+from timm.layers import DropPath
+from timm.models.vision_transformer import ParallelThingsBlock
+
+import main
+import models  # noqa: F401
+import utils
+from conftest import FAST, run_main
+
+torch.set_num_threads(1)
+
+# models_v2.py of the original, read by hand: name -> (patch, width, depth, heads, parallel x2, LayerScale).
+# Every one has qkv bias, MLP ratio 4, LayerNorm eps 1e-6, LayerScale init 1e-4 and the position
+# embedding on the patch tokens only.
+ORIGINAL_MODELS = {
+    'deit_tiny_patch16_LS': (16, 192, 12, 3, False, True),
+    'deit_small_patch16_LS': (16, 384, 12, 6, False, True),
+    'deit_medium_patch16_LS': (16, 512, 12, 8, False, True),
+    'deit_base_patch16_LS': (16, 768, 12, 12, False, True),
+    'deit_large_patch16_LS': (16, 1024, 24, 16, False, True),
+    'deit_huge_patch14_LS': (14, 1280, 32, 16, False, True),
+    'deit_huge_patch14_52_LS': (14, 1280, 52, 16, False, True),
+    'deit_huge_patch14_26x2_LS': (14, 1280, 26, 16, True, True),
+    'deit_Giant_48x2_patch14_LS': (14, 1664, 48, 16, True, True),
+    'deit_giant_40x2_patch14_LS': (14, 1408, 40, 16, True, True),
+    'deit_Giant_48_patch14_LS': (14, 1664, 48, 16, False, True),
+    'deit_giant_40_patch14_LS': (14, 1408, 40, 16, False, True),
+    'deit_small_patch16_36_LS': (16, 384, 36, 6, False, True),
+    'deit_small_patch16_36': (16, 384, 36, 6, False, False),
+    'deit_small_patch16_18x2_LS': (16, 384, 18, 6, True, True),
+    'deit_small_patch16_18x2': (16, 384, 18, 6, True, False),
+    'deit_base_patch16_18x2_LS': (16, 768, 18, 12, True, True),
+    'deit_base_patch16_18x2': (16, 768, 18, 12, True, False),
+    'deit_base_patch16_36x1_LS': (16, 768, 36, 12, False, True),
+    'deit_base_patch16_36x1': (16, 768, 36, 12, False, False),
+}
+
+# timm's names of a parallel block's parameters -> the original's (Layer_scale_init_Block_paralx2).
+PARALLEL_TO_ORIGINAL = {
+    'attns.0.norm': 'norm1', 'attns.0.attn': 'attn', 'attns.0.ls.gamma': 'gamma_1',
+    'attns.1.norm': 'norm11', 'attns.1.attn': 'attn1', 'attns.1.ls.gamma': 'gamma_1_1',
+    'ffns.0.norm': 'norm2', 'ffns.0.mlp': 'mlp', 'ffns.0.ls.gamma': 'gamma_2',
+    'ffns.1.norm': 'norm21', 'ffns.1.mlp': 'mlp1', 'ffns.1.ls.gamma': 'gamma_2_1',
+}
+
+
+def original_layout(state: dict) -> dict:
+    """Our model's state dict under the key names that the original's models_v2.py writes."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r'^(blocks\.\d+\.)ls([12])\.gamma$', r'\1gamma_\2', key)
+        for ours, theirs in PARALLEL_TO_ORIGINAL.items():
+            key = re.sub(rf'^(blocks\.\d+\.){re.escape(ours)}(\.|$)', rf'\g<1>{theirs}\2', key)
+        out[key] = value
+    return out
+
+
+def small(name: str, img_size: int = 32, seed: int = 0, depth: int = 2) -> torch.nn.Module:
+    """The architecture at 32 px, 3 classes and 2 blocks: cheap on a CPU."""
+    torch.manual_seed(seed)
+    return timm.create_model(name, img_size=img_size, num_classes=3, depth=depth)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model names
+# ---------------------------------------------------------------------------------------------
+
+def test_every_model_name_of_the_original_is_registered_and_nothing_else():
+    ours = {n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__ == 'models.deit3'}
+    assert ours == set(ORIGINAL_MODELS)
+
+
+@pytest.mark.parametrize('name', sorted(ORIGINAL_MODELS))
+def test_model_has_the_original_architecture(name):
+    patch, width, depth, heads, parallel, layer_scale = ORIGINAL_MODELS[name]
+    with torch.device('meta'):  # the giants cost no memory
+        model = timm.create_model(name, drop_path_rate=0.3)
+    assert (model.patch_embed.patch_size, model.embed_dim, len(model.blocks)) == ((patch, patch), width, depth)
+    assert model.no_embed_class and model.pos_embed.shape[1] == model.patch_embed.num_patches
+    block = model.blocks[-1]
+    assert isinstance(block, ParallelThingsBlock) == parallel
+    attn = block.attns[1].attn if parallel else block.attn
+    assert attn.num_heads == heads and attn.qkv.bias is not None
+    layer_scales = [m for m in block.modules() if isinstance(m, timm.layers.LayerScale)]
+    assert len(layer_scales) == (4 if parallel else 2) * layer_scale
+    assert all(ls.init_values == 1e-4 for ls in layer_scales)
+    assert model.norm.eps == 1e-6
+    # the original's drop path is the full rate in every block (timm's default ramps it from 0)
+    rates = [m.drop_prob for m in model.blocks.modules() if isinstance(m, DropPath)]
+    assert rates == [0.3] * (depth * (4 if parallel else 2))
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_LS', 'deit_small_patch16_18x2_LS'])
+def test_small_models_run_and_initialise_layer_scale_at_1e_4(name):
+    model = small(name)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    gammas = [p for n, p in model.named_parameters() if n.endswith('gamma')]
+    assert gammas and all(torch.all(g == 1e-4) for g in gammas)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints in the original's key layout
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_LS', 'deit_small_patch16_18x2_LS', 'deit_small_patch16_18x2'])
+def test_original_key_layout_loads_strictly_with_the_same_weights(name):
+    source, target = small(name, seed=1), small(name, seed=2)
+    original = original_layout(source.state_dict())
+    assert set(original) != set(target.state_dict())  # the test really renames
+    utils.load_state_checked(target, original, 'original.pth')
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_cait_keys_named_gamma_are_left_alone():
+    cait = timm.create_model('cait_xxs24_224', img_size=32, num_classes=3, depth=2)
+    state = cait.state_dict()
+    assert any('.gamma_1' in k for k in state)
+    assert utils.timm_key_names(state, cait) is state
+
+
+def test_finetune_from_the_original_layout_at_another_input_size_interpolates_pos_embed(tmp_path):
+    source = small('deit_small_patch16_18x2_LS', img_size=32, seed=1)
+    path = tmp_path / 'original.pth'
+    torch.save({'model': original_layout(source.state_dict())}, path)
+    model = small('deit_small_patch16_18x2_LS', img_size=64, seed=2)
+    model.reset_classifier(5)
+    main.load_finetune_weights(model, str(path))
+    assert model.pos_embed.shape == (1, 16, 384)  # 2x2 -> 4x4 patches, no class-token slot
+    assert torch.equal(model.blocks[1].attns[1].ls.gamma, source.blocks[1].attns[1].ls.gamma)
+    assert torch.equal(model.blocks[0].ffns[1].mlp.fc1.weight, source.blocks[0].ffns[1].mlp.fc1.weight)
+
+
+def test_resume_of_an_original_layout_checkpoint_restores_model_and_ema(tmp_path):
+    source, ema_source = small('deit_tiny_patch16_LS', seed=1), small('deit_tiny_patch16_LS', seed=3)
+    path = tmp_path / 'checkpoint.pth'
+    optimizer = torch.optim.AdamW(source.parameters())
+    scheduler, _ = timm.scheduler.create_scheduler(main.get_args_parser().parse_args([]), optimizer)
+    torch.save({'model': original_layout(source.state_dict()), 'optimizer': optimizer.state_dict(),
+                'lr_scheduler': scheduler.state_dict(), 'epoch': 4, 'scaler': {},
+                'model_ema': original_layout(ema_source.state_dict())}, path)
+    args = main.get_args_parser().parse_args(['--resume', str(path)])
+    model = small('deit_tiny_patch16_LS', seed=2)
+    ema = timm.utils.ModelEmaV3(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler, _ = timm.scheduler.create_scheduler(args, optimizer)
+    state = main.TrainingState(model, optimizer, scheduler, main.LossScaler(False, 'cpu'), ema)
+    state.resume(args)
+    assert state.start_epoch == 5
+    assert torch.equal(model.blocks[1].ls2.gamma, source.blocks[1].ls2.gamma)
+    assert torch.equal(ema.module.blocks[1].ls1.gamma, ema_source.blocks[1].ls1.gamma)
+
+
+def test_eval_of_an_original_layout_checkpoint_gives_the_same_accuracy(imagefolder, tmp_path):
+    source = small('deit_tiny_patch16_LS', seed=7, depth=12)  # not the run's seed-0 initialisation
+    ours, original = tmp_path / 'ours.pth', tmp_path / 'original.pth'
+    torch.save({'model': source.state_dict()}, ours)
+    torch.save({'model': original_layout(source.state_dict())}, original)
+    lines = []
+    for path in (ours, original):
+        out = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--eval', '--resume', path,
+                       *FAST).stdout
+        lines.append([line for line in out.splitlines() if line.startswith('* Acc@1')])
+    assert lines[0] and lines[0] == lines[1]
