@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from timm.data import Mixup
 
-from losses import DistillationLoss
+from losses import CoSubLoss, DistillationLoss
 from samplers import sample_seed
 from utils import MetricLogger, UserError, all_reduce_sum, get_rank, seed_everything
 
@@ -102,6 +102,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
+        if isinstance(criterion, CoSubLoss):
+            samples = criterion.duplicate(samples)
         if bce_loss:
             targets = targets.gt(0.0).type(targets.dtype)
 

@@ -56,3 +56,29 @@ class DistillationLoss(torch.nn.Module):
             distillation_loss = F.cross_entropy(outputs_kd, teacher_outputs.argmax(dim=1))
 
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
+
+
+class CoSubLoss(torch.nn.Module):
+    """Co-training with sub-models (DeiT III, ``--cosub``): binary cross-entropy, four terms.
+
+    The batch goes through the model twice (``duplicate``), so the two halves of ``outputs`` are
+    two sub-models of the same network (independent drop-path masks) on the same images. Each half
+    learns from the labels and from the other half's sigmoid predictions, taken as fixed targets:
+
+        loss = (BCE(a, y) + BCE(b, y) + BCE(a, sigmoid(b)) + BCE(b, sigmoid(a))) / 4
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bce = torch.nn.BCEWithLogitsLoss()
+
+    @staticmethod
+    def duplicate(samples: torch.Tensor) -> torch.Tensor:
+        """The batch that the model sees: ``samples`` twice, one after the other."""
+        return torch.cat((samples, samples), dim=0)
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``outputs``: logits of the duplicated batch; ``labels``: soft targets of one copy."""
+        first, second = outputs.chunk(2, dim=0)
+        return 0.25 * (self.bce(first, labels) + self.bce(second, labels)
+                       + self.bce(first, second.detach().sigmoid()) + self.bce(second, first.detach().sigmoid()))

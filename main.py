@@ -29,7 +29,7 @@ import speedups
 import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
-from losses import DISTILLATION_TYPES, DistillationLoss
+from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
 from samplers import RASampler, ResumableSampler
 from teacher import autocast_dtype as teacher_autocast_dtype, prepare_teacher
 from utils import UserError, seed_everything
@@ -123,9 +123,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="classic distillation on the class head of a model without distillation token")
     parser.add_argument('--eval-head', default='both', choices=('cls', 'dist', 'both'),
                         help='classifier of a distilled model that test_acc1 reports; all three are logged')
+    parser.add_argument('--cosub', action='store_true',
+                        help='DeiT III co-training: the batch runs twice, each copy learns from the labels '
+                             'and from the other copy (BCE)')
 
     # Fine-tuning
     parser.add_argument('--finetune', default='', help='fine-tune from this checkpoint file or URL')
+    parser.add_argument('--attn-only', action='store_true',
+                        help='train only the attention layers, the position embedding and the classifier')
 
     # Dataset
     parser.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
@@ -179,6 +184,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='(new) torch.compile the student and the teacher (eager if unavailable)')
 
     # Distributed (filled from the environment set by torchrun / launch / submitit)
+    parser.add_argument('--distributed', action='store_true', default=False,
+                        help='accepted as in the original, which also ignores it: the environment decides')
     parser.add_argument('--world_size', default=1, type=int)
     parser.add_argument('--dist_url', default='env://')
     parser.add_argument('--local-rank', '--local_rank', default=0, type=int,
@@ -215,6 +222,10 @@ def validate_args(args) -> None:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     if args.bce_loss and not mixup_active(args):
         raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
+    if args.cosub and not mixup_active(args):
+        raise UserError('--cosub learns from soft targets (binary cross-entropy): enable --mixup or --cutmix')
+    if args.cosub and args.distillation_type != 'none':
+        raise UserError('--cosub trains without a teacher: drop --distillation-type or --cosub')
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto':
@@ -343,6 +354,18 @@ def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     print(f'Fine-tuning from {path}: {message}')
 
 
+def train_attention_only(model: torch.nn.Module) -> None:
+    """--attn-only: freeze all but the attention layers ('.attn.' in the parameter name), the position
+    embedding and the classifier, as the original does (its class token and patch embedding stay frozen)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = '.attn.' in name
+    classifier = model.get_classifier()
+    for head in classifier if isinstance(classifier, tuple) else (classifier,):  # (head, head_dist) if distilled
+        head.requires_grad_(True)
+    if isinstance(getattr(model, 'pos_embed', None), torch.nn.Parameter):
+        model.pos_embed.requires_grad = True
+
+
 def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch.nn.Module]:
     """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
     inference-only module (teacher.py: BatchNorm folded, channels_last, autocast on CUDA)."""
@@ -357,7 +380,18 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
 
-def build_criterion(args, teacher: Optional[torch.nn.Module]) -> DistillationLoss:
+def optimizer_name(opt: str) -> str:
+    """timm's optimizer for --opt: the original's 'fusedlamb' (apex's FusedLAMB, CUDA only) is timm's LAMB,
+    timm's PyTorch port of that optimizer, which needs neither apex nor CUDA."""
+    if opt.lower() in ('fusedlamb', 'lamb'):
+        print(f"--opt {opt}: timm's LAMB (timm.optim.Lamb)")
+        return 'lamb'
+    return opt
+
+
+def build_criterion(args, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+    if args.cosub:
+        return CoSubLoss()  # the original ignores the other loss settings with --cosub
     if args.bce_loss:
         base = torch.nn.BCEWithLogitsLoss()
     elif mixup_active(args):
@@ -486,6 +520,8 @@ def main(args) -> None:
     model = build_model(args, nb_classes)
     if args.finetune:
         load_finetune_weights(model, args.finetune)
+    if args.attn_only:
+        train_attention_only(model)
     model.to(device)
     model_ema = None
     if args.model_ema:
@@ -505,8 +541,9 @@ def main(args) -> None:
     # Optimisation
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
-    optimizer = create_optimizer_v2(model_without_ddp, **optimizer_kwargs(cfg=args),
-                                    **speedups.optimizer_kwargs(device, args.opt))
+    opt = optimizer_name(args.opt)
+    optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
+                                    **speedups.optimizer_kwargs(device, opt))
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = build_criterion(args, teacher)

@@ -11,6 +11,8 @@ import main
 import models  # noqa: F401
 import utils
 from conftest import FAST, run_main
+from engine import LossScaler, train_one_epoch
+from losses import CoSubLoss
 
 torch.set_num_threads(1)
 
@@ -167,3 +169,119 @@ def test_eval_of_an_original_layout_checkpoint_gives_the_same_accuracy(imagefold
                        *FAST).stdout
         lines.append([line for line in out.splitlines() if line.startswith('* Acc@1')])
     assert lines[0] and lines[0] == lines[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# --opt fusedlamb / lamb
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('opt', ['fusedlamb', 'lamb'])
+def test_lamb_is_timms_lamb_without_apex_and_says_so_once(opt, capsys):
+    name = main.optimizer_name(opt)
+    assert capsys.readouterr().out == f"--opt {opt}: timm's LAMB (timm.optim.Lamb)\n"
+    optimizer = timm.optim.create_optimizer_v2(torch.nn.Linear(2, 2), opt=name, lr=1e-3)
+    assert isinstance(optimizer, timm.optim.Lamb)
+
+
+def test_other_optimizers_keep_their_name_silently(capsys):
+    assert main.optimizer_name('adamw') == 'adamw' and capsys.readouterr().out == ''
+
+
+# ---------------------------------------------------------------------------------------------
+# --cosub
+# ---------------------------------------------------------------------------------------------
+
+def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy with logits, written out."""
+    p = logits.sigmoid()
+    return -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+
+
+def test_cosub_loss_each_half_learns_from_the_labels_and_the_other_halfs_predictions():
+    a = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]], requires_grad=True)
+    b = torch.tensor([[-1.0, 0.5, 1.5], [1.0, -0.5, 0.0]], requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.6, 0.4]])
+    loss = CoSubLoss()(torch.zeros(4, 1), torch.cat((a, b)), labels)
+    expected = (bce(a, labels) + bce(b, labels) + bce(a, b.sigmoid()) + bce(b, a.sigmoid())) / 4
+    assert torch.allclose(loss, expected.detach())
+    loss.backward()
+    # The other half's prediction is a fixed target: d/da = (sig(a) - y + sig(a) - sig(b)) / (4 numel).
+    sa, sb = a.detach().sigmoid(), b.detach().sigmoid()
+    assert torch.allclose(a.grad, (2 * sa - labels - sb) / (4 * a.numel()))
+    assert torch.allclose(b.grad, (2 * sb - labels - sa) / (4 * b.numel()))
+
+
+class Recorder(torch.nn.Module):
+    """A linear classifier that keeps the last batch it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.fc(x.flatten(1))
+
+
+def test_cosub_training_step_runs_the_batch_twice_and_takes_the_four_term_loss():
+    args = main.get_args_parser().parse_args(['--cosub', '--print-freq', '1'])
+    args.amp = False
+    torch.manual_seed(0)
+    model = Recorder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 3, 4, 4)
+    targets = torch.softmax(torch.randn(4, 3), dim=1)  # soft targets, as after Mixup
+    stats = train_one_epoch(model, CoSubLoss(), [(images, targets, [])], torch.optim.SGD(model.parameters(), lr=0.0),
+                            torch.device('cpu'), 0, LossScaler(False, 'cpu'), args=args)
+    assert torch.equal(model.seen, torch.cat((images, images)))
+    model.load_state_dict(before)
+    logits = model(images)
+    expected = (2 * bce(logits, targets) + 2 * bce(logits, logits.sigmoid())) / 4  # same weights, no drop path
+    assert stats['loss'] == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize('flags,fragment', [
+    (['--mixup', '0', '--cutmix', '0'], 'enable --mixup or --cutmix'),
+    (['--distillation-type', 'hard', '--teacher-path', __file__, '--model', 'deit_tiny_distilled_patch4_32'],
+     'drop --distillation-type or --cosub'),
+])
+def test_cosub_refuses_what_it_cannot_honour(flags, fragment):
+    args = main.get_args_parser().parse_args(['--cosub', *flags])
+    with pytest.raises(utils.UserError, match=fragment):
+        main.validate_args(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# --attn-only, and a run with the DeiT III flags
+# ---------------------------------------------------------------------------------------------
+
+def attention_only_names(model) -> set:
+    """What the original's --attn-only trains: '.attn.' parameters, the classifier, the position embedding."""
+    return {n for n, _ in model.named_parameters() if '.attn.' in n} | {'head.weight', 'head.bias', 'pos_embed'}
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_LS', 'deit_small_patch16_18x2_LS'])
+def test_attn_only_gradients_reach_exactly_attention_classifier_and_position_embedding(name):
+    model = small(name)
+    main.train_attention_only(model)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == attention_only_names(model)
+    assert {'blocks.1.attns.1.attn.qkv.weight' if 'x2' in name else 'blocks.1.attn.proj.bias'} <= with_grad
+    assert not with_grad & {'cls_token', 'patch_embed.proj.weight', 'norm.weight'}
+
+
+def test_a_deit3_run_with_cosub_attn_only_fusedlamb_and_distributed_trains_only_attention(imagefolder, tmp_path):
+    source = small('deit_tiny_patch16_LS', seed=1, depth=12)
+    original = tmp_path / 'original.pth'
+    torch.save({'model': original_layout(source.state_dict())}, original)
+    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--finetune', original,
+                    '--attn-only', '--cosub', '--opt', 'fusedlamb', '--distributed', '--epochs', '1',
+                    '--lr', '1e-2', '--no-model-ema', '--output_dir', tmp_path / 'out', *FAST)
+    assert proc.stdout.count("--opt fusedlamb: timm's LAMB") == 1 and 'Not using distributed mode' in proc.stdout
+    trained = torch.load(tmp_path / 'out' / 'checkpoint.pth', weights_only=True)['model']
+    trainable = attention_only_names(source)
+    for key, value in source.state_dict().items():
+        assert torch.equal(trained[key], value) == (key not in trainable), key
+    n_trainable = sum(p.numel() for n, p in source.named_parameters() if n in trainable)
+    assert f'number of params: {n_trainable}' in proc.stdout
