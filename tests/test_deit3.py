@@ -1,4 +1,5 @@
 """DeiT III: the original's model names, its checkpoints' key layout, LAMB, --cosub, --attn-only."""
+import argparse
 import re
 
 import pytest
@@ -7,10 +8,11 @@ import torch
 from timm.layers import DropPath
 from timm.models.vision_transformer import ParallelThingsBlock
 
+import config
 import main
 import models  # noqa: F401
 import utils
-from conftest import FAST, run_main
+from conftest import FAST, REPO, run_main
 from engine import LossScaler, train_one_epoch
 from losses import CoSubLoss
 
@@ -285,3 +287,43 @@ def test_a_deit3_run_with_cosub_attn_only_fusedlamb_and_distributed_trains_only_
         assert torch.equal(trained[key], value) == (key not in trainable), key
     n_trainable = sum(p.numel() for n, p in source.named_parameters() if n in trainable)
     assert f'number of params: {n_trainable}' in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/deit3: the README_revenge commands
+# ---------------------------------------------------------------------------------------------
+
+# From the original's README_revenge commands: config -> (input, images per step, lr, epochs, weight
+# decay, drop path, LAMB, 3-Augment + simple random crop, binary cross-entropy, top-1 it reproduces).
+REVENGE = {
+    'deit_small_patch16_LS_224_in1k': (224, 2048, 4e-3, 800, 0.05, 0.05, True, (True, False), True, 81.4),
+    'deit_base_patch16_LS_192_in1k': (192, 2048, 3e-3, 800, 0.05, 0.2, True, (True, False), True, 83.8),
+    'deit_large_patch16_LS_192_in1k': (192, 2048, 3e-3, 800, 0.05, 0.45, True, (True, False), True, 84.9),
+    'deit_huge_patch14_LS_160_in1k': (160, 2048, 3e-3, 800, 0.05, 0.6, True, (True, False), True, 85.2),
+    'deit_small_patch16_LS_384_in1k_finetune': (384, 512, 1e-5, 20, 0.1, 0.0, False, (False, False), False, 83.4),
+    'deit_base_patch16_LS_224_in1k_finetune': (224, 512, 1e-5, 20, 0.1, 0.2, False, (False, False), False, 83.8),
+    'deit_large_patch16_LS_224_in1k_finetune': (224, 512, 1e-5, 20, 0.1, 0.45, False, (False, False), False, 84.9),
+    'deit_huge_patch14_LS_224_in1k_finetune': (224, 512, 1e-5, 20, 0.1, 0.55, False, (False, False), False, 85.2),
+    'deit_small_patch16_LS_224_in21k': (224, 2048, 1e-3, 240, 0.02, 0.05, True, (True, True), False, 83.1),
+    'deit_base_patch16_LS_224_in21k': (224, 2048, 1e-3, 240, 0.02, 0.1, True, (True, True), False, 85.7),
+    'deit_large_patch16_LS_224_in21k': (224, 2048, 1e-3, 240, 0.02, 0.3, True, (True, True), False, 87.0),
+    'deit_huge_patch14_LS_128_in21k': (128, 2048, 1e-3, 90, 0.02, 0.5, True, (True, True), False, 87.2),
+    'deit_small_patch16_LS_224_in21k_finetune': (224, 2048, 3e-4, 50, 0.02, 0.05, True, (True, True), False, 83.1),
+    'deit_base_patch16_LS_224_in21k_finetune': (224, 2048, 3e-4, 50, 0.02, 0.15, True, (True, True), False, 85.7),
+    'deit_large_patch16_LS_224_in21k_finetune': (224, 2048, 3e-4, 50, 0.02, 0.4, True, (True, True), False, 87.0),
+    'deit_huge_patch14_LS_224_in21k_finetune': (224, 2048, 3e-4, 50, 0.02, 0.45, True, (True, True), False, 87.2),
+}
+
+
+@pytest.mark.parametrize('name', sorted(REVENGE))
+def test_deit3_recipe_matches_the_readme_revenge_command(name):
+    path = REPO / 'configs' / 'deit3' / f'{name}.yaml'
+    text = path.read_text()
+    args = config.parse_args(argparse.ArgumentParser(parents=[main.get_args_parser()]), ['--config', str(path)])
+    size, images, lr, epochs, wd, drop_path, lamb, (three_augment, src), bce, top1 = REVENGE[name]
+    gpus = int(re.search(r'--nodes (\d+) --ngpus 8', text).group(1)) * 8
+    assert (args.input_size, args.batch_size * gpus, args.lr, args.epochs, args.weight_decay, args.drop_path) == \
+        (size, images, lr, epochs, wd, drop_path)
+    assert (args.opt == 'lamb') == lamb and (args.ThreeAugment, args.src, args.bce_loss) == (three_augment, src, bce)
+    assert args.unscale_lr and args.cooldown_epochs == 0 and args.model == name.split('_LS')[0] + '_LS'
+    assert f'{top1}% top-1' in text.split('\n# Run:')[0] and 'table' in text.splitlines()[0]
