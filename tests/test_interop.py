@@ -173,6 +173,26 @@ def test_hub_pretrained_checks_keys_strictly(weights_server):
                        pretrained_cfg_overlay=dict(url=f'{base}/{file_name}'))
 
 
+def test_hub_pretrained_loads_a_deit3_file_in_the_original_key_layout(weights_server):
+    served, base = weights_server
+    reference = timm.create_model('deit_small_patch16_18x2_LS', img_size=32, depth=2)
+    renamed = {}
+    for key, value in reference.state_dict().items():  # timm's parallel-block names -> models_v2.py's
+        for ours, theirs in (('attns.0.norm', 'norm1'), ('attns.1.norm', 'norm11'), ('attns.1.attn', 'attn1'),
+                             ('attns.1.ls.gamma', 'gamma_1_1'), ('attns.0.ls.gamma', 'gamma_1'),
+                             ('attns.0.attn', 'attn'), ('ffns.0.norm', 'norm2'), ('ffns.1.norm', 'norm21'),
+                             ('ffns.1.mlp', 'mlp1'), ('ffns.0.mlp', 'mlp'), ('ffns.1.ls.gamma', 'gamma_2_1'),
+                             ('ffns.0.ls.gamma', 'gamma_2')):
+            key = key.replace(f'.{ours}', f'.{theirs}')
+        renamed[key] = value
+    assert 'blocks.1.gamma_2_1' in renamed and 'blocks.0.norm11.weight' in renamed
+    file_name = serve_checkpoint(served, 'deit_3_small_18x2', renamed)
+    model = torch.hub.load(str(REPO), 'deit_small_patch16_18x2_LS', source='local', pretrained=True, img_size=32,
+                           depth=2, pretrained_cfg_overlay=dict(url=f'{base}/{file_name}'))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(eval_logits(model, images), eval_logits(reference, images))
+
+
 def test_hub_pretrained_without_a_url_says_so():
     with pytest.raises(utils.UserError, match='deit_tiny_patch4_32 has no official weights'):
         torch.hub.load(str(REPO), 'deit_tiny_patch4_32', source='local', pretrained=True)
