@@ -27,30 +27,46 @@ def _cfg(url: str = '', **kwargs) -> dict:
     }
 
 
-# timm's register_model reads this module-level table for each entrypoint's pretrained config. The
-# URLs are the original's ImageNet-1k weights at 224 px (its pretrained=True default).
+# name -> (patch, width, depth, heads, LayerScale, 2 parallel branches per block), as in models_v2.py:
+# DeiT III: Revenge of the ViT (https://arxiv.org/abs/2204.07118), then the models of Three things
+# everyone should know about Vision Transformers (https://arxiv.org/abs/2203.09795). The original's
+# two ``..x2`` giants name a block class that models_v2.py never defines (they fail there); here they
+# are what their names and their ``_26x2_LS`` sibling say: parallel blocks with LayerScale.
+ARCHITECTURES = {
+    'deit_tiny_patch16_LS': (16, 192, 12, 3, True, False),
+    'deit_small_patch16_LS': (16, 384, 12, 6, True, False),
+    'deit_medium_patch16_LS': (16, 512, 12, 8, True, False),
+    'deit_base_patch16_LS': (16, 768, 12, 12, True, False),
+    'deit_large_patch16_LS': (16, 1024, 24, 16, True, False),
+    'deit_huge_patch14_LS': (14, 1280, 32, 16, True, False),
+    'deit_huge_patch14_52_LS': (14, 1280, 52, 16, True, False),
+    'deit_huge_patch14_26x2_LS': (14, 1280, 26, 16, True, True),
+    'deit_Giant_48x2_patch14_LS': (14, 1664, 48, 16, True, True),
+    'deit_giant_40x2_patch14_LS': (14, 1408, 40, 16, True, True),
+    'deit_Giant_48_patch14_LS': (14, 1664, 48, 16, True, False),
+    'deit_giant_40_patch14_LS': (14, 1408, 40, 16, True, False),
+    'deit_small_patch16_36_LS': (16, 384, 36, 6, True, False),
+    'deit_small_patch16_36': (16, 384, 36, 6, False, False),
+    'deit_small_patch16_18x2_LS': (16, 384, 18, 6, True, True),
+    'deit_small_patch16_18x2': (16, 384, 18, 6, False, True),
+    'deit_base_patch16_18x2_LS': (16, 768, 18, 12, True, True),
+    'deit_base_patch16_18x2': (16, 768, 18, 12, False, True),
+    'deit_base_patch16_36x1_LS': (16, 768, 36, 12, True, False),
+    'deit_base_patch16_36x1': (16, 768, 36, 12, False, False),
+}
+
+# The original's ImageNet-1k weights at 224 px (its pretrained=True default).
+_OFFICIAL_WEIGHTS = {
+    'deit_small_patch16_LS': 'deit_3_small_224_1k.pth',
+    'deit_medium_patch16_LS': 'deit_3_medium_224_1k.pth',
+    'deit_base_patch16_LS': 'deit_3_base_224_1k.pth',
+    'deit_large_patch16_LS': 'deit_3_large_224_1k.pth',
+    'deit_huge_patch14_LS': 'deit_3_huge_224_1k_v1.pth',
+}
+
+# timm's register_model reads this module-level table for each entrypoint's pretrained config.
 default_cfgs = generate_default_cfgs({
-    'deit_tiny_patch16_LS': _cfg(),
-    'deit_small_patch16_LS': _cfg(_WEIGHTS + 'deit_3_small_224_1k.pth'),
-    'deit_medium_patch16_LS': _cfg(_WEIGHTS + 'deit_3_medium_224_1k.pth'),
-    'deit_base_patch16_LS': _cfg(_WEIGHTS + 'deit_3_base_224_1k.pth'),
-    'deit_large_patch16_LS': _cfg(_WEIGHTS + 'deit_3_large_224_1k.pth'),
-    'deit_huge_patch14_LS': _cfg(_WEIGHTS + 'deit_3_huge_224_1k_v1.pth'),
-    'deit_huge_patch14_52_LS': _cfg(),
-    'deit_huge_patch14_26x2_LS': _cfg(),
-    'deit_Giant_48x2_patch14_LS': _cfg(),
-    'deit_giant_40x2_patch14_LS': _cfg(),
-    'deit_Giant_48_patch14_LS': _cfg(),
-    'deit_giant_40_patch14_LS': _cfg(),
-    'deit_small_patch16_36_LS': _cfg(),
-    'deit_small_patch16_36': _cfg(),
-    'deit_small_patch16_18x2_LS': _cfg(),
-    'deit_small_patch16_18x2': _cfg(),
-    'deit_base_patch16_18x2_LS': _cfg(),
-    'deit_base_patch16_18x2': _cfg(),
-    'deit_base_patch16_36x1_LS': _cfg(),
-    'deit_base_patch16_36x1': _cfg(),
-})
+    name: _cfg(_WEIGHTS + _OFFICIAL_WEIGHTS[name] if name in _OFFICIAL_WEIGHTS else '') for name in ARCHITECTURES})
 
 LAYER_SCALE_INIT = 1e-4  # the original's init_scale default; timm's deit3_* use 1e-6
 
@@ -65,10 +81,10 @@ def _same_drop_path_in_every_block(model: VisionTransformer, rate: float) -> Non
                     setattr(parent, name, DropPath(rate) if rate > 0 else torch.nn.Identity())
 
 
-def _create(variant: str, pretrained: bool, kwargs: dict, *, patch_size: int, embed_dim: int, depth: int,
-            num_heads: int, layer_scale: bool, parallel: bool = False) -> VisionTransformer:
+def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    patch_size, embed_dim, depth, num_heads, layer_scale, parallel = ARCHITECTURES[variant]
+    # As timm's entrypoints do, keyword arguments override the architecture (e.g. depth=2 for a test);
     # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes.
-    # As timm's entrypoints do, keyword arguments override the architecture (e.g. depth=2 for a test).
     model_args = dict(
         patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0,
         qkv_bias=True, no_embed_class=True, init_values=LAYER_SCALE_INIT if layer_scale else None,
@@ -83,149 +99,18 @@ def _create(variant: str, pretrained: bool, kwargs: dict, *, patch_size: int, em
     return model
 
 
-# DeiT III: Revenge of the ViT (https://arxiv.org/abs/2204.07118)
+def _entrypoint(name: str):
+    """The timm model entrypoint of ``name`` (register_model reads the function's name)."""
+    def entrypoint(pretrained: bool = False, **kwargs) -> VisionTransformer:
+        return _create(name, pretrained, **kwargs)
 
-@register_model
-def deit_tiny_patch16_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-Ti/16: 12 blocks of width 192, 3 heads, LayerScale."""
-    return _create('deit_tiny_patch16_LS', pretrained, kwargs, patch_size=16, embed_dim=192, depth=12,
-                   num_heads=3, layer_scale=True)
-
-
-@register_model
-def deit_small_patch16_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-S/16: 12 blocks of width 384, 6 heads, LayerScale."""
-    return _create('deit_small_patch16_LS', pretrained, kwargs, patch_size=16, embed_dim=384, depth=12,
-                   num_heads=6, layer_scale=True)
+    patch_size, embed_dim, depth, num_heads, layer_scale, parallel = ARCHITECTURES[name]
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = (f'ViT/{patch_size} of the original DeiT III code: {depth} blocks'
+                          f'{" of 2 parallel branches" if parallel else ""}, width {embed_dim}, {num_heads} heads, '
+                          f'{"LayerScale" if layer_scale else "no LayerScale"}.')
+    return entrypoint
 
 
-@register_model
-def deit_medium_patch16_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-M/16: 12 blocks of width 512, 8 heads, LayerScale."""
-    return _create('deit_medium_patch16_LS', pretrained, kwargs, patch_size=16, embed_dim=512, depth=12,
-                   num_heads=8, layer_scale=True)
-
-
-@register_model
-def deit_base_patch16_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-B/16: 12 blocks of width 768, 12 heads, LayerScale."""
-    return _create('deit_base_patch16_LS', pretrained, kwargs, patch_size=16, embed_dim=768, depth=12,
-                   num_heads=12, layer_scale=True)
-
-
-@register_model
-def deit_large_patch16_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-L/16: 24 blocks of width 1024, 16 heads, LayerScale."""
-    return _create('deit_large_patch16_LS', pretrained, kwargs, patch_size=16, embed_dim=1024, depth=24,
-                   num_heads=16, layer_scale=True)
-
-
-@register_model
-def deit_huge_patch14_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """DeiT III ViT-H/14: 32 blocks of width 1280, 16 heads, LayerScale."""
-    return _create('deit_huge_patch14_LS', pretrained, kwargs, patch_size=14, embed_dim=1280, depth=32,
-                   num_heads=16, layer_scale=True)
-
-
-@register_model
-def deit_huge_patch14_52_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-H/14 with 52 blocks of width 1280, 16 heads, LayerScale."""
-    return _create('deit_huge_patch14_52_LS', pretrained, kwargs, patch_size=14, embed_dim=1280, depth=52,
-                   num_heads=16, layer_scale=True)
-
-
-@register_model
-def deit_huge_patch14_26x2_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-H/14 with 26 blocks of 2 parallel branches, width 1280, 16 heads, LayerScale."""
-    return _create('deit_huge_patch14_26x2_LS', pretrained, kwargs, patch_size=14, embed_dim=1280, depth=26,
-                   num_heads=16, layer_scale=True, parallel=True)
-
-
-# The original's two ``..x2`` giant entrypoints name a block class that models_v2.py never defines
-# (they fail there); here they are what their names and their ``_26x2_LS`` sibling say: parallel
-# blocks with LayerScale.
-
-@register_model
-def deit_Giant_48x2_patch14_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:  # noqa: N802
-    """ViT-G/14 with 48 blocks of 2 parallel branches, width 1664, 16 heads, LayerScale."""
-    return _create('deit_Giant_48x2_patch14_LS', pretrained, kwargs, patch_size=14, embed_dim=1664, depth=48,
-                   num_heads=16, layer_scale=True, parallel=True)
-
-
-@register_model
-def deit_giant_40x2_patch14_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-g/14 with 40 blocks of 2 parallel branches, width 1408, 16 heads, LayerScale."""
-    return _create('deit_giant_40x2_patch14_LS', pretrained, kwargs, patch_size=14, embed_dim=1408, depth=40,
-                   num_heads=16, layer_scale=True, parallel=True)
-
-
-@register_model
-def deit_Giant_48_patch14_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:  # noqa: N802
-    """ViT-G/14 with 48 blocks of width 1664, 16 heads, LayerScale."""
-    return _create('deit_Giant_48_patch14_LS', pretrained, kwargs, patch_size=14, embed_dim=1664, depth=48,
-                   num_heads=16, layer_scale=True)
-
-
-@register_model
-def deit_giant_40_patch14_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-g/14 with 40 blocks of width 1408, 16 heads, LayerScale."""
-    return _create('deit_giant_40_patch14_LS', pretrained, kwargs, patch_size=14, embed_dim=1408, depth=40,
-                   num_heads=16, layer_scale=True)
-
-
-# Three things everyone should know about Vision Transformers (https://arxiv.org/abs/2203.09795)
-
-@register_model
-def deit_small_patch16_36_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-S/16 with 36 blocks of width 384, 6 heads, LayerScale."""
-    return _create('deit_small_patch16_36_LS', pretrained, kwargs, patch_size=16, embed_dim=384, depth=36,
-                   num_heads=6, layer_scale=True)
-
-
-@register_model
-def deit_small_patch16_36(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-S/16 with 36 blocks of width 384, 6 heads, no LayerScale."""
-    return _create('deit_small_patch16_36', pretrained, kwargs, patch_size=16, embed_dim=384, depth=36,
-                   num_heads=6, layer_scale=False)
-
-
-@register_model
-def deit_small_patch16_18x2_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-S/16 with 18 blocks of 2 parallel branches, width 384, 6 heads, LayerScale."""
-    return _create('deit_small_patch16_18x2_LS', pretrained, kwargs, patch_size=16, embed_dim=384, depth=18,
-                   num_heads=6, layer_scale=True, parallel=True)
-
-
-@register_model
-def deit_small_patch16_18x2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-S/16 with 18 blocks of 2 parallel branches, width 384, 6 heads, no LayerScale."""
-    return _create('deit_small_patch16_18x2', pretrained, kwargs, patch_size=16, embed_dim=384, depth=18,
-                   num_heads=6, layer_scale=False, parallel=True)
-
-
-@register_model
-def deit_base_patch16_18x2_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-B/16 with 18 blocks of 2 parallel branches, width 768, 12 heads, LayerScale."""
-    return _create('deit_base_patch16_18x2_LS', pretrained, kwargs, patch_size=16, embed_dim=768, depth=18,
-                   num_heads=12, layer_scale=True, parallel=True)
-
-
-@register_model
-def deit_base_patch16_18x2(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-B/16 with 18 blocks of 2 parallel branches, width 768, 12 heads, no LayerScale."""
-    return _create('deit_base_patch16_18x2', pretrained, kwargs, patch_size=16, embed_dim=768, depth=18,
-                   num_heads=12, layer_scale=False, parallel=True)
-
-
-@register_model
-def deit_base_patch16_36x1_LS(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-B/16 with 36 blocks of width 768, 12 heads, LayerScale."""
-    return _create('deit_base_patch16_36x1_LS', pretrained, kwargs, patch_size=16, embed_dim=768, depth=36,
-                   num_heads=12, layer_scale=True)
-
-
-@register_model
-def deit_base_patch16_36x1(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-B/16 with 36 blocks of width 768, 12 heads, no LayerScale."""
-    return _create('deit_base_patch16_36x1', pretrained, kwargs, patch_size=16, embed_dim=768, depth=36,
-                   num_heads=12, layer_scale=False)
+for _name in ARCHITECTURES:
+    globals()[_name] = register_model(_entrypoint(_name))

@@ -17,16 +17,6 @@ from engine import LossScaler, train_one_epoch
 from losses import CoSubLoss
 
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """Small models on busy shared cores: a second intra-op thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # models_v2.py of the original, read by hand: name -> (patch, width, depth, heads, parallel x2, LayerScale).
 # Every one has qkv bias, MLP ratio 4, LayerNorm eps 1e-6, LayerScale init 1e-4 and the position
 # embedding on the patch tokens only.
