@@ -134,3 +134,36 @@ def test_grad_accum_steps_must_be_positive(tmp_path):
     proc = run_main('--data-path', tmp_path, '--model', 'deit_tiny_patch4_32', *FAST, '--grad-accum-steps', '0',
                     check=False)
     assert proc.returncode == 2 and 'error: --grad-accum-steps must be positive' in proc.stderr
+
+
+def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Bytes that autograd keeps for the backward pass of one forward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        model(images)
+    return sum(saved)
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_less_saved_memory():
+    args = main.get_args_parser().parse_args(['--model', 'deit_tiny_patch4_32', '--input-size', '32',
+                                              '--grad-checkpointing', '--distillation-type', 'none'])
+    checkpointed = main.build_model(args, nb_classes=3)  # with drop-path: the recomputation must redraw it alike
+    plain = timm.create_model('deit_tiny_patch4_32', num_classes=3, drop_path_rate=args.drop_path)
+    plain.load_state_dict(checkpointed.state_dict())
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    results = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(0)
+        loss = torch.nn.functional.cross_entropy(model(images), targets)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    assert_close_states(results[0][1], results[1][1], 'grad', atol=1e-6)
+    assert saved_activation_bytes(checkpointed, images) < 0.2 * saved_activation_bytes(plain, images)
+
+
+def test_grad_checkpointing_on_a_model_without_it_is_one_clear_error(tmp_path):
+    proc = run_main('--data-path', tmp_path, '--model', 'convit_tiny', *FAST, '--grad-checkpointing', check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert 'error: --model convit_tiny does not support --grad-checkpointing' in proc.stderr
