@@ -16,6 +16,10 @@ Model figures are also shown as a fraction of this machine's fp32 matmul rate, m
 run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode (plus torch's attention formulas
 for the CPU attention kernel, which it lacks).
 
+  memory  the activation memory of one forward + backward, without and with --grad-checkpointing
+         (timm's activation checkpointing): the peak resident memory it adds to a fresh process
+         (not in the default sections: two model steps in subprocesses).
+
 --breakdown also prints where the time goes, and the best ratio that leaves: the stages of both
 train pipelines (ms per image) and the operator groups of the baseline's training step.
 """
@@ -26,7 +30,9 @@ import io
 import json
 import random
 import resource
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,7 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--steps', default=1, type=int, help='timed model steps per repeat')
     parser.add_argument('--repeats', default=3, type=int, help='timed runs per figure (the median is shown)')
     parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
-                        choices=['data', 'train', 'distill', 'eval', 'teacher'])
+                        choices=['data', 'train', 'distill', 'eval', 'teacher', 'memory'])
     parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
     parser.add_argument('--amp-dtype', default='', choices=('', 'bfloat16', 'float16'),
                         help='run ours under autocast in this dtype, as main.py --amp --amp-dtype does '
@@ -475,6 +481,54 @@ def step_profile(args) -> Dict[str, Dict[str, float]]:
             'gflops': {group: flops[group] / timer.seconds[group] / 1e9 for group in kept}}
 
 
+def step_memory_probe(name: str, batch_size: int, input_size: int, checkpointing: bool) -> float:
+    """MiB that one forward + backward adds to this process's resident memory at its peak, the weights,
+    their gradients and the batch being in memory already (run in a fresh process: see activation_memory)."""
+    args = Namespace(input_size=input_size)
+    model = create(name, args)
+    if checkpointing:
+        main.enable_grad_checkpointing(model, name)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, input_size, input_size, generator=g)
+    targets = torch.randint(0, 1000, (batch_size,), generator=g)
+
+    def step(n: int) -> None:
+        F.cross_entropy(model(images[:n]), targets[:n]).backward()
+    step(1)  # allocates the gradients and loads the kernels: what remains is the activations
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets the peak (VmHWM) to the current resident size
+    before = proc_status_kib('VmRSS')
+    step(batch_size)
+    return (proc_status_kib('VmHWM') - before) / 1024
+
+
+def proc_status_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def activation_memory(args) -> dict:
+    """step_memory_probe without and with checkpointing, each in a fresh process. glibc returns every
+    allocation above 64 KiB to the system when it is freed (a fixed mmap threshold), so that the
+    resident size follows the tensors alive."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+    probes = {}
+    for name, checkpointing in (('plain', False), ('checkpointing', True)):  # side by side: one start-up time
+        code = (f'import benchmark; print(benchmark.step_memory_probe({args.model!r}, {args.batch_size}, '
+                f'{args.input_size}, {checkpointing}))')
+        probes[name] = subprocess.Popen([sys.executable, '-c', code], cwd=Path(__file__).resolve().parent, env=env,
+                                        stdout=subprocess.PIPE, text=True)
+    mib = {}
+    for name, proc in probes.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f'the {name} memory probe failed (exit {proc.returncode})')
+        mib[name] = float(out.split()[-1])
+    mib['saving'] = 1 - mib['checkpointing'] / mib['plain']
+    print(f'memory: {mib["plain"]:.0f} -> {mib["checkpointing"]:.0f} MiB', file=sys.stderr, flush=True)
+    return mib
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -550,8 +604,9 @@ def run(args) -> dict:
         rows += bench_models(args)
     if args.breakdown and 'train' in args.sections:
         breakdown['train step'] = step_profile(args)
+    memory = activation_memory(args) if 'memory' in args.sections else None
     limits = [r['matmul_gflops'] for r in rows if 'gflop_per_image' in r]
-    return {'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
+    return {'memory': memory, 'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
             'rows': rows, 'breakdown': breakdown, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
             'peak_rss_mib': peak_rss_mib()}
 
@@ -559,7 +614,8 @@ def run(args) -> dict:
 def cli(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     report = run(args)
-    print(format_table(report['rows']))
+    if report['rows']:
+        print(format_table(report['rows']))
     if report['matmul_gflops']:
         print(f'fp32 matmul (2048^2, {report["threads"]} threads): {report["matmul_gflops"]:.0f} GFLOP/s, measured '
               f'between the timed runs of each model line; %lim = achieved GFLOP/s / that rate')
@@ -567,6 +623,11 @@ def cli(argv=None) -> int:
           f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}, '
           f'ours in {args.amp_dtype or "float32"}; '
           f'peak RSS {report["peak_rss_mib"]:.0f} MiB')
+    if report['memory']:
+        mib = report['memory']
+        print(f'activation memory of one forward + backward (peak resident memory it adds; batch {args.batch_size}, '
+              f'{args.input_size} px): {mib["plain"]:.0f} MiB, {mib["checkpointing"]:.0f} MiB with --grad-checkpointing '
+              f'({100 * mib["saving"]:.0f}% less)')
     if report['breakdown']:
         print(format_breakdown(report['breakdown'], report['rows'], args))
     if args.json:

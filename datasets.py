@@ -1,10 +1,13 @@
 """Datasets (ImageNet-style folders, CIFAR, iNaturalist, scikit-learn's digits) and the DeiT train/eval
 transforms."""
 import contextlib
+import csv
 import json
 import os
 import random
-from typing import List, Tuple
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -14,7 +17,8 @@ from timm.data import auto_augment
 from torchvision import datasets, transforms
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
-from torchvision.datasets.folder import ImageFolder, default_loader
+from torchvision.datasets import imagenet
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
 
 from utils import UserError
 
@@ -128,6 +132,105 @@ def _image_folder(root: str, split: str, transform) -> ImageFolder:
         raise UserError(f'cannot read {path}: {e}') from None
 
 
+class FlatValFolder(ImageFolder):
+    """ImageNet's validation images as downloaded (one flat folder), labelled with the classes of train/.
+
+    ``wnid_of`` maps each file name to its WordNet id (a train/ class folder); samples, classes and
+    loading are ImageFolder's.
+    """
+
+    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None):
+        self.wnid_of, self.train_classes = wnid_of, classes
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        return self.train_classes, {wnid: i for i, wnid in enumerate(self.train_classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: Dict[str, int], *args, **kwargs) -> List[Tuple[str, int]]:
+        return [(os.path.join(directory, name), class_to_idx[wnid]) for name, wnid in sorted(self.wnid_of.items())]
+
+
+def flat_images(folder: str) -> List[str]:
+    """The image files directly in ``folder``, sorted; empty when it holds class folders."""
+    entries = list(os.scandir(folder))
+    if any(e.is_dir() for e in entries):
+        return []
+    return sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS))
+
+
+# Where the labels of a flat val/ come from, looked up in --data-path in this order: torchvision's
+# parsed devkit, the devkit archive itself, and Kaggle's CSV (also one to three folders up, since
+# Kaggle's --data-path is ILSVRC/Data/CLS-LOC).
+META_BIN, DEVKIT, KAGGLE_CSV = imagenet.META_FILE, imagenet.ARCHIVE_META['devkit'][0], 'LOC_val_solution.csv'
+
+
+def val_ground_truth(data_path: str, images: List[str]) -> Tuple[Dict[str, str], str]:
+    """File name -> WordNet id for the flat val/ ``images``, and the file it was read from."""
+    if os.path.isfile(os.path.join(data_path, META_BIN)):
+        source = os.path.join(data_path, META_BIN)
+        return by_position(images, imagenet.load_meta_file(data_path)[1], source), source
+    if os.path.isfile(os.path.join(data_path, DEVKIT)):
+        source = os.path.join(data_path, DEVKIT)
+        with tempfile.TemporaryDirectory() as parsed:
+            try:  # md5-checked, then parsed with scipy as torchvision.datasets.ImageNet does
+                imagenet.parse_devkit_archive(parsed, file=os.path.abspath(source))
+            except RuntimeError as e:
+                raise UserError(f'{source}: {e}: download the devkit again') from None
+            return by_position(images, imagenet.load_meta_file(parsed)[1], source), source
+    for folder in [Path(data_path), *Path(data_path).resolve().parents[:3]]:
+        if (folder / KAGGLE_CSV).is_file():
+            source = str(folder / KAGGLE_CSV)
+            return by_image_id(images, read_kaggle_solution(source), source), source
+    raise UserError(f'{os.path.join(data_path, "val")} holds images, not class folders, and no ground truth was '
+                    f'found: put {DEVKIT} (ImageNet\'s devkit) or torchvision\'s {META_BIN} in --data-path, '
+                    f'or Kaggle\'s {KAGGLE_CSV} next to it, or arrange val/ into class folders')
+
+
+def by_position(images: List[str], wnids: List[str], source: str) -> Dict[str, str]:
+    """The devkit lists one label per validation image, in the order of their file names."""
+    if len(images) != len(wnids):
+        raise UserError(f'val/ has {len(images)} images but {source} labels {len(wnids)}: '
+                        f'val/ must hold exactly the {len(wnids)} ILSVRC2012_val_*.JPEG images')
+    return dict(zip(images, wnids))
+
+
+def read_kaggle_solution(path: str) -> Dict[str, str]:
+    """ImageId -> WordNet id: the first word of each row's PredictionString (its first box's class)."""
+    try:
+        with open(path, newline='') as f:
+            return {row['ImageId']: row['PredictionString'].split()[0] for row in csv.DictReader(f)}
+    except (KeyError, IndexError, AttributeError, csv.Error):
+        raise UserError(f'{path} is not a Kaggle solution file (columns ImageId,PredictionString): '
+                        f'download it again') from None
+
+
+def by_image_id(images: List[str], wnid_of_id: Dict[str, str], source: str) -> Dict[str, str]:
+    unlabelled = [name for name in images if os.path.splitext(name)[0] not in wnid_of_id]
+    if unlabelled:
+        raise UserError(f'{len(unlabelled)} images of val/ are not in {source} (e.g. {unlabelled[0]}): '
+                        f'remove them or use the solution file of this validation set')
+    missing = len(wnid_of_id) - len(images)
+    if missing > 0:
+        raise UserError(f'{source} labels {len(wnid_of_id)} images but val/ has {len(images)}: '
+                        f'{missing} validation images are missing, restore them')
+    return {name: wnid_of_id[os.path.splitext(name)[0]] for name in images}
+
+
+def imagenet_val_as_downloaded(data_path: str, images: List[str], transform) -> FlatValFolder:
+    """The flat val/ ``images`` labelled by the devkit or Kaggle's CSV, with the class indices of train/."""
+    try:
+        train_classes = find_classes(os.path.join(data_path, 'train'))[0]
+    except FileNotFoundError:
+        raise UserError(f'{os.path.join(data_path, "train")} has no class folders: --data-path must hold '
+                        f'train/ class folders next to val/') from None
+    wnid_of, source = val_ground_truth(data_path, images)
+    unknown = sorted(set(wnid_of.values()) - set(train_classes))
+    if unknown:
+        raise UserError(f'{source} labels val/ images with {len(unknown)} classes that have no train/ folder '
+                        f'(e.g. {unknown[0]}): train/ must hold the class folders named by WordNet id (n01440764 ...)')
+    return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform)
+
+
 def _cifar(cls, args, is_train: bool, transform):
     try:
         return cls(args.data_path, train=is_train, transform=transform, download=True)
@@ -147,7 +250,12 @@ def build_dataset(is_train: bool, args) -> Tuple[object, int]:
     elif args.data_set == 'CIFAR10':
         dataset, nb_classes = _cifar(datasets.CIFAR10, args, is_train, transform), 10
     elif args.data_set == 'IMNET':
-        dataset = _image_folder(args.data_path, 'train' if is_train else 'val', transform)
+        val_dir = os.path.join(args.data_path, 'val')
+        val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
+        if val_images:  # ImageNet as downloaded
+            dataset = imagenet_val_as_downloaded(args.data_path, val_images, transform)
+        else:
+            dataset = _image_folder(args.data_path, 'train' if is_train else 'val', transform)
         nb_classes = len(dataset.classes)
     elif args.data_set in ('INAT', 'INAT19'):
         year = 2018 if args.data_set == 'INAT' else 2019

@@ -34,8 +34,13 @@ class LossScaler:
         self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                 clip_grad: Optional[float] = None, parameters=None, create_graph: bool = False) -> None:
+                 clip_grad: Optional[float] = None, parameters=None, create_graph: bool = False,
+                 need_update: bool = True) -> None:
+        """Backward; then, if ``need_update`` (the last micro-batch of a step, as timm's NativeScaler),
+        clip and step."""
         self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not need_update:
+            return
         if clip_grad:
             self._scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
@@ -63,6 +68,14 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """DDP's all-reduce of the gradients only where ``sync`` (a step's last micro-batch): the earlier
+    micro-batches accumulate locally under ``no_sync``. A no-op for a model without DDP."""
+    if sync or not hasattr(model, 'no_sync'):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
 def split_batch(batch):
     """``(samples, targets)`` plus the unreadable image paths that datasets.collate_skipping reports."""
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else [])
@@ -73,31 +86,39 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
                     model_ema=None, mixup_fn: Optional[Mixup] = None, set_training_mode: bool = True,
                     args=None, start_step: int = 0, checkpointer=None, metrics_state: Optional[dict] = None
                     ) -> dict:
-    """Train for one epoch (from ``start_step`` when resuming); returns the epoch's averages.
+    """Train for one epoch (from optimizer step ``start_step`` when resuming); returns the epoch's averages.
 
-    Every step draws its randomness (mixup, dropout, drop-path) from generators seeded by
-    (seed, rank, epoch, step), so a run resumed at any step continues exactly as an uninterrupted one.
-    ``checkpointer.after_step`` may write a step checkpoint or stop the run after any step.
+    A step is ``args.grad_accum_steps`` (K) micro-batches of the loader: each one's loss / K is
+    backpropagated into the same gradients (under DDP synchronised on the last one only), then one
+    optimizer step with clipping, loss scaling and the EMA update. The loader yields whole steps
+    (main.build_data drops an epoch's partial last step). Every micro-batch draws its randomness
+    (mixup, dropout, drop-path) from generators seeded by (seed, rank, epoch, micro-batch), so a run
+    resumed at any step continues exactly as an uninterrupted one.
+    ``checkpointer.after_step`` may write a step checkpoint or stop the run after any optimizer step.
     """
     model.train(set_training_mode)
     amp_dtype = amp_dtype_of(args)
     bce_loss = getattr(args, 'bce_loss', False)
     print_freq = getattr(args, 'print_freq', 10)
+    accum_steps = getattr(args, 'grad_accum_steps', 1)
     seed, rank = getattr(args, 'seed', 0), get_rank()
     metric_logger = MetricLogger()
     if metrics_state:
         metric_logger.load_state_dict(metrics_state)
     unreadable = []
-    last_step = start_step + len(data_loader) - 1
+    first_micro = start_step * accum_steps
+    last_micro = first_micro + len(data_loader) - 1
 
-    for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start_step),
-                                 start=start_step):
+    for micro, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', first_micro),
+                                  start=first_micro):
+        step, phase = divmod(micro, accum_steps)
+        updating = phase == accum_steps - 1
         samples, targets, bad_paths = split_batch(batch)
         unreadable += bad_paths
         if bad_paths and getattr(args, 'strict_data', False):
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
-        seed_everything(sample_seed(seed, rank, epoch, step, STEP_STREAM))
+        seed_everything(sample_seed(seed, rank, epoch, micro, STEP_STREAM))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -107,23 +128,25 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         if bce_loss:
             targets = targets.gt(0.0).type(targets.dtype)
 
-        with autocast(device, amp_dtype):
-            outputs = model(samples)
-            loss = criterion(samples, outputs, targets)
-
-        optimizer.zero_grad(set_to_none=True)
-        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters())
-        if model_ema is not None:
+        if phase == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with gradient_sync(model, updating):
+            with autocast(device, amp_dtype):
+                outputs = model(samples)
+                loss = criterion(samples, outputs, targets)
+            loss_scaler(loss / accum_steps, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                        need_update=updating)
+        if updating and model_ema is not None:
             model_ema.update(model)
 
         # Reading the loss back forces a device sync: do it only when a progress line is printed.
         metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
-        if step % print_freq == 0 or step == last_step:
+        if micro % print_freq == 0 or micro == last_micro:
             if not torch.isfinite(torch.as_tensor(metric_logger.sums['loss'])):
                 raise NonFiniteLossError(
                     f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
                     f'--clip-grad, or check the data; the last saved checkpoint is untouched')
-        if checkpointer is not None:
+        if updating and checkpointer is not None:
             checkpointer.after_step(epoch, step + 1, metric_logger.state_dict)  # read only when saving: a device sync
 
     if unreadable:

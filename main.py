@@ -41,9 +41,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config', default='', metavar='FILE.yaml',
                         help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
     parser.add_argument('--batch-size', default=64, type=int, help='per-GPU (per-process) batch size')
+    parser.add_argument('--grad-accum-steps', default=1, type=int, metavar='K',
+                        help='(new) micro-batches of --batch-size per optimizer step: the effective batch '
+                             '(which --lr scales with) is batch-size x K x processes')
     parser.add_argument('--epochs', default=300, type=int)
     parser.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on mixed targets')
-    parser.add_argument('--unscale-lr', action='store_true', help='do not scale --lr by batch*world/512')
+    parser.add_argument('--unscale-lr', action='store_true',
+                        help='do not scale --lr by the effective batch / 512 (batch * accum * world / 512)')
 
     # Model
     parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
@@ -51,6 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--input-size', default=224, type=int, help='image size')
     parser.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     parser.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate')
+    parser.add_argument('--grad-checkpointing', action='store_true',
+                        help="(new) timm's activation checkpointing of the student: less memory, one more forward")
     parser.add_argument('--model-ema', action='store_true')
     parser.add_argument('--no-model-ema', action='store_false', dest='model_ema')
     parser.set_defaults(model_ema=True)
@@ -166,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'tensorboard package is installed and --output_dir is set')
     parser.add_argument('--no-tensorboard', action='store_false', dest='tensorboard')
     parser.add_argument('--save-interval-steps', default=0, type=int,
-                        help='(new) also write a step checkpoint every N training steps (0: off)')
+                        help='(new) also write a step checkpoint every N optimizer steps (0: off)')
     parser.add_argument('--save-interval-minutes', default=0, type=float,
                         help='(new) also write a step checkpoint every M minutes (0: off)')
     parser.add_argument('--keep-last', default=2, type=int,
@@ -195,7 +201,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args) -> None:
     """Catch impossible settings before any data is read or any model is built."""
-    for name in ('batch_size', 'epochs', 'input_size', 'print_freq', 'keep_last'):
+    for name in ('batch_size', 'grad_accum_steps', 'epochs', 'input_size', 'print_freq', 'keep_last'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
     if args.num_workers is None:
@@ -218,6 +224,9 @@ def validate_args(args) -> None:
         if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
         check_distillation_head(args.model, args.distillation_token)
+    if args.grad_checkpointing:
+        with torch.device('meta'):
+            enable_grad_checkpointing(timm.create_model(args.model, num_classes=2), args.model)
     if args.src and not args.ThreeAugment:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     if args.bce_loss and not mixup_active(args):
@@ -271,6 +280,11 @@ def check_distillation_head(name: str, through_token: bool = True) -> None:
                         f'distillation token, and --model {name} has one: use its plain variant')
 
 
+def samples_per_step(args) -> int:
+    """Samples one process feeds into one optimizer step."""
+    return args.batch_size * args.grad_accum_steps
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +303,8 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
         order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     else:
         order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    sampler_train = ResumableSampler(order, seed=args.seed, rank=rank)
+    # Whole optimizer steps only: a partial last step would average fewer samples than the others.
+    sampler_train = ResumableSampler(order, seed=args.seed, rank=rank, group_size=samples_per_step(args))
     if args.dist_eval and args.distributed:
         # Strided shards without padding: every image counted once, so the reduced metrics are exact.
         dataset_val = Subset(dataset_val, range(rank, len(dataset_val), world))
@@ -310,8 +325,9 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     if fast_val:
         loader_val = fast_data.DeviceBatches(loader_val, fast_val, args.device)
     if len(loader_train) == 0 and not args.eval:
-        raise UserError(f'{len(sampler_train)} training samples per process are fewer than --batch-size '
-                        f'{args.batch_size}: lower --batch-size')
+        raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
+                        f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
+                        f'lower --batch-size or --grad-accum-steps')
     return loader_train, loader_val, nb_classes
 
 
@@ -338,7 +354,18 @@ def build_model(args, nb_classes: int) -> torch.nn.Module:
         model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
     if args.distillation_type != 'none' and args.distillation_token:
         model.set_distilled_training(True)  # return (cls, dist) logits while training
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     return model
+
+
+def enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
+    """timm's activation checkpointing (set_grad_checkpointing), or a UserError for a model without it."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError):  # timm's ways of saying 'not supported'
+        raise UserError(f'--model {name} does not support --grad-checkpointing: drop the flag, or lower '
+                        f'--batch-size and raise --grad-accum-steps to save memory') from None
 
 
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
@@ -441,7 +468,7 @@ class TrainingState:
             'args': plain_args(args),
             'max_accuracy': self.max_accuracy,
             'train_metrics': metrics,
-            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * args.batch_size},
+            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * samples_per_step(args)},
             'rng': checkpoint.capture_rng_state(),
         }
 
@@ -466,6 +493,7 @@ class TrainingState:
         if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
             self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
         else:
+            check_same_step_size(ckpt.get('args') or {}, args)
             self.start_epoch, self.start_step = ckpt['epoch'], ckpt['step']
             self.metrics_state = ckpt.get('train_metrics')
         if ckpt.get('rng'):
@@ -476,6 +504,14 @@ class TrainingState:
 
     def save(self, path: str, args, epoch: int) -> None:
         utils.save_on_master(self.payload(args, epoch), path)
+
+
+def check_same_step_size(saved: dict, args) -> None:
+    """A mid-epoch checkpoint counts steps of its own size: the run must continue with the same one."""
+    saved_size = (saved.get('batch_size', args.batch_size), saved.get('grad_accum_steps', 1))
+    if saved_size != (args.batch_size, args.grad_accum_steps):
+        raise UserError(f'--resume {args.resume} stopped inside an epoch with --batch-size {saved_size[0]} '
+                        f'--grad-accum-steps {saved_size[1]}: resume with these, or from an epoch-end checkpoint')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +576,7 @@ def main(args) -> None:
 
     # Optimisation
     if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
+        args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     opt = optimizer_name(args.opt)
     optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
                                     **speedups.optimizer_kwargs(device, opt))
@@ -574,7 +610,7 @@ def main(args) -> None:
             resuming = epoch == state.start_epoch and state.start_step > 0
             start_step = state.start_step if resuming else 0
             loader_train.sampler.set_epoch(epoch)  # reshuffle per epoch, the same way on every rank
-            loader_train.sampler.skip(start_step * args.batch_size)
+            loader_train.sampler.skip(start_step * samples_per_step(args))
             train_stats = train_one_epoch(
                 model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
                 mixup_fn, set_training_mode=args.train_mode, args=args, start_step=start_step,

@@ -76,12 +76,15 @@ class ResumableSampler(Sampler):
     Each sample's augmentation seed is a function of (seed, rank, epoch, position in the epoch),
     so a run resumed at any step draws the same augmentations as an uninterrupted one, whatever the
     number of data-loader workers. ``skip(n)`` starts the current epoch at its n-th sample.
+    Only whole groups of ``group_size`` samples are yielded (an optimizer step's samples with gradient
+    accumulation): the epoch's remainder is dropped, as a DataLoader's ``drop_last`` drops a partial batch.
     """
 
-    def __init__(self, sampler: Sampler, seed: int = 0, rank: int = 0):
+    def __init__(self, sampler: Sampler, seed: int = 0, rank: int = 0, group_size: int = 1):
         self.sampler = sampler
         self.seed = seed
         self.rank = rank
+        self.group_size = group_size
         self.epoch = 0
         self.start = 0
 
@@ -94,13 +97,19 @@ class ResumableSampler(Sampler):
     def skip(self, num_samples: int) -> None:
         self.start = num_samples
 
+    def _end(self) -> int:
+        return len(self.sampler) // self.group_size * self.group_size
+
     def __iter__(self) -> Iterator:
+        end = self._end()
         for position, index in enumerate(self.sampler):
+            if position >= end:
+                break
             if position >= self.start:
                 yield index, sample_seed(self.seed, self.rank, self.epoch, position)
 
     def __len__(self) -> int:
-        return max(len(self.sampler) - self.start, 0)
+        return max(self._end() - self.start, 0)
 
 
 def sample_seed(*parts: int) -> int:

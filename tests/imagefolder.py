@@ -2,7 +2,7 @@
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -39,3 +39,35 @@ def make_imagefolder(root: os.PathLike, num_classes: int = 3, train_per_class: i
                 img = make_image(label, rng, sizes[rng.randrange(len(sizes))])
                 img.save(folder / f'{i:04d}.jpg', quality=90)
     return root
+
+
+def make_imagenet_as_downloaded(root: os.PathLike, ground_truth: str, num_classes: int = 3, train_per_class: int = 2,
+                                val_per_class: int = 3, seed: int = 0) -> Dict[str, str]:
+    """ImageNet's layout as downloaded, in miniature: train/<wnid>/ class folders and a flat val/ of
+    ILSVRC2012_val_<8 digits>.JPEG in shuffled class order, labelled by ``ground_truth``: 'meta.bin'
+    (torchvision's parsed devkit: (wnid -> class names, one wnid per val image in name order)) or
+    'LOC_val_solution.csv' (Kaggle's). Returns the true file name -> wnid of val/."""
+    import torch  # only for meta.bin, written as torchvision writes it
+
+    root = Path(root)
+    make_imagefolder(root, num_classes, train_per_class, val_per_class, seed=seed)
+    wnids = [f'n{1440764 + k:08d}' for k in range(num_classes)]
+    for label, wnid in enumerate(wnids):
+        (root / 'train' / f'class_{label}').rename(root / 'train' / wnid)
+    val_images = [(path, wnids[label]) for label in range(num_classes)
+                  for path in sorted((root / 'val' / f'class_{label}').iterdir())]
+    random.Random(seed).shuffle(val_images)
+    truth = {}
+    for number, (path, wnid) in enumerate(val_images, start=1):
+        name = f'ILSVRC2012_val_{number:08d}.JPEG'
+        path.rename(root / 'val' / name)
+        truth[name] = wnid
+    for label in range(num_classes):
+        (root / 'val' / f'class_{label}').rmdir()
+    if ground_truth == 'meta.bin':
+        torch.save(({wnid: (f'class {wnid}',) for wnid in wnids}, [truth[name] for name in sorted(truth)]),
+                   root / 'meta.bin')
+    else:
+        rows = [f'{Path(name).stem},{wnid} 10 12 40 44 {wnid} 1 2 3 4' for name, wnid in truth.items()]
+        (root / ground_truth).write_text('ImageId,PredictionString\n' + '\n'.join(rows) + '\n')
+    return truth

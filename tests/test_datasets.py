@@ -11,7 +11,7 @@ from torchvision import transforms
 
 import main
 from datasets import DigitsDataset, INatDataset, RobustSamples, build_dataset, build_transform, check_same_classes
-from imagefolder import make_imagefolder
+from imagefolder import make_imagefolder, make_imagenet_as_downloaded
 from utils import UserError
 
 
@@ -181,3 +181,47 @@ def test_digits_are_not_flipped_and_small_inputs_pad_in_proportion():
     digits = build_transform(True, parse('--data-set', 'DIGITS', '--input-size', 16, '--aa', 'none'))
     assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in digits.transforms)
     assert digits.transforms[0].padding == 2
+
+
+@pytest.mark.parametrize('ground_truth', ['meta.bin', 'LOC_val_solution.csv'])
+def test_imagenet_as_downloaded_flat_val_is_labelled_by_its_ground_truth(tmp_path, ground_truth):
+    truth = make_imagenet_as_downloaded(tmp_path, ground_truth)
+    args = parse('--data-path', tmp_path, '--input-size', 32, '--batch-size', 2, '--num_workers', 0)
+    args.device = torch.device('cpu')
+    val, nb_classes = build_dataset(is_train=False, args=args)
+    train, _ = build_dataset(is_train=True, args=args)
+    check_same_classes(train, val)
+    assert nb_classes == 3 and val.classes == train.classes == ['n01440764', 'n01440765', 'n01440766']
+    assert [(p.split('/')[-1], val.classes[label]) for p, label in val.samples] == sorted(truth.items())
+    image, label = val[0]
+    assert image.shape == (3, 32, 32) and val.classes[label] == truth['ILSVRC2012_val_00000001.JPEG']
+    _, loader_val, _ = main.build_data(args)
+    assert sorted(torch.cat([targets for _, targets, _ in loader_val]).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_imagenet_as_downloaded_missing_or_inconsistent_ground_truth_is_one_clear_line(tmp_path):
+    args = parse('--data-path', tmp_path, '--input-size', 32)
+
+    def error() -> str:
+        with pytest.raises(UserError) as e:
+            build_dataset(is_train=False, args=args)
+        assert '\n' not in str(e.value)
+        return str(e.value)
+
+    truth = make_imagenet_as_downloaded(tmp_path, 'LOC_val_solution.csv')
+    csv = tmp_path / 'LOC_val_solution.csv'
+    lines = csv.read_text().splitlines()
+    (tmp_path / 'val' / 'ILSVRC2012_val_00000004.JPEG').unlink()
+    assert '1 validation images are missing' in error()
+    csv.write_text('\n'.join(line for line in lines if not line.startswith('ILSVRC2012_val_00000003')) + '\n')
+    assert 'ILSVRC2012_val_00000003.JPEG' in error() and 'not in' in error()
+    csv.write_text('\n'.join(lines).replace(truth['ILSVRC2012_val_00000001.JPEG'], 'n09999999') + '\n')
+    (tmp_path / 'val' / 'ILSVRC2012_val_00000004.JPEG').write_bytes(b'')  # back, as a file
+    assert 'n09999999' in error() and 'no train/ folder' in error()
+    csv.unlink()
+    assert 'no ground truth was found' in error() and 'ILSVRC2012_devkit_t12.tar.gz' in error()
+    torch.save(({}, ['n01440764'] * 5), tmp_path / 'meta.bin')
+    assert 'val/ has 9 images but' in error() and 'labels 5' in error()
+    (tmp_path / 'meta.bin').unlink()
+    (tmp_path / 'ILSVRC2012_devkit_t12.tar.gz').write_bytes(b'not the devkit')
+    assert 'download the devkit again' in error()

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from samplers import RASampler
+from samplers import RASampler, ResumableSampler
 
 
 def shards(n, world, seed=0, epoch=0, repeats=3):
@@ -61,3 +61,12 @@ def test_deterministic_per_seed_and_epoch():
     assert shards(300, 2, seed=1, epoch=3) == shards(300, 2, seed=1, epoch=3)
     assert shards(300, 2, seed=1, epoch=3) != shards(300, 2, seed=1, epoch=4)
     assert shards(300, 2, seed=1, epoch=3) != shards(300, 2, seed=2, epoch=3)
+
+
+def test_resumable_sampler_yields_whole_optimizer_steps_and_resumes_inside_them():
+    """72 samples in steps of 32 (batch 8 x 4 micro-batches): the partial third step is dropped."""
+    sampler = ResumableSampler(range(72), seed=0, group_size=32)
+    full = list(sampler)
+    assert len(sampler) == len(full) == 64 and [i for i, _ in full] == list(range(64))
+    sampler.skip(32)  # resumed after one step
+    assert len(sampler) == 32 and list(sampler) == full[32:]
