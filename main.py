@@ -425,7 +425,8 @@ class TrainingState:
                             f'--opt, or start from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
+        if ckpt.get('scaler'):  # empty when written without fp16 loss scaling; absent in older originals
+            self.loss_scaler.load_state_dict(ckpt['scaler'])
         if self.model_ema is not None and ckpt.get('model_ema'):
             utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))

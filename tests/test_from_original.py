@@ -1,0 +1,214 @@
+"""Users of the original facebookresearch/deit scripts: their checkpoints, their fine-tuned teachers,
+their --epochs, their logs. The original-format artifacts are built here the way its main.py builds them."""
+import argparse
+import datetime
+import functools
+import http.server
+import io
+import json
+import os
+import pickletools
+import re
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.optim import create_optimizer
+from timm.scheduler import create_scheduler
+from timm.utils import ModelEma, get_state_dict
+
+import main
+import utils
+from conftest import FAST, REPO, run_main
+from engine import LossScaler
+from utils import UserError, load_checkpoint
+
+MODEL = 'deit_tiny_patch4_32'
+# What timm's NativeScaler (a CUDA GradScaler) saves after some fp16 steps.
+CUDA_SCALER_STATE = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000,
+                     '_growth_tracker': 7}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def original_args(**values) -> argparse.Namespace:
+    """The Namespace the original main.py saves: its flags, what its setup adds, and under its submitit
+    launcher `output_dir` / `job_dir` as Paths."""
+    args = main.get_args_parser().parse_args([])
+    vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0,
+                      dist_backend='nccl', output_dir=Path('/checkpoint/user/experiments/1234'),
+                      job_dir=Path('/checkpoint/user/experiments/1234'), lr=5e-4 * 64 * 8 / 512)
+    vars(args).update(values)
+    return args
+
+
+def save_original_checkpoint(path: Path, model: torch.nn.Module, epoch: int, args: argparse.Namespace) -> dict:
+    """What the original main.py writes after `epoch`: one optimizer step taken, the scheduler stepped
+    with the epoch at each epoch end, a timm ModelEma, the fp16 scaler state and the args Namespace."""
+    optimizer = create_optimizer(args, model)
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    model_ema = ModelEma(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model_ema.update(model)
+    for e in range(epoch + 1):
+        lr_scheduler.step(e)
+    payload = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+               'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'model_ema': get_state_dict(model_ema),
+               'scaler': dict(CUDA_SCALER_STATE), 'args': args}
+    torch.save(payload, path)
+    return payload
+
+
+def pickled_globals(path: Path) -> set:
+    """The classes and functions a torch checkpoint's pickle names (GLOBAL opcodes)."""
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith('data.pkl')))
+    return {arg.replace(' ', '.') for op, arg, _ in pickletools.genops(data) if op.name == 'GLOBAL'}
+
+
+@pytest.fixture(scope='module')
+def original_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp('original') / 'checkpoint.pth'
+    torch.manual_seed(0)
+    payload = save_original_checkpoint(path, timm.create_model(MODEL, num_classes=3), 0,
+                                       original_args(model=MODEL, epochs=3, warmup_epochs=1))
+    return path, payload
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A local http server over tmp_path/'served'."""
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+def read_log(output_dir: Path) -> list:
+    return [json.loads(line) for line in (output_dir / 'log.txt').read_text().splitlines()]
+
+
+ORIGINAL_LINE = 'a checkpoint of the original facebookresearch/deit main.py'
+
+
+# ---------------------------------------------------------------------------------------------
+# Original-format checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def test_an_original_checkpoint_names_only_namespace_and_path_besides_torch_data(original_checkpoint, capsys):
+    path, payload = original_checkpoint
+    foreign = {g for g in pickled_globals(path) if not g.startswith(('torch.', 'collections.OrderedDict'))}
+    assert foreign == {'argparse.Namespace', 'pathlib.PosixPath'}
+
+    loaded = load_checkpoint(str(path))
+    assert capsys.readouterr().out.count(ORIGINAL_LINE) == 1
+    assert loaded['args']['output_dir'] == '/checkpoint/user/experiments/1234'  # plain data, read as a dict
+    assert loaded['args']['opt'] == 'adamw' and loaded['epoch'] == 0 and loaded['scaler'] == CUDA_SCALER_STATE
+    assert all(torch.equal(loaded['model'][k], v) for k, v in payload['model'].items())
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f'touch {MARKER}',))
+
+
+MARKER = None
+
+
+@pytest.mark.parametrize('value, culprit', [(Payload(), 'GLOBAL posix.system'),
+                                            (datetime.date(2021, 1, 1), 'GLOBAL datetime.date')])
+def test_a_namespace_holding_any_other_global_is_still_refused(tmp_path, value, culprit):
+    global MARKER
+    MARKER = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'args': argparse.Namespace(opt='adamw', extra=value)}, path)
+    with pytest.raises(UserError, match=f'refusing to load .*pickled code \\({culprit}\\)'):
+        load_checkpoint(str(path))
+    assert not MARKER.exists()
+
+
+def printed_eval(stdout: str) -> str:
+    return re.search(r'\* Acc@1 \S+ Acc@5 \S+ loss \S+', stdout).group(0)
+
+
+def test_eval_of_an_original_checkpoint_by_url_prints_what_a_native_one_prints(
+        original_checkpoint, imagefolder, served, tmp_path):
+    path, payload = original_checkpoint
+    folder, base = served
+    (folder / 'original.pth').write_bytes(path.read_bytes())
+    native = tmp_path / 'native.pth'
+    torch.save({'model': payload['model']}, native)
+    common = ['--data-path', imagefolder, '--model', MODEL, '--eval', *FAST]
+    ours = run_main(*common, '--resume', native)
+    theirs = run_main(*common, '--resume', f'{base}/original.pth', env={'TORCH_HOME': str(tmp_path / 'hub')})
+    assert theirs.stdout.count(ORIGINAL_LINE) == 1
+    assert printed_eval(theirs.stdout) == printed_eval(ours.stdout)
+
+
+def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_scaler(original_checkpoint):
+    path, payload = original_checkpoint
+    args = main.get_args_parser().parse_args(['--model', MODEL, '--epochs', '3', '--warmup-epochs', '1',
+                                              '--resume', str(path)])
+    model = timm.create_model(MODEL, num_classes=3)
+    optimizer = create_optimizer(args, model)
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    scaler = LossScaler(enabled=True, device_type='cpu')  # what fp16 training on CUDA uses
+    ema = timm.utils.ModelEmaV3(model)
+    state = main.TrainingState(model, optimizer, lr_scheduler, scaler, ema)
+    state.resume(args)
+
+    assert (state.start_epoch, state.start_step, args.start_epoch) == (1, 0, 1)
+    for ours, theirs in ((model, payload['model']), (ema.module, payload['model_ema'])):
+        assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.items())
+    assert not torch.equal(payload['model_ema']['head.weight'], payload['model']['head.weight'])  # two weights
+    saved = payload['optimizer']['state']
+    assert all(torch.equal(optimizer.state_dict()['state'][i]['exp_avg'], saved[i]['exp_avg']) for i in saved)
+    assert scaler.state_dict()['scale'] == 1024.0 and scaler.state_dict()['_growth_tracker'] == 7
+    assert lr_scheduler.state_dict()['t_initial'] == payload['lr_scheduler']['t_initial']
+
+
+def test_resume_run_of_an_original_checkpoint_continues_at_the_next_epoch(original_checkpoint, imagefolder, tmp_path):
+    path, _ = original_checkpoint
+    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--epochs', '2', '--resume', path,
+                    '--output_dir', tmp_path, *FAST)
+    assert proc.stdout.count(ORIGINAL_LINE) == 1
+    assert 'Continuing at epoch 1 step 0' in proc.stdout
+    assert [row['epoch'] for row in read_log(tmp_path)] == [1]
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 1
+
+
+def test_finetune_and_teacher_from_original_checkpoints_at_another_input_size(
+        original_checkpoint, imagefolder, served, tmp_path):
+    """--finetune of an original file at 48 px, distilling from a teacher in the original format by URL."""
+    path, _ = original_checkpoint
+    folder, base = served
+    torch.manual_seed(0)
+    save_original_checkpoint(folder / 'teacher.pth', timm.create_model('regnety_002', num_classes=3), 2,
+                             original_args(model='regnety_002'))
+    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--finetune', path, '--epochs', '1',
+                    '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
+                    '--teacher-path', f'{base}/teacher.pth', '--output_dir', tmp_path, *FAST[2:],
+                    '--input-size', '48', env={'TORCH_HOME': str(tmp_path / 'hub')})
+    assert proc.stdout.count(ORIGINAL_LINE) == 2
+    assert 'Position embedding interpolated from 8x8 to 12x12' in proc.stdout
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 145, 192)
