@@ -75,8 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
     parser.add_argument('--decay-epochs', type=float, default=30, metavar='N')
     parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
-    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
-                        help='epochs at --min-lr after the schedule (really run, unlike the original)')
+    parser.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+                        help='epochs at --min-lr run after --epochs (default none: the original\'s default '
+                             'of 10 was never run)')
     parser.add_argument('--patience-epochs', type=int, default=10, metavar='N')
     parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
 
@@ -438,7 +439,7 @@ class TrainingState:
         if ckpt.get('rng'):
             checkpoint.restore_rng_state(ckpt['rng'])
         args.start_epoch = self.start_epoch
-        self.lr_scheduler.step(self.start_epoch)
+        self.lr_scheduler.step(max(self.start_epoch - 1, 0))  # the lr that epoch had: see the loop
         print(f'Continuing at epoch {self.start_epoch} step {self.start_step}')
 
     def save(self, path: str, args, epoch: int) -> None:
@@ -531,7 +532,8 @@ def main(args) -> None:
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
         keep_last=args.keep_last, signals=signals, sync_every=args.print_freq, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
-    print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
+    cooldown = f' ({args.epochs} + {num_epochs - args.epochs} cooldown)' if num_epochs > args.epochs else ''
+    print(f'Start training for {num_epochs} epochs{cooldown}')
     start_time = time.time()
     try:
         for epoch in range(state.start_epoch, num_epochs):
@@ -543,7 +545,7 @@ def main(args) -> None:
                 model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
                 mixup_fn, set_training_mode=args.train_mode, args=args, start_step=start_step,
                 checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
-            lr_scheduler.step(epoch + 1)
+            lr_scheduler.step(epoch)  # as the original: epoch e > 0 trains at the schedule's value of e - 1
 
             test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy

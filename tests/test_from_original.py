@@ -185,6 +185,8 @@ def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_s
     assert all(torch.equal(optimizer.state_dict()['state'][i]['exp_avg'], saved[i]['exp_avg']) for i in saved)
     assert scaler.state_dict()['scale'] == 1024.0 and scaler.state_dict()['_growth_tracker'] == 7
     assert lr_scheduler.state_dict()['t_initial'] == payload['lr_scheduler']['t_initial']
+    # epoch 1 trains at the lr the original gives it after its step(0)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(payload['lr_scheduler']['warmup_lr_init'])
 
 
 def test_resume_run_of_an_original_checkpoint_continues_at_the_next_epoch(original_checkpoint, imagefolder, tmp_path):
@@ -212,3 +214,39 @@ def test_finetune_and_teacher_from_original_checkpoints_at_another_input_size(
     assert proc.stdout.count(ORIGINAL_LINE) == 2
     assert 'Position embedding interpolated from 8x8 to 12x12' in proc.stdout
     assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 145, 192)
+
+
+# ---------------------------------------------------------------------------------------------
+# --epochs N trains N epochs, at the original's learning rates
+# ---------------------------------------------------------------------------------------------
+
+def original_lrs(epochs: int, warmup_epochs: int, lr: float) -> list:
+    """The lr of each epoch of the original main.py: its scheduler (its --cooldown-epochs default of 10
+    included), stepped with the epoch number at each epoch end, over `range(epochs)`."""
+    optimizer = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=lr)
+    lr_scheduler, _ = create_scheduler(original_args(epochs=epochs, warmup_epochs=warmup_epochs, lr=lr), optimizer)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        lr_scheduler.step(epoch)
+    return lrs
+
+
+def test_the_default_schedule_has_no_cooldown_and_an_explicit_one_still_runs():
+    for flags, total in (([], 300), (['--cooldown-epochs', '10'], 310)):
+        args = main.get_args_parser().parse_args(['--epochs', '300', *flags])
+        lr_scheduler, num_epochs = create_scheduler(args, torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), 0.1))
+        assert num_epochs == total
+        assert lr_scheduler.t_initial == 300 and lr_scheduler._get_lr(300)[0] == args.min_lr  # the same cosine
+
+
+def test_epochs_n_trains_n_epochs_at_the_original_learning_rates(imagefolder, tmp_path):
+    cut = FAST.index('--cooldown-epochs')
+    default_cooldown = FAST[:cut] + FAST[cut + 2:]
+    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--epochs', '3', '--lr', '1e-3', '--no-model-ema',
+                    '--output_dir', tmp_path, *default_cooldown, '--warmup-epochs', '1')
+    assert 'Start training for 3 epochs\n' in proc.stdout
+    log = read_log(tmp_path)
+    assert [row['epoch'] for row in log] == [0, 1, 2]
+    assert [row['train_lr'] for row in log] == pytest.approx(original_lrs(3, 1, 1e-3 * 12 / 512.0), rel=1e-12)
+
