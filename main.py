@@ -331,14 +331,28 @@ def build_model(args, nb_classes: int) -> torch.nn.Module:
     return model
 
 
+def classifier_names(model: torch.nn.Module) -> set:
+    """Module names of the model's classifiers, as the model reports them: its pretrained config's
+    ``classifier`` (a name or a tuple of names), ``get_classifier()`` and a distillation head."""
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or ()
+    names = {classifier} if isinstance(classifier, str) else set(classifier)
+    if hasattr(model, 'get_classifier'):
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)  # a distilled DeiT returns (head, head_dist)
+        names.update(name for name, module in model.named_modules() if name and any(module is h for h in heads))
+    if hasattr(model, 'head_dist'):
+        names.add('head_dist')
+    return names
+
+
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from a checkpoint: heads of another shape are dropped, pos_embed resized to the grid."""
+    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
     own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
-            del state[k]
+    prefixes = tuple(f'{name}.' for name in classifier_names(model))
+    for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
+        print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
+        del state[k]
     utils.interpolate_pos_embed(state, model)
     message = utils.load_state_checked(model, state, f'--finetune {path}', strict=False)
     print(f'Fine-tuning from {path}: {message}')

@@ -250,3 +250,55 @@ def test_epochs_n_trains_n_epochs_at_the_original_learning_rates(imagefolder, tm
     assert [row['epoch'] for row in log] == [0, 1, 2]
     assert [row['train_lr'] for row in log] == pytest.approx(original_lrs(3, 1, 1e-3 * 12 / 512.0), rel=1e-12)
 
+
+# ---------------------------------------------------------------------------------------------
+# --finetune replaces any model's classifier; distil on your own data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, classifier_keys', [
+    ('regnety_002', {'head.fc.weight', 'head.fc.bias'}),
+    ('resnet10t', {'fc.weight', 'fc.bias'}),
+    ('mobilenetv3_small_050', {'classifier.weight', 'classifier.bias'}),
+    ('deit_tiny_distilled_patch4_32', {'head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'}),
+])
+def test_finetune_replaces_the_classifier_of_any_model_and_keeps_everything_else(tmp_path, capsys, name,
+                                                                                 classifier_keys):
+    source = timm.create_model(name, num_classes=7).state_dict()
+    path = tmp_path / 'source.pth'
+    torch.save({'model': source}, path)
+    model = timm.create_model(name, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    main.load_finetune_weights(model, str(path))
+    removed = set(re.findall(r'Removing key (\S+) from pretrained', capsys.readouterr().out))
+    assert removed == classifier_keys
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in classifier_keys)  # a fresh head for the 3 classes
+    assert all(torch.equal(after[k], source[k]) for k in after if k not in classifier_keys)
+
+
+def test_finetune_still_refuses_a_checkpoint_whose_body_does_not_fit(tmp_path):
+    path = tmp_path / 'other.pth'
+    torch.save({'model': timm.create_model('regnety_004', num_classes=7).state_dict()}, path)
+    with pytest.raises(UserError, match='does not fit the model: shapes differ: s1.b1.conv1'):
+        main.load_finetune_weights(timm.create_model('regnety_002', num_classes=3), str(path))
+
+
+def test_distil_on_your_own_data_with_the_readme_commands(imagefolder, tmp_path):
+    """README "Distil on your own data" at small scale: its two commands, with small models standing in
+    for RegNetY-16GF and DeiT-S, each started from weights of another class count."""
+    torch.manual_seed(0)
+    for name, model in (('regnety', 'regnety_002'), ('deit', 'deit_tiny_distilled_patch4_32')):
+        torch.save({'model': timm.create_model(model, num_classes=7).state_dict()}, tmp_path / f'{name}.pth')
+    small = ['--epochs', '1', *FAST]
+    teacher = run_main('--config', 'configs/regnety_160_finetune.yaml', '--data-path', imagefolder,
+                       '--output_dir', tmp_path / 'teacher', '--model', 'regnety_002',
+                       '--finetune', tmp_path / 'regnety.pth', *small)
+    assert 'Removing key head.fc.weight' in teacher.stdout
+    student = run_main('--config', 'configs/deit_small_distilled_patch16_224.yaml',
+                       '--finetune', tmp_path / 'deit.pth', '--teacher-path', tmp_path / 'teacher' / 'checkpoint.pth',
+                       '--data-path', imagefolder, '--output_dir', tmp_path / 'student',
+                       '--model', 'deit_tiny_distilled_patch4_32', '--teacher-model', 'regnety_002', *small)
+    assert 'Removing key head_dist.weight' in student.stdout
+    log = read_log(tmp_path / 'student')
+    assert [row['epoch'] for row in log] == [0] and 'test_acc1_dist' in log[0]
+
