@@ -146,6 +146,16 @@ class MetricLogger:
             self.counts[name] += n
             self.last[name] = value
 
+    def synchronize_between_processes(self, device: torch.device) -> None:
+        """Sum the sums and counts over all ranks, so that the averages are the whole job's."""
+        if not is_dist_avail_and_initialized() or not self.sums:
+            return
+        names = sorted(self.sums)
+        totals = torch.tensor([[float(self.sums[k]), self.counts[k]] for k in names], dtype=torch.float64,
+                              device=device)
+        for name, (total, count) in zip(names, all_reduce_sum(totals).tolist()):
+            self.sums[name], self.counts[name] = total, int(count)
+
     def global_avg(self, name: str) -> float:
         return float(self.sums[name]) / max(self.counts[name], 1)
 

@@ -302,3 +302,43 @@ def test_distil_on_your_own_data_with_the_readme_commands(imagefolder, tmp_path)
     log = read_log(tmp_path / 'student')
     assert [row['epoch'] for row in log] == [0] and 'test_acc1_dist' in log[0]
 
+
+# ---------------------------------------------------------------------------------------------
+# Training metrics averaged over ranks
+# ---------------------------------------------------------------------------------------------
+
+def train_one_epoch_on_each_rank(output_dir: str) -> None:
+    """Under torchrun: one epoch of engine.train_one_epoch at lr 0 on data of this rank only; writes the
+    returned averages and this rank's own mean loss (the model does not move: computed beforehand)."""
+    import torch.distributed as dist
+    from engine import train_one_epoch
+    from losses import DistillationLoss
+    dist.init_process_group('gloo')
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same model on every rank
+    model = torch.nn.Linear(4, 3)
+    data = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(3, 4, generator=data) * (1 + 3 * rank), torch.randint(0, 3, (3,), generator=data))
+               for _ in range(4)]
+    with torch.no_grad():
+        own = sum(torch.nn.functional.cross_entropy(model(x), y).item() for x, y in batches) / len(batches)
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
+    stats = train_one_epoch(model, criterion, batches, torch.optim.SGD(model.parameters(), lr=0.0),
+                            torch.device('cpu'), 0, LossScaler(enabled=False, device_type='cpu'),
+                            args=argparse.Namespace(print_freq=100, seed=0))
+    Path(output_dir, f'rank{rank}.json').write_text(json.dumps({'own': own, 'logged': stats['loss']}))
+    dist.destroy_process_group()
+
+
+def test_training_metrics_are_averaged_over_ranks(tmp_path):
+    run_main(__file__, tmp_path, env={'PYTHONPATH': str(REPO)},
+             launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'))
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    own = [r['own'] for r in ranks]
+    assert abs(own[0] - own[1]) > 0.1  # the ranks saw different data
+    for r in ranks:
+        assert r['logged'] == pytest.approx(sum(own) / 2, rel=1e-6)
+
+
+if __name__ == '__main__':  # the worker of test_training_metrics_are_averaged_over_ranks
+    train_one_epoch_on_each_rank(sys.argv[1])
