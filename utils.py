@@ -350,22 +350,13 @@ def load_checkpoint(path: str) -> dict:
         culprit = found.group(0) if found else 'an unsupported object'
         raise UserError(f'refusing to load {path}: it holds pickled code ({culprit}), not plain weights; '
                         're-save it as plain tensors') from None
-    except RuntimeError as e:
-        if is_url(path):  # e.g. the hash prefix of the file name does not match
-            raise UserError(f'could not load {path}: {e}') from None
-        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
-    except OSError as e:
+    except Exception as e:  # a failed download, a wrong hash prefix, a truncated zip, not a torch file, ...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        failed = 'cannot read checkpoint'
         if is_url(path):
-            raise UserError(f'could not download {path}: {e}') from None
-        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
-    except Exception as e:  # truncated zip, not a torch file, ...: "not a checkpoint we can read"
-        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
+            failed = 'could not download' if isinstance(e, OSError) else 'could not load'
+        raise UserError(f'{failed} {path}: {first_line}') from None
     return with_plain_args(checkpoint, path)
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def with_plain_args(checkpoint, path: str):
