@@ -4,12 +4,10 @@ import argparse
 import datetime
 import functools
 import http.server
-import io
 import json
 import os
 import pickletools
 import re
-import subprocess
 import sys
 import threading
 import zipfile
@@ -23,7 +21,6 @@ from timm.scheduler import create_scheduler
 from timm.utils import ModelEma, get_state_dict
 
 import main
-import utils
 from conftest import FAST, REPO, run_main
 from engine import LossScaler
 from utils import UserError, load_checkpoint
