@@ -151,6 +151,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
 
     if unreadable:
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
+    metric_logger.synchronize_between_processes(device)
     averages = metric_logger.averages()
     averages['unreadable_images'] = len(unreadable)
     averages['images_per_sec'] = metric_logger.images_per_sec

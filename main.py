@@ -81,8 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
     parser.add_argument('--decay-epochs', type=float, default=30, metavar='N')
     parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
-    parser.add_argument('--cooldown-epochs', type=int, default=10, metavar='N',
-                        help='epochs at --min-lr after the schedule (really run, unlike the original)')
+    parser.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+                        help='epochs at --min-lr run after --epochs (default none: the original\'s default '
+                             'of 10 was never run)')
     parser.add_argument('--patience-epochs', type=int, default=10, metavar='N')
     parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
 
@@ -368,14 +369,28 @@ def enable_grad_checkpointing(model: torch.nn.Module, name: str) -> None:
                         f'--batch-size and raise --grad-accum-steps to save memory') from None
 
 
+def classifier_names(model: torch.nn.Module) -> set:
+    """Module names of the model's classifiers, as the model reports them: its pretrained config's
+    ``classifier`` (a name or a tuple of names), ``get_classifier()`` and a distillation head."""
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or ()
+    names = {classifier} if isinstance(classifier, str) else set(classifier)
+    if hasattr(model, 'get_classifier'):
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)  # a distilled DeiT returns (head, head_dist)
+        names.update(name for name, module in model.named_modules() if name and any(module is h for h in heads))
+    if hasattr(model, 'head_dist'):
+        names.add('head_dist')
+    return names
+
+
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from a checkpoint: heads of another shape are dropped, pos_embed resized to the grid."""
+    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
     own = model.state_dict()
-    for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
-            del state[k]
+    prefixes = tuple(f'{name}.' for name in classifier_names(model))
+    for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
+        print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
+        del state[k]
     utils.interpolate_pos_embed(state, model)
     message = utils.load_state_checked(model, state, f'--finetune {path}', strict=False)
     print(f'Fine-tuning from {path}: {message}')
@@ -486,7 +501,8 @@ class TrainingState:
                             f'--opt, or start from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
+        if ckpt.get('scaler'):  # empty when written without fp16 loss scaling; absent in older originals
+            self.loss_scaler.load_state_dict(ckpt['scaler'])
         if self.model_ema is not None and ckpt.get('model_ema'):
             utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
@@ -603,7 +619,8 @@ def main(args) -> None:
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
         keep_last=args.keep_last, signals=signals, sync_every=args.print_freq, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
-    print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
+    cooldown = f' ({args.epochs} + {num_epochs - args.epochs} cooldown)' if num_epochs > args.epochs else ''
+    print(f'Start training for {num_epochs} epochs{cooldown}')
     start_time = time.time()
     try:
         for epoch in range(state.start_epoch, num_epochs):
@@ -615,7 +632,7 @@ def main(args) -> None:
                 model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
                 mixup_fn, set_training_mode=args.train_mode, args=args, start_step=start_step,
                 checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
-            lr_scheduler.step(epoch + 1)
+            lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
 
             test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy

@@ -1,4 +1,5 @@
 """Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
+import argparse
 import builtins
 import csv
 import datetime
@@ -11,7 +12,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePath
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
@@ -145,6 +146,16 @@ class MetricLogger:
             self.sums[name] = self.sums[name] + value * n
             self.counts[name] += n
             self.last[name] = value
+
+    def synchronize_between_processes(self, device: torch.device) -> None:
+        """Sum the sums and counts over all ranks, so that the averages are the whole job's."""
+        if not is_dist_avail_and_initialized() or not self.sums:
+            return
+        names = sorted(self.sums)
+        totals = torch.tensor([[float(self.sums[k]), self.counts[k]] for k in names], dtype=torch.float64,
+                              device=device)
+        for name, (total, count) in zip(names, all_reduce_sum(totals).tolist()):
+            self.sums[name], self.counts[name] = total, int(count)
 
     def global_avg(self, name: str) -> float:
         return float(self.sums[name]) / max(self.counts[name], 1)
@@ -308,9 +319,17 @@ def is_url(path: str) -> bool:
     return urlparse(path).scheme in ('http', 'https')
 
 
+# The only classes besides tensors and containers that a checkpoint of the original
+# facebookresearch/deit main.py holds: its `args` (a Namespace; under its submitit launcher
+# `output_dir` and `job_dir` are Paths). Both are plain data: building them runs no user code.
+ORIGINAL_SCRIPT_GLOBALS = [argparse.Namespace, PosixPath,
+                           (PosixPath, 'pathlib._local.PosixPath')]  # the name Python >= 3.13 writes
+
+
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint file or URL as plain data (``weights_only=True``: no pickled code runs).
 
+    Files written by the original DeiT scripts load too: their ``args`` Namespace becomes a dict.
     URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
     torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
@@ -318,25 +337,36 @@ def load_checkpoint(path: str) -> dict:
         url = urlparse(path)
         if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
             raise UserError(f'refusing to download {path} over plain http: use an https URL')
-        try:
-            return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True,
-                                                      weights_only=True)
-        except RuntimeError as e:
-            raise UserError(f'could not load {path}: {e}') from None
-        except OSError as e:
-            raise UserError(f'could not download {path}: {e}') from None
-    if not os.path.isfile(path):
+    elif not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
+            if is_url(path):
+                checkpoint = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True,
+                                                                weights_only=True)
+            else:
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code
         found = re.search(r'GLOBAL [\w.]+', str(e))
         culprit = found.group(0) if found else 'an unsupported object'
         raise UserError(f'refusing to load {path}: it holds pickled code ({culprit}), not plain weights; '
                         're-save it as plain tensors') from None
-    except Exception as e:  # truncated zip, not a torch file, ...: "not a checkpoint we can read"
+    except Exception as e:  # a failed download, a wrong hash prefix, a truncated zip, not a torch file, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+        failed = 'cannot read checkpoint'
+        if is_url(path):
+            failed = 'could not download' if isinstance(e, OSError) else 'could not load'
+        raise UserError(f'{failed} {path}: {first_line}') from None
+    return with_plain_args(checkpoint, path)
+
+
+def with_plain_args(checkpoint, path: str):
+    """A checkpoint of the original main.py with its ``args`` Namespace as a dict of plain values."""
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace)):
+        return checkpoint
+    print(f'{path}: a checkpoint of the original facebookresearch/deit main.py (its args read as plain data)')
+    args = {k: str(v) if isinstance(v, PurePath) else v for k, v in vars(checkpoint['args']).items()}
+    return {**checkpoint, 'args': args}
 
 
 def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:
