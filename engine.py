@@ -46,6 +46,13 @@ class LossScaler:
         return self._scaler.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the loss scale; a checkpoint trained without fp16 scaling (bf16, fp32, CPU) saved
+        ``{}``, which GradScaler refuses: fp16 then starts from the initial scale, as a fresh run does."""
+        if not state_dict:
+            if self._scaler.is_enabled():
+                print('note: the checkpoint has no fp16 loss-scale state (trained in bf16 or fp32): '
+                      'the loss scale starts at its initial value')
+            return
         self._scaler.load_state_dict(state_dict)
 
 
