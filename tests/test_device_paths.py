@@ -13,3 +13,21 @@ def test_fp16_resume_from_a_checkpoint_without_loss_scale_state_starts_at_the_in
     fp16_state = {**scaler.state_dict(), 'scale': 1024.0}
     scaler.load_state_dict(fp16_state)  # a real fp16 state still loads
     assert scaler.state_dict()['scale'] == 1024.0
+
+
+def test_a_checkpoint_with_more_cuda_rng_states_than_visible_gpus_resumes(monkeypatch):
+    import checkpoint
+
+    def set_cuda_state(new_state, device='cuda'):  # torch's own check: the device index must exist
+        index = device if isinstance(device, int) else torch.device(device).index
+        if index >= torch.cuda.device_count():
+            raise IndexError(f'no CUDA device {index}')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda.random, 'set_rng_state', set_cuda_state)
+
+    saved = checkpoint.capture_rng_state()
+    assert 'cuda' not in saved  # redundant: every step reseeds every device
+    expected = torch.rand(3)
+    from_8_gpus = {**saved, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8}  # an older 8-GPU checkpoint
+    checkpoint.restore_rng_state(from_8_gpus)
+    assert torch.equal(torch.rand(3), expected)
