@@ -235,9 +235,17 @@ def validate_args(args) -> None:
 
 
 def default_num_workers() -> int:
-    """The original's 10 workers, but no more than the cores available to each process of this node."""
+    """The original's 10 workers, but no more than the cores available to each process of this node.
+
+    This process's CPU affinity is shared by the node's ranks when they inherited one mask (torchrun's
+    children; an unbound launch, whose mask is the whole node or the whole Slurm allocation on it), and
+    is this rank's own when the launcher bound each task to its CPUs (Slurm's task binding).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, min(10, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    node_cpus = int(os.environ.get('SLURM_CPUS_ON_NODE', os.cpu_count() or cores))
+    bound_per_task = 'TORCHELASTIC_RUN_ID' not in os.environ and cores < node_cpus
+    sharing = 1 if bound_per_task else int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return max(1, min(10, cores // sharing))
 
 
 def mixup_active(args) -> bool:

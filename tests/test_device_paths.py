@@ -1,5 +1,7 @@
 """CUDA and multi-rank code paths through their smallest CPU stand-ins (a GPU shows the rest:
 ``python -m tools.gpu_check``)."""
+import os
+
 import torch
 
 from engine import LossScaler
@@ -31,3 +33,32 @@ def test_a_checkpoint_with_more_cuda_rng_states_than_visible_gpus_resumes(monkey
     from_8_gpus = {**saved, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8}  # an older 8-GPU checkpoint
     checkpoint.restore_rng_state(from_8_gpus)
     assert torch.equal(torch.rand(3), expected)
+
+
+def node(monkeypatch, affinity: int, cpu_count: int = 96, **env) -> None:
+    """A node of ``cpu_count`` CPUs where this process may run on ``affinity`` of them."""
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(affinity)))
+    monkeypatch.setattr(os, 'cpu_count', lambda: cpu_count)
+    for name in ('LOCAL_WORLD_SIZE', 'TORCHELASTIC_RUN_ID', 'SLURM_CPUS_ON_NODE'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_default_workers_divide_only_an_affinity_that_the_local_ranks_share(monkeypatch):
+    from main import default_num_workers
+    # Slurm task binding (submitit, --cpus-per-task 10): each task has its own 10 CPUs
+    node(monkeypatch, 10, LOCAL_WORLD_SIZE='8', SLURM_CPUS_ON_NODE='80')
+    assert default_num_workers() == 10
+    # Slurm without binding: every task sees the node's 80 allocated CPUs
+    node(monkeypatch, 80, LOCAL_WORLD_SIZE='8', SLURM_CPUS_ON_NODE='80')
+    assert default_num_workers() == 10
+    node(monkeypatch, 40, LOCAL_WORLD_SIZE='8', SLURM_CPUS_ON_NODE='40')
+    assert default_num_workers() == 5
+    # torchrun's 8 children share the agent's mask, even when it is a part of the node
+    node(monkeypatch, 40, LOCAL_WORLD_SIZE='8', TORCHELASTIC_RUN_ID='x')
+    assert default_num_workers() == 5
+    node(monkeypatch, 96, LOCAL_WORLD_SIZE='8', TORCHELASTIC_RUN_ID='x')
+    assert default_num_workers() == 10
+    node(monkeypatch, 2, cpu_count=2)  # one process on a small machine
+    assert default_num_workers() == 2
