@@ -3,6 +3,7 @@
 Reads like a table of contents: parse, build data, build models, build optimisation, loop.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -456,6 +457,22 @@ class TrainingState:
 # Main
 # ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device):
+    """``module`` moved to ``device`` for the block, then back where it was.
+
+    The batches are on the training device; an EMA kept on the CPU (--model-ema-force-cpu) is
+    evaluated there too: one copy of its weights each way, where a CPU validation pass would take
+    longer than a GPU epoch.
+    """
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
 def set_determinism(args) -> None:
     """--deterministic: the same command gives bit-identical weights; otherwise favour speed."""
     if args.deterministic:
@@ -561,8 +578,8 @@ def main(args) -> None:
                          **{f'test_{k}': v for k, v in test_stats.items()},
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
-                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq,
-                                     args.eval_head)
+                with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim

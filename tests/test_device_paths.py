@@ -62,3 +62,20 @@ def test_default_workers_divide_only_an_affinity_that_the_local_ranks_share(monk
     assert default_num_workers() == 10
     node(monkeypatch, 2, cpu_count=2)  # one process on a small machine
     assert default_num_workers() == 2
+
+
+def test_a_cpu_ema_is_evaluated_on_the_training_device_and_returns_to_the_cpu():
+    """The mismatch itself (CUDA batches into a CPU EMA) needs a GPU: tools/gpu_check.py trains with
+    --model-ema-force-cpu. Here: the EMA is where the batches are during the block, and home after."""
+    from timm.utils import ModelEmaV3
+    from main import on_device
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEmaV3(model, decay=0.5, device=torch.device('cpu'))
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    training_device = torch.device('cpu')  # 'cuda' on a GPU node
+    with on_device(ema.module, training_device) as evaluated:
+        assert evaluated is ema.module and next(evaluated.parameters()).device == training_device
+        evaluated(torch.ones(4, 3, device=training_device))
+    assert next(ema.module.parameters()).device == torch.device('cpu')
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+    ema.update(model)  # still an EMA on its own device
