@@ -176,6 +176,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'erasing per batch on the device (same augmentation distribution; default on)')
     parser.add_argument('--no-fast-data', action='store_false', dest='fast_data',
                         help="(new) timm's stock per-image transforms (the reference pipeline)")
+    parser.add_argument('--no-tf32', action='store_false', dest='tf32',
+                        help='(new) full fp32 matmuls and convolutions on CUDA; by default they use TF32 tensor '
+                             'cores (Ampere and newer: --no-amp runs, the fp32 parts of an AMP run)')
     parser.add_argument('--compile', action='store_true',
                         help='(new) torch.compile the student and the teacher (eager if unavailable)')
 
@@ -483,6 +486,16 @@ def set_determinism(args) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def set_fp32_precision(device: torch.device, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation) unless --no-tf32; on the CPU nothing changes. TF32 kernels are deterministic."""
+    if device.type != 'cuda':
+        return
+    # the legacy global API: torch.compile reads it, and mixing it with the per-backend one raises
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def main(args) -> None:
     validate_args(args)
     args.device = utils.resolve_device(args.device)
@@ -495,6 +508,7 @@ def main(args) -> None:
     amp_dtype = amp_dtype_of(args)
     seed_everything(args.seed + utils.get_rank())
     set_determinism(args)
+    set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
     if args.output_dir and utils.is_main_process():
         checkpoint.remove_stale_temporaries(args.output_dir)
