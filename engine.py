@@ -163,6 +163,7 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     model.eval()
     metric_logger = MetricLogger()
     totals = {}  # name -> float64 sum on the device: read back once, at the end
+    count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
     for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         images, target, bad_paths = split_batch(batch)
@@ -178,8 +179,8 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         output = logits[eval_head].float()
         n = images.shape[0]
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
-        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum(),
-                      'images': torch.tensor(n, device=device)}
+        count += n
+        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
         if len(logits) > 1:
             batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
         for name, value in batch_sums.items():
@@ -191,8 +192,9 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     if not totals:
         raise UserError('no readable validation image: check the val/ split')
     names = sorted(totals)
-    sums = dict(zip(names, all_reduce_sum(torch.stack([totals[k] for k in names])).tolist()))
-    count = sums.pop('images')
+    local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
+    *values, count = all_reduce_sum(local).tolist()
+    sums = dict(zip(names, values))
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({int(count)} images, {eval_head} head)')

@@ -2,6 +2,7 @@
 ``python -m tools.gpu_check``)."""
 import os
 
+import pytest
 import torch
 
 from engine import LossScaler
@@ -104,3 +105,20 @@ def test_tf32_is_on_for_cuda_unless_no_tf32_and_the_cpu_is_untouched():
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_evaluate_makes_no_device_tensor_from_a_python_number_per_batch(monkeypatch):
+    """On CUDA each such tensor is a blocking host-to-device copy; the image count stays on the host."""
+    from engine import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(5)]
+    made = []
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, 'tensor', lambda *a, **k: made.append(a) or real_tensor(*a, **k))
+    stats = evaluate(batches, model, torch.device('cpu'), print_freq=100)
+    assert len(made) <= 1  # once, for the all-reduce at the end
+    logits = torch.cat([model(x) for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+    assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == targets).double().mean().item())
+    assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
