@@ -506,7 +506,9 @@ def main(args) -> None:
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     amp_dtype = amp_dtype_of(args)
-    seed_everything(args.seed + utils.get_rank())
+    # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
+    # start identical everywhere; the per-step and per-sample streams add the rank themselves.
+    seed_everything(args.seed)
     set_determinism(args)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
