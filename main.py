@@ -145,7 +145,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the checkpoint in --output_dir if there is one, else start fresh")
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     parser.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
-    parser.add_argument('--dist-eval', action='store_true', default=False, help='shard validation')
+    parser.add_argument('--dist-eval', action='store_true', default=True,
+                        help='each process evaluates its shard of the validation set (default; exact: every '
+                             'image counted once)')
+    parser.add_argument('--no-dist-eval', action='store_false', dest='dist_eval',
+                        help='(new) every process evaluates the whole validation set (the original default)')
     parser.add_argument('--num_workers', default=None, type=int,
                         help='data-loader worker processes (default: 10, at most the cores per process)')
     parser.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
