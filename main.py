@@ -441,6 +441,8 @@ class TrainingState:
                             f'--opt, or start from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        note_other_total_batch(ckpt.get('args') or {}, args.batch_size, utils.get_world_size(), args.lr,
+                               self.lr_scheduler.base_values[0], args.resume)
         self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
         if self.model_ema is not None and ckpt.get('model_ema'):
             utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
@@ -458,6 +460,18 @@ class TrainingState:
 
     def save(self, path: str, args, epoch: int) -> None:
         utils.save_on_master(self.payload(args, epoch), path)
+
+
+def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
+                           resumed_lr: float, path: str) -> None:
+    """One line when a run resumes with another total batch than it was trained with: the restored
+    schedule keeps the learning rate scaled for the old total batch."""
+    old_batch, old_world = saved_args.get('batch_size', batch_size), saved_args.get('world_size', world_size)
+    if (old_batch, old_world) == (batch_size, world_size):
+        return
+    print(f'note: {path} was trained with {old_world} processes x batch {old_batch}, this run has {world_size} x '
+          f'{batch_size}: the learning-rate schedule continues as saved (lr {resumed_lr:.3g}, not the '
+          f'{scaled_lr:.3g} of this total batch); --finetune starts a new schedule from its weights')
 
 
 # ---------------------------------------------------------------------------------------------
