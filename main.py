@@ -346,6 +346,14 @@ def build_model(args, nb_classes: int) -> torch.nn.Module:
     return model
 
 
+def distributed_model(model: torch.nn.Module, device: torch.device,
+                      gpu: int) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around ``model``, its gradients kept in the all-reduce buckets (gradient_as_bucket_view: no
+    copy into the buckets, one gradient-sized buffer less)."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+
+
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     """Start from a checkpoint: heads of another shape are dropped, pos_embed resized to the grid."""
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
@@ -552,9 +560,7 @@ def main(args) -> None:
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+        model = distributed_model(model, device, args.gpu)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
     if args.compile:
@@ -648,8 +654,7 @@ def cli(argv=None) -> int:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum
     finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+        utils.leave_distributed()
     return 0
 
 

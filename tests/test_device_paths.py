@@ -122,3 +122,57 @@ def test_evaluate_makes_no_device_tensor_from_a_python_number_per_batch(monkeypa
     targets = torch.cat([y for _, y in batches])
     assert stats['acc1'] == pytest.approx(100 * (logits.argmax(1) == targets).double().mean().item())
     assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_the_compile_probe_reports_a_device_it_cannot_compile_for():
+    import speedups
+    assert 'NVIDIA' in speedups.compiler_problem('cuda')  # the CPU compiles, the missing GPU does not
+
+
+def test_compile_or_eager_probes_the_device_that_holds_the_model(monkeypatch):
+    import speedups
+    probed = []
+    monkeypatch.setattr(speedups, 'compiler_problem', lambda device_type: probed.append(device_type) or 'broken')
+    model = torch.nn.Linear(2, 2, device='meta')  # stands for a model moved to the GPU
+    assert speedups.compile_or_eager(model, 'student') is model
+    assert probed == ['meta']
+
+
+def test_local_rank_beyond_the_visible_gpus_is_one_error_line(monkeypatch):
+    import argparse
+    import utils
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    for name, value in (('RANK', '1'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '1')):
+        monkeypatch.setenv(name, value)
+    args = argparse.Namespace(device=torch.device('cuda'), dist_url='env://')
+    with pytest.raises(utils.UserError, match='LOCAL_RANK 1 but this process sees 1 GPU'):
+        utils.init_distributed_mode(args)
+    assert not utils.is_dist_avail_and_initialized()
+
+
+def single_rank_group() -> None:
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def test_ddp_keeps_gradients_in_its_buckets():
+    import main
+    single_rank_group()
+    try:
+        model = main.distributed_model(torch.nn.Linear(2, 2), torch.device('cpu'), gpu=0)
+        assert model.gradient_as_bucket_view
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_submitit_task_leaves_the_process_group_however_main_ends(monkeypatch, tmp_path):
+    import run_with_submitit
+    args = run_with_submitit.parse_args(['--output_dir', str(tmp_path)])
+    monkeypatch.setattr(run_with_submitit.Trainer, '_setup_distributed', staticmethod(lambda args: single_rank_group()))
+    for outcome in (lambda args: None, lambda args: 1 / 0):
+        monkeypatch.setattr(run_with_submitit.trainer, 'main', outcome)
+        try:
+            run_with_submitit.Trainer(args)()
+        except ZeroDivisionError:
+            pass
+        assert not torch.distributed.is_initialized()
