@@ -17,7 +17,7 @@ def test_without_a_gpu_it_skips_with_one_line_and_exit_0():
 
 def test_the_table_lists_every_check_and_a_failed_one_makes_the_exit_code_1():
     rows = [gpu_check.result('step checkpoints', True, 'checkpoint-e0001-s000005.pth'),
-            gpu_check.result('resumed == uninterrupted', False, 'max |weight difference| 0.002'),
+            gpu_check.result('resumed == uninterrupted', False, 'largest weight difference 0.002'),
             gpu_check.result('TF32 speeds up fp32', None, '1.00x')]
     table = gpu_check.format_table(rows, ['check', 'result', 'detail']).splitlines()
     assert [cell.strip() for cell in table[0].split('|')[1:4]] == ['check', 'result', 'detail']

@@ -224,7 +224,7 @@ def check_fp16_and_resume(out: Path, flags: List[str], nproc: int, timeout: floa
     rows.append(finished(resumed, code, output, '--resume auto after SIGTERM'))
     if (reference / 'checkpoint.pth').is_file() and (resumed / 'checkpoint.pth').is_file():
         diff = max_weight_difference(reference / 'checkpoint.pth', resumed / 'checkpoint.pth')
-        rows.append(result('resumed == uninterrupted', diff == 0.0, f'max |weight difference| {diff:.3g}'))
+        rows.append(result('resumed == uninterrupted', diff == 0.0, f'largest weight difference {diff:.3g}'))
     else:
         rows.append(result('resumed == uninterrupted', False, 'a final checkpoint is missing'))
     return rows
