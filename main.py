@@ -517,7 +517,8 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     accumulation) unless --no-tf32; on the CPU nothing changes. TF32 kernels are deterministic."""
     if device.type != 'cuda':
         return
-    # the legacy global API: torch.compile reads it, and mixing it with the per-backend one raises
+    # not the per-backend fp32_precision settings: inductor reads get_float32_matmul_precision(),
+    # which raises once the two ways of setting the precision are mixed
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
     torch.backends.cudnn.allow_tf32 = tf32
 
