@@ -35,22 +35,23 @@ class TrainingInterrupted(Exception):
 # ---------------------------------------------------------------------------------------------
 
 def capture_rng_state() -> dict:
+    """The host generators' states. No CUDA state: every training step reseeds all devices
+    (engine.train_one_epoch) before drawing on them, and a list of every GPU's state would not load
+    where fewer GPUs are visible (a 1-GPU resume, Slurm's per-task GPU binding)."""
     np_state = np.random.get_state()
     return {
         'python': random.getstate(),
         'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
 def restore_rng_state(state: dict) -> None:
+    """Restore what capture_rng_state saved; the per-GPU 'cuda' list of older checkpoints is ignored."""
     random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
     name, keys, *rest = state['numpy']
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 # ---------------------------------------------------------------------------------------------

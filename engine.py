@@ -51,6 +51,13 @@ class LossScaler:
         return self._scaler.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the loss scale; a checkpoint trained without fp16 scaling (bf16, fp32, CPU) saved
+        ``{}``, which GradScaler refuses: fp16 then starts from the initial scale, as a fresh run does."""
+        if not state_dict:
+            if self._scaler.is_enabled():
+                print('note: the checkpoint has no fp16 loss-scale state (trained in bf16 or fp32): '
+                      'the loss scale starts at its initial value')
+            return
         self._scaler.load_state_dict(state_dict)
 
 
@@ -182,6 +189,7 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     model.eval()
     metric_logger = MetricLogger()
     totals = {}  # name -> float64 sum on the device: read back once, at the end
+    count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
     for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
         images, target, bad_paths = split_batch(batch)
@@ -197,8 +205,8 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         output = logits[eval_head].float()
         n = images.shape[0]
         top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
-        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum(),
-                      'images': torch.tensor(n, device=device)}
+        count += n
+        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
         if len(logits) > 1:
             batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
         for name, value in batch_sums.items():
@@ -210,8 +218,9 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     if not totals:
         raise UserError('no readable validation image: check the val/ split')
     names = sorted(totals)
-    sums = dict(zip(names, all_reduce_sum(torch.stack([totals[k] for k in names])).tolist()))
-    count = sums.pop('images')
+    local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
+    *values, count = all_reduce_sum(local).tolist()
+    sums = dict(zip(names, values))
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({int(count)} images, {eval_head} head)')

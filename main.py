@@ -3,6 +3,7 @@
 Reads like a table of contents: parse, build data, build models, build optimisation, loop.
 """
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -156,7 +157,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the checkpoint in --output_dir if there is one, else start fresh")
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
     parser.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
-    parser.add_argument('--dist-eval', action='store_true', default=False, help='shard validation')
+    parser.add_argument('--dist-eval', action='store_true', default=True,
+                        help='each process evaluates its shard of the validation set (default; exact: every '
+                             'image counted once)')
+    parser.add_argument('--no-dist-eval', action='store_false', dest='dist_eval',
+                        help='(new) every process evaluates the whole validation set (the original default)')
     parser.add_argument('--num_workers', default=None, type=int,
                         help='data-loader worker processes (default: 10, at most the cores per process)')
     parser.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
@@ -187,6 +192,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              'erasing per batch on the device (same augmentation distribution; default on)')
     parser.add_argument('--no-fast-data', action='store_false', dest='fast_data',
                         help="(new) timm's stock per-image transforms (the reference pipeline)")
+    parser.add_argument('--no-tf32', action='store_false', dest='tf32',
+                        help='(new) full fp32 matmuls and convolutions on CUDA; by default they use TF32 tensor '
+                             'cores (Ampere and newer: --no-amp runs, the fp32 parts of an AMP run)')
     parser.add_argument('--compile', action='store_true',
                         help='(new) torch.compile the student and the teacher (eager if unavailable)')
 
@@ -256,9 +264,17 @@ def validate_args(args) -> None:
 
 
 def default_num_workers() -> int:
-    """The original's 10 workers, but no more than the cores available to each process of this node."""
+    """The original's 10 workers, but no more than the cores available to each process of this node.
+
+    This process's CPU affinity is shared by the node's ranks when they inherited one mask (torchrun's
+    children; an unbound launch, whose mask is the whole node or the whole Slurm allocation on it), and
+    is this rank's own when the launcher bound each task to its CPUs (Slurm's task binding).
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, min(10, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    node_cpus = int(os.environ.get('SLURM_CPUS_ON_NODE', os.cpu_count() or cores))
+    bound_per_task = 'TORCHELASTIC_RUN_ID' not in os.environ and cores < node_cpus
+    sharing = 1 if bound_per_task else int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return max(1, min(10, cores // sharing))
 
 
 def mixup_active(args) -> bool:
@@ -383,6 +399,14 @@ def classifier_names(model: torch.nn.Module) -> set:
     return names
 
 
+def distributed_model(model: torch.nn.Module, device: torch.device,
+                      gpu: int) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around ``model``, its gradients kept in the all-reduce buckets (gradient_as_bucket_view: no
+    copy into the buckets, one gradient-sized buffer less)."""
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
+
+
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
@@ -501,8 +525,9 @@ class TrainingState:
                             f'--opt, or start from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        if ckpt.get('scaler'):  # empty when written without fp16 loss scaling; absent in older originals
-            self.loss_scaler.load_state_dict(ckpt['scaler'])
+        note_other_total_batch(ckpt.get('args') or {}, args.batch_size, utils.get_world_size(), args.lr,
+                               self.lr_scheduler.base_values[0], args.resume)
+        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
         if self.model_ema is not None and ckpt.get('model_ema'):
             utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
         self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
@@ -530,9 +555,37 @@ def check_same_step_size(saved: dict, args) -> None:
                         f'--grad-accum-steps {saved_size[1]}: resume with these, or from an epoch-end checkpoint')
 
 
+def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
+                           resumed_lr: float, path: str) -> None:
+    """One line when a run resumes with another total batch than it was trained with: the restored
+    schedule keeps the learning rate scaled for the old total batch."""
+    old_batch, old_world = saved_args.get('batch_size', batch_size), saved_args.get('world_size', world_size)
+    if (old_batch, old_world) == (batch_size, world_size):
+        return
+    print(f'note: {path} was trained with {old_world} processes x batch {old_batch}, this run has {world_size} x '
+          f'{batch_size}: the learning-rate schedule continues as saved (lr {resumed_lr:.3g}, not the '
+          f'{scaled_lr:.3g} of this total batch); --finetune starts a new schedule from its weights')
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, device: torch.device):
+    """``module`` moved to ``device`` for the block, then back where it was.
+
+    The batches are on the training device; an EMA kept on the CPU (--model-ema-force-cpu) is
+    evaluated there too: one copy of its weights each way, where a CPU validation pass would take
+    longer than a GPU epoch.
+    """
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
 
 def set_determinism(args) -> None:
     """--deterministic: the same command gives bit-identical weights; otherwise favour speed."""
@@ -542,6 +595,17 @@ def set_determinism(args) -> None:
         torch.backends.cudnn.benchmark = False
     elif args.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+
+
+def set_fp32_precision(device: torch.device, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation) unless --no-tf32; on the CPU nothing changes. TF32 kernels are deterministic."""
+    if device.type != 'cuda':
+        return
+    # not the per-backend fp32_precision settings: inductor reads get_float32_matmul_precision(),
+    # which raises once the two ways of setting the precision are mixed
+    torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def main(args) -> None:
@@ -554,8 +618,11 @@ def main(args) -> None:
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     amp_dtype = amp_dtype_of(args)
-    seed_everything(args.seed + utils.get_rank())
+    # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
+    # start identical everywhere; the per-step and per-sample streams add the rank themselves.
+    seed_everything(args.seed)
     set_determinism(args)
+    set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
     if args.output_dir and utils.is_main_process():
         checkpoint.remove_stale_temporaries(args.output_dir)
@@ -581,9 +648,7 @@ def main(args) -> None:
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
     model_without_ddp = model
     if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+        model = distributed_model(model, device, args.gpu)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
     if args.compile:
@@ -643,8 +708,8 @@ def main(args) -> None:
                          **{f'test_{k}': v for k, v in test_stats.items()},
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
-                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, args.print_freq,
-                                     args.eval_head)
+                with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
@@ -679,8 +744,7 @@ def cli(argv=None) -> int:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum
     finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+        utils.leave_distributed()
     return 0
 
 

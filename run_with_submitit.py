@@ -18,6 +18,7 @@ import submitit
 
 import config
 import main as trainer
+import utils
 
 REPO = Path(__file__).resolve().parent
 
@@ -56,7 +57,10 @@ class Trainer:
             sys.path.insert(0, str(REPO))
         args = copy.deepcopy(self.args)
         self._setup_distributed(args)
-        trainer.main(args)
+        try:
+            trainer.main(args)
+        finally:
+            utils.leave_distributed()
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption/timeout: requeue, resuming from the newest checkpoint."""

@@ -6,14 +6,15 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def compiler_problem() -> str:
-    """'' when torch.compile works here, else why not (probed once on a tiny graph, forward and backward).
+def compiler_problem(device_type: str = 'cpu') -> str:
+    """'' when torch.compile works on ``device_type`` here, else why not (probed once per device type on
+    a tiny graph, forward and backward).
 
-    Inductor compiles lazily, so a missing C++ compiler would otherwise surface mid-training, at
-    the first backward; a probe finds it before the run starts.
+    Inductor compiles lazily, so a missing C++ compiler (CPU) or a broken Triton (CUDA) would
+    otherwise surface mid-training, at the first backward; a probe finds it before the run starts.
     """
     try:
-        x = torch.ones(4, requires_grad=True)
+        x = torch.ones(4, device=device_type, requires_grad=True)
         torch.compile(lambda t: (t * 2).sin().sum())(x).backward()
         return ''
     except Exception as e:  # torch._dynamo / inductor errors: no compiler, unsupported platform, ...
@@ -22,8 +23,10 @@ def compiler_problem() -> str:
 
 
 def compile_or_eager(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """``torch.compile(model)``, or ``model`` itself with one line saying why it cannot be compiled."""
-    problem = compiler_problem()
+    """``torch.compile(model)``, or ``model`` itself with one line saying why it cannot be compiled on
+    the device that holds its parameters."""
+    first = next(model.parameters(), None)
+    problem = compiler_problem(first.device.type if first is not None else 'cpu')
     if problem:
         print(f'warning: --compile: torch.compile is unavailable here ({problem}); the {name} runs eager')
         return model

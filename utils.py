@@ -31,6 +31,11 @@ class UserError(Exception):
 # Distributed
 # ---------------------------------------------------------------------------------------------
 
+# How long a collective waits for the other ranks before failing: rank 0 alone writes the checkpoints
+# (minutes for a large model on a network filesystem) while the others wait in the next collective.
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -92,18 +97,30 @@ def init_distributed_mode(args) -> None:
         return
 
     args.distributed = True
+    device_id = None
     if args.device.type == 'cuda':
+        visible = torch.cuda.device_count()
+        if args.gpu >= visible:
+            raise UserError(f'LOCAL_RANK {args.gpu} but this process sees {visible} GPU(s): start at most {visible} '
+                            f'processes per node (--nproc_per_node), or check CUDA_VISIBLE_DEVICES')
         torch.cuda.set_device(args.gpu)
-        args.device = torch.device('cuda', args.gpu)
+        args.device = device_id = torch.device('cuda', args.gpu)
         backend = 'nccl'
     else:
         backend = 'gloo'
     print(f'| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}',
           flush=True)
-    dist.init_process_group(backend=backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+    # device_id binds NCCL to this rank's GPU at once (no guessing, eager connection setup)
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                            rank=args.rank, device_id=device_id, timeout=DIST_TIMEOUT)
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def leave_distributed() -> None:
+    """Destroy the process group if there is one: NCCL frees its communicators before the process exits."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -377,7 +377,7 @@ def test_optimised_training_step_gives_the_same_loss_curve(monkeypatch, compiled
     assert fused.defaults.get('fused') and not plain.defaults.get('fused')
     if compiled:
         # graph capture and AOT autograd as --compile does, without the C++ build (minutes on 2 cores)
-        monkeypatch.setattr(speedups, 'compiler_problem', lambda: '')
+        monkeypatch.setattr(speedups, 'compiler_problem', lambda device_type: '')
         monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
         model = speedups.compile_or_eager(model, 'student')
     expected, got = run_steps(reference, plain, batches), run_steps(model, fused, batches)
@@ -386,7 +386,8 @@ def test_optimised_training_step_gives_the_same_loss_curve(monkeypatch, compiled
 
 
 def test_compile_falls_back_to_eager_with_one_line(monkeypatch, capsys):
-    monkeypatch.setattr(speedups, 'compiler_problem', lambda: 'InvalidCxxCompiler: No working C++ compiler found')
+    monkeypatch.setattr(speedups, 'compiler_problem',
+                        lambda device_type: 'InvalidCxxCompiler: No working C++ compiler found')
     model = torch.nn.Linear(2, 2)
     assert speedups.compile_or_eager(model, 'student') is model
     assert capsys.readouterr().out.count('\n') == 1
