@@ -182,8 +182,9 @@ def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_s
     assert all(torch.equal(optimizer.state_dict()['state'][i]['exp_avg'], saved[i]['exp_avg']) for i in saved)
     assert scaler.state_dict()['scale'] == 1024.0 and scaler.state_dict()['_growth_tracker'] == 7
     assert lr_scheduler.state_dict()['t_initial'] == payload['lr_scheduler']['t_initial']
-    # epoch 1 trains at the lr the original gives it after its step(0)
-    assert optimizer.param_groups[0]['lr'] == pytest.approx(payload['lr_scheduler']['warmup_lr_init'])
+    # epoch 1 trains at the schedule's lr of epoch 1 (the end of warm-up), not at the original's lagged one
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(lr_scheduler._get_lr(1)[0])
+    assert optimizer.param_groups[0]['lr'] != pytest.approx(payload['lr_scheduler']['warmup_lr_init'])
 
 
 def test_resume_run_of_an_original_checkpoint_continues_at_the_next_epoch(original_checkpoint, imagefolder, tmp_path):
