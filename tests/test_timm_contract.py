@@ -1,0 +1,140 @@
+"""Every model of models/ honours timm's model interface, checked the way timm checks its own models.
+
+The checks are adapted from timm's tests/test_models.py (huggingface/pytorch-image-models,
+Apache-2.0): test_model_backward, test_model_default_cfgs(_non_std), test_model_forward_features,
+test_model_forward_intermediates, test_model_forward_torchscript and test_model_forward_fx. They run
+on one small variant per model family, at a tiny input size where the model allows it.
+"""
+import math
+
+import pytest
+import timm
+import torch
+from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models._registry import _model_entrypoints
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import models  # noqa: F401  (registers our models)
+from models.mobile_former import MobileFormer
+
+# name -> (keyword arguments, input size): one of each model class and block type of models/
+FAMILIES = {
+    'mobile_former_52m': ({}, 64),
+    'regnety_tiny_os8': ({}, 16),
+    'deit_micro_patch4_16': ({}, 16),
+    'deit_micro_distilled_patch4_16': ({}, 16),
+    'convit_tiny_distilled': ({'img_size': 48}, 48),
+    'deit_tiny_patch16_LS': ({'img_size': 32, 'depth': 3}, 32),
+    'deit_small_patch16_18x2': ({'img_size': 32, 'depth': 3}, 32),  # parallel blocks, no LayerScale
+}
+# timm's EARLY_POOL_MODELS: fully connected layers after the pooling, so no unpooled forward (global_pool='')
+EARLY_POOL_MODELS = (MobileFormer,)
+
+
+def create(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, **dict(FAMILIES[name][0], **kwargs))
+
+
+def images(name: str, batch: int = 2) -> torch.Tensor:
+    size = FAMILIES[name][1]
+    return torch.randn(batch, 3, size, size)
+
+
+def channels_axis(features: torch.Tensor) -> int:
+    return 1 if features.ndim == 4 else -1  # convnets give NCHW, transformers (B, tokens, C)
+
+
+def test_every_module_of_models_has_a_family_checked_here():
+    ours = {fn.__module__ for fn in _model_entrypoints.values() if fn.__module__.startswith('models.')}
+    checked = {_model_entrypoints[name].__module__ for name in FAMILIES}
+    assert ours == checked
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_backward_reaches_every_parameter_with_the_requested_classes(name):
+    model = create(name, num_classes=42).train()
+    outputs = model(images(name))
+    outputs = torch.cat(outputs) if isinstance(outputs, tuple) else outputs
+    outputs.mean().backward()
+    assert outputs.shape[-1] == 42 and not torch.isnan(outputs).any()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_forward_is_forward_head_of_unpooled_forward_features(name):
+    model = create(name).eval()
+    cfg, state = model.pretrained_cfg, model.state_dict()
+    classifiers = cfg['classifier'] if isinstance(cfg['classifier'], tuple) else (cfg['classifier'],)
+    assert all(f'{layer}.weight' in state for layer in (*classifiers, cfg['first_conv']))
+    x = images(name)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert torch.equal(model.forward_head(features), model(x))
+        assert features.shape[channels_axis(features)] == model.num_features
+        assert pre_logits.shape == (2, model.head_hidden_size)
+        if features.ndim == 4:  # unpooled: the feature map of the input, at the configured size too
+            stride = cfg['input_size'][-1] // cfg['pool_size'][-1]
+            assert features.shape[-2:] == (x.shape[-2] // stride, x.shape[-1] // stride)
+            assert model.forward_features(torch.randn(1, *cfg['input_size'])).shape[-2:] == cfg['pool_size']
+        model.reset_classifier(0)
+        assert model.num_classes == 0 and torch.allclose(model(x), pre_logits, atol=1e-6)
+        if features.ndim == 4 and not isinstance(model, EARLY_POOL_MODELS):
+            model.reset_classifier(0, '')
+            assert model(x).shape == features.shape
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_reset_classifier_replaces_every_head_of_a_model_created_with_other_classes(name):
+    model = create(name, num_classes=5)
+    model.reset_classifier(7)
+    heads = model.get_classifier()
+    assert [head.out_features for head in (heads if isinstance(heads, tuple) else (heads,))] in ([7], [7, 7])
+    assert model.num_classes == 7 and model.eval()(images(name)).shape == (2, 7)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_features_only_gives_the_feature_info_levels_and_forward_intermediates_agrees(name):
+    x = images(name, batch=1)
+    extractor = create(name, features_only=True).eval()
+    with torch.no_grad():
+        feature_maps = extractor(x)
+    info = extractor.feature_info
+    assert len(feature_maps) == len(info.channels()) >= 3
+    for fmap, chs, reduction in zip(feature_maps, info.channels(), info.reduction()):
+        assert fmap.shape[:2] == (1, chs)
+        assert all(size <= math.ceil(x.shape[-1] / reduction) + 1 for size in fmap.shape[-2:])
+    model = create(name).eval()
+    if not hasattr(model, 'forward_intermediates'):
+        return  # a FeatureListNet over the model's modules (RegNet)
+    levels = len(model.feature_info)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+        last_two = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
+    assert [tuple(t.shape[:2]) for t in intermediates] == [(1, info['num_chs']) for info in model.feature_info]
+    assert len(intermediates) == levels
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(last_two, intermediates[-2:]))
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_torchscript_forward_matches_eager(name):
+    with timm.set_scriptable(True):
+        model = create(name).eval()
+    x = images(name, batch=1)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_fx_traced_forward_matches_eager(name):
+    model = create(name).eval()
+    # as timm's _create_fx_model: trace through everything but timm's declared leaf modules and functions
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    traced = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    x = images(name, batch=1)
+    with torch.no_grad():
+        assert torch.equal(next(iter(traced(x).values())), model(x))
