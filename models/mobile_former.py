@@ -257,12 +257,14 @@ class MobileFormer(nn.Module):
     ``forward_features`` returns the head's feature map with the first global token appended as
     channels at every position, (B, num_features, H/32, W/32); ``forward_intermediates`` and
     ``features_only`` give the MobileNet path's feature map at the end of each stride (``feature_info``).
+    With ``global_pool=''`` the head runs at every position and returns a map, as timm's MobileNetV3.
     """
 
     def __init__(self, cfg: MobileFormerConfig, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0., drop_path_rate: float = 0.):
+                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.):
         super().__init__()
         self.num_classes = num_classes
+        self._set_global_pool(global_pool)
         self.grad_checkpointing = False
         self.tokens = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.token_dim))  # learnt global priors
         self.stem = conv_bn(in_chans, cfg.stem_chs, 3, stride=2, act=nn.ReLU6)
@@ -318,10 +320,14 @@ class MobileFormer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
+    def _set_global_pool(self, global_pool: str) -> None:
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"Mobile-Former's head pools by average ('avg') or not at all (''), not {global_pool!r}")
+        self.global_pool = global_pool
+
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool not in (None, 'avg'):
-            # the fully connected layers after the pooling need a vector of num_features
-            raise ValueError(f"Mobile-Former's head averages its features: global_pool must be 'avg', not {global_pool!r}")
+        if global_pool is not None:
+            self._set_global_pool(global_pool)
         self.num_classes = num_classes
         self.classifier = self._new_classifier(num_classes)
         self.classifier.train(self.training)
@@ -390,8 +396,11 @@ class MobileFormer(nn.Module):
         return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.fc_act(self.fc(self.pool(x).flatten(1))))
-        return x if pre_logits else self.classifier(x)
+        if self.global_pool == 'avg':
+            x = self.pool(x).flatten(1)
+        # unpooled (global_pool ''), the head runs at every position: channels last for the linear layers
+        x = self.head_drop(self.fc_act(self.fc(x.movedim(1, -1))))
+        return (x if pre_logits else self.classifier(x)).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

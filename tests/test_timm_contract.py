@@ -12,10 +12,10 @@ import timm
 import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._registry import _model_entrypoints
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import NodePathTracer
 
 import models  # noqa: F401  (registers our models)
-from models.mobile_former import MobileFormer
+from test_interop import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
 
 # name -> (keyword arguments, input size): one of each model class and block type of models/
 FAMILIES = {
@@ -27,8 +27,6 @@ FAMILIES = {
     'deit_tiny_patch16_LS': ({'img_size': 32, 'depth': 3}, 32),
     'deit_small_patch16_18x2': ({'img_size': 32, 'depth': 3}, 32),  # parallel blocks, no LayerScale
 }
-# timm's EARLY_POOL_MODELS: fully connected layers after the pooling, so no unpooled forward (global_pool='')
-EARLY_POOL_MODELS = (MobileFormer,)
 
 
 def create(name: str, **kwargs) -> torch.nn.Module:
@@ -80,9 +78,11 @@ def test_forward_is_forward_head_of_unpooled_forward_features(name):
             assert model.forward_features(torch.randn(1, *cfg['input_size'])).shape[-2:] == cfg['pool_size']
         model.reset_classifier(0)
         assert model.num_classes == 0 and torch.allclose(model(x), pre_logits, atol=1e-6)
-        if features.ndim == 4 and not isinstance(model, EARLY_POOL_MODELS):
+        if features.ndim == 4:  # without pooling, a map of the same size (the head may run at every position)
             model.reset_classifier(0, '')
-            assert model(x).shape == features.shape
+            assert model(x).shape[-2:] == features.shape[-2:]
+            unpooled = create(name, num_classes=0, global_pool='').eval()
+            assert unpooled(x).shape[-2:] == features.shape[-2:]
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -130,11 +130,10 @@ def test_torchscript_forward_matches_eager(name):
 @pytest.mark.parametrize('name', FAMILIES)
 def test_fx_traced_forward_matches_eager(name):
     model = create(name).eval()
-    # as timm's _create_fx_model: trace through everything but timm's declared leaf modules and functions
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                         param_shapes_constant=True)
-    _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    traced = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    # timm's _create_fx_model's tracer (through all but timm's declared leaf modules and functions), once
+    tracer = NodePathTracer(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                            param_shapes_constant=True)
+    traced = torch.fx.GraphModule(model, tracer.trace(model))
     x = images(name, batch=1)
     with torch.no_grad():
-        assert torch.equal(next(iter(traced(x).values())), model(x))
+        assert torch.equal(traced(x), model(x))
