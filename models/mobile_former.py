@@ -313,6 +313,11 @@ class MobileFormer(nn.Module):
         return {'tokens'}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise learning-rate decay; the head, unmatched, comes last."""
+        return dict(stem=r'^tokens|^stem|^lite_bneck', blocks=r'^blocks\.(\d+)')
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import timm
+import timm.optim
 import torch
 from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._registry import _model_entrypoints
@@ -92,6 +93,18 @@ def test_reset_classifier_replaces_every_head_of_a_model_created_with_other_clas
     heads = model.get_classifier()
     assert [head.out_features for head in (heads if isinstance(heads, tuple) else (heads,))] in ([7], [7, 7])
     assert model.num_classes == 7 and model.eval()(images(name)).shape == (2, 7)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_layer_decay_scales_the_learning_rate_from_first_conv_to_classifier(name):
+    model = create(name)
+    groups = timm.optim.create_optimizer_v2(model, 'sgd', lr=1., layer_decay=0.5).param_groups
+    scale = {id(p): group['lr_scale'] for group in groups for p in group['params']}
+    params = dict(model.named_parameters())
+    assert len(scale) == len(params) and len(set(scale.values())) > 2
+    assert scale[id(params[model.pretrained_cfg['first_conv'] + '.weight'])] == min(scale.values())
+    classifier = model.get_classifier()
+    assert scale[id((classifier[0] if isinstance(classifier, tuple) else classifier).weight)] == 1.
 
 
 @pytest.mark.parametrize('name', FAMILIES)
