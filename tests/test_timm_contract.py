@@ -6,6 +6,7 @@ test_model_forward_intermediates, test_model_forward_torchscript and test_model_
 on one small variant per model family, at a tiny input size where the model allows it.
 """
 import math
+import re
 
 import pytest
 import timm
@@ -81,9 +82,9 @@ def test_forward_is_forward_head_of_unpooled_forward_features(name):
         assert model.num_classes == 0 and torch.allclose(model(x), pre_logits, atol=1e-6)
         if features.ndim == 4:  # without pooling, a map of the same size (the head may run at every position)
             model.reset_classifier(0, '')
-            assert model(x).shape[-2:] == features.shape[-2:]
             unpooled = create(name, num_classes=0, global_pool='').eval()
-            assert unpooled(x).shape[-2:] == features.shape[-2:]
+            for out in model(x), unpooled(x):
+                assert out.ndim == 4 and out.shape[-2:] == features.shape[-2:]
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -96,12 +97,16 @@ def test_reset_classifier_replaces_every_head_of_a_model_created_with_other_clas
 
 
 @pytest.mark.parametrize('name', FAMILIES)
-def test_layer_decay_scales_the_learning_rate_from_first_conv_to_classifier(name):
+def test_layer_decay_gives_each_block_one_learning_rate_rising_from_first_conv_to_classifier(name):
     model = create(name)
     groups = timm.optim.create_optimizer_v2(model, 'sgd', lr=1., layer_decay=0.5).param_groups
     scale = {id(p): group['lr_scale'] for group in groups for p in group['params']}
     params = dict(model.named_parameters())
-    assert len(scale) == len(params) and len(set(scale.values())) > 2
+    blocks = dict.fromkeys(m.group(0) for m in map(re.compile(r'blocks\.\d+\.|s\d\.b\d+\.').match, params) if m)
+    block_scales = [{scale[id(p)] for n, p in params.items() if n.startswith(block)} for block in blocks]
+    assert all(len(scales) == 1 for scales in block_scales)  # a block is one group
+    rates = [min(scales) for scales in block_scales]
+    assert len(rates) > 2 and rates == sorted(set(rates))  # deeper blocks learn faster, each at its own rate
     assert scale[id(params[model.pretrained_cfg['first_conv'] + '.weight'])] == min(scale.values())
     classifier = model.get_classifier()
     assert scale[id((classifier[0] if isinstance(classifier, tuple) else classifier).weight)] == 1.
@@ -119,15 +124,11 @@ def test_features_only_gives_the_feature_info_levels_and_forward_intermediates_a
         assert fmap.shape[:2] == (1, chs)
         assert all(size <= math.ceil(x.shape[-1] / reduction) + 1 for size in fmap.shape[-2:])
     model = create(name).eval()
-    if not hasattr(model, 'forward_intermediates'):
-        return  # a FeatureListNet over the model's modules (RegNet)
-    levels = len(model.feature_info)
     with torch.no_grad():
         final, intermediates = model.forward_intermediates(x)
         assert torch.allclose(final, model.forward_features(x), atol=1e-6)
         last_two = model.forward_intermediates(x, indices=2, stop_early=True, intermediates_only=True)
     assert [tuple(t.shape[:2]) for t in intermediates] == [(1, info['num_chs']) for info in model.feature_info]
-    assert len(intermediates) == levels
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(last_two, intermediates[-2:]))
 
 
