@@ -61,6 +61,20 @@ def test_backward_reaches_every_parameter_with_the_requested_classes(name):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
+@pytest.mark.parametrize('name', [name for name in FAMILIES if name != 'convit_tiny_distilled'])  # ConViT refuses
+def test_grad_checkpointing_keeps_outputs_and_gradients(name):
+    model, x = create(name).train(), images(name)
+    reference = model(x)
+    reference.sum().backward()
+    gradients = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing()
+    outputs = model(x)
+    outputs.sum().backward()
+    assert torch.allclose(outputs, reference, atol=1e-6)
+    assert all(torch.allclose(p.grad, gradients[n], atol=1e-5) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize('name', FAMILIES)
 def test_forward_is_forward_head_of_unpooled_forward_features(name):
     model = create(name).eval()
