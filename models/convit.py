@@ -5,12 +5,13 @@
 timm's ``VisionTransformerDistilled`` conventions: ``set_distilled_training(True)`` makes the
 training forward return ``(cls_logits, dist_logits)``; otherwise the two heads are averaged.
 """
-from typing import Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
 from timm.layers import get_device_dtype, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.convit import ConVit, _cfg
 
 
@@ -52,26 +53,60 @@ class ConVitDistilled(ConVit):
         return self.head, self.head_dist
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        assert global_pool in (None, 'token'), 'The distilled head reads the class and distillation tokens.'
+        # as timm's VisionTransformerDistilled: '' (no pooling, asked by prune_intermediate_layers) keeps the head
+        assert global_pool in (None, '', 'token'), 'The distilled head reads the class and distillation tokens.'
         super().reset_classifier(num_classes)
         self.head_dist = self._new_head(num_classes)
         self.head_dist.train(self.training)
 
-    def forward_intermediates(self, *args, **kwargs):
-        # ConVit's version strips exactly one prefix token; use convit_* for feature extraction.
-        raise NotImplementedError('intermediate features are not supported by the distilled ConViT')
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         if self.use_pos_embed:
             x = x + self.pos_embed
-        x = self.pos_drop(x)
+        return self.pos_drop(x)
+
+    def _with_prefix_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Class and distillation tokens before the patches, after the GPSA blocks (which see patches only)."""
+        tokens = torch.cat((self.cls_token, self.dist_token), dim=1)
+        return torch.cat((tokens.expand(x.shape[0], -1, -1), x), dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
         for i, block in enumerate(self.blocks):
-            if i == self.local_up_to_layer:  # GPSA blocks see patches only, as in ConViT
-                tokens = torch.cat((self.cls_token, self.dist_token), dim=1)
-                x = torch.cat((tokens.expand(x.shape[0], -1, -1), x), dim=1)
+            if i == self.local_up_to_layer:
+                x = self._with_prefix_tokens(x)
             x = block(x)
         return self.norm(x)
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's ConVit.forward_intermediates with both prefix tokens: the patch tokens of the outputs of the
+        blocks selected by ``indices`` (the last n if an int, all if None), then ``forward_features``' output."""
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        intermediates = []
+        batch, _, height, width = x.shape
+        x = self._embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # TorchScript cannot slice a ModuleList by a variable
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, block in enumerate(blocks):
+            if i == self.local_up_to_layer:
+                x = self._with_prefix_tokens(x)
+            x = block(x)
+            if i in take_indices:
+                y = self.norm(x) if norm else x
+                intermediates.append(y[:, self.num_prefix_tokens:] if i >= self.local_up_to_layer else y)
+        if output_fmt == 'NCHW':
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
@@ -93,8 +128,11 @@ default_cfgs = generate_default_cfgs({
 def _create(variant: str, pretrained: bool, num_heads: int, **kwargs) -> ConVitDistilled:
     # timm's ConViT sizes: embed_dim is per head (48), local_up_to_layer GPSA blocks out of 12.
     model_args = dict(local_up_to_layer=10, locality_strength=1.0, embed_dim=48, num_heads=num_heads)
-    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes.
-    return build_model_with_cfg(ConVitDistilled, variant, pretrained, **dict(model_args, **kwargs))
+    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes;
+    # features_only reads forward_intermediates ('getter'), the last 3 blocks by default, as timm's convit_*.
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
+    return build_model_with_cfg(ConVitDistilled, variant, pretrained, feature_cfg=feature_cfg,
+                                **dict(model_args, **kwargs))
 
 
 @register_model

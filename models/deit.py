@@ -28,9 +28,11 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, distilled: bool, pretrained: bool, **kwargs):
-    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes.
+    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes;
+    # features_only reads forward_intermediates ('getter'), the last 3 blocks by default, as timm's deit_*.
     model_cls = VisionTransformerDistilled if distilled else VisionTransformer
-    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter')
+    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 _TINY_PATCH4 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3)

@@ -71,14 +71,14 @@ default_cfgs = generate_default_cfgs({
 LAYER_SCALE_INIT = 1e-4  # the original's init_scale default; timm's deit3_* use 1e-6
 
 
-def _same_drop_path_in_every_block(model: VisionTransformer, rate: float) -> None:
+def _same_drop_path_in_every_block(model: torch.nn.Module, rate: float) -> None:
     """The original drops paths at the full rate in every block; timm ramps the rate up from 0 with depth
-    and has no option for a constant rate, hence this replacement after construction."""
-    for block in model.blocks:
-        for parent in list(block.modules()):
-            for name, _ in list(parent.named_children()):
-                if name.startswith('drop_path'):
-                    setattr(parent, name, DropPath(rate) if rate > 0 else torch.nn.Identity())
+    and has no option for a constant rate, hence this replacement after construction (of the model or of
+    its features_only wrapper)."""
+    for parent in list(model.modules()):
+        for name, _ in list(parent.named_children()):
+            if name.startswith('drop_path'):
+                setattr(parent, name, DropPath(rate) if rate > 0 else torch.nn.Identity())
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
@@ -94,6 +94,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransform
     model = build_model_with_cfg(
         VisionTransformer, variant, pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True),  # timm's, for DeiT III
+        # features_only reads forward_intermediates ('getter'), the last 3 blocks by default, as timm's deit3_*
+        feature_cfg=dict(out_indices=model_args.pop('out_indices', 3), feature_cls='getter'),
         **model_args)
     _same_drop_path_in_every_block(model, drop_path_rate)
     return model

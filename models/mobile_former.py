@@ -12,17 +12,20 @@ parallel. Each Mobile-Former block:
    tokens are projected to keys and values), added to the Mobile output.
 
 The classification head pools the local features and concatenates the first global token, then two
-fully connected layers with h-swish in between.
+fully connected layers with h-swish in between. To honour timm's model interface (one unpooled
+feature tensor from ``forward_features``), that token is carried as extra channels at every position
+of the feature map: average pooling then gives exactly the concatenation the paper describes.
 
 Layer configurations follow the paper's appendix table; where the paper is silent we take the
 authors' published models' choice (noted where made).
 """
-from typing import Dict, NamedTuple, Optional, Tuple, Type
+from typing import Dict, List, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
@@ -78,13 +81,18 @@ def conv_bn(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups
     return nn.Sequential(*layers, *([act()] if act else []))
 
 
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C / heads)."""
+    return t.reshape(t.shape[0], t.shape[1], num_heads, t.shape[2] // num_heads).transpose(1, 2)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head attention of q (B, N, C) over k, v (B, M, C), the channels split into heads."""
-    batch, length, chs = q.shape
-    q, k, v = (t.reshape(batch, t.shape[1], num_heads, chs // num_heads).transpose(1, 2) for t in (q, k, v))
+    scale = (q.shape[2] // num_heads) ** -0.5
+    heads = split_heads(q, num_heads) @ split_heads(k, num_heads).transpose(-2, -1)
     # explicit matmuls rather than scaled_dot_product_attention: FlopCounterMode counts them on a CPU too
-    weights = (q @ k.transpose(-2, -1) * (chs // num_heads) ** -0.5).softmax(dim=-1)
-    return (weights @ v).transpose(1, 2).reshape(batch, length, chs)
+    out = (heads * scale).softmax(dim=-1) @ split_heads(v, num_heads)
+    return out.transpose(1, 2).reshape(q.shape)
 
 
 def _drop_path(rate: float) -> nn.Module:
@@ -157,6 +165,7 @@ class MobileToFormer(nn.Module):
 
     def __init__(self, chs: int, token_dim: int, drop_path: float = 0.):
         super().__init__()
+        self.num_heads = BRIDGE_HEADS
         self.q = nn.Linear(token_dim, chs)
         self.proj = nn.Linear(chs, token_dim)
         self.norm = nn.LayerNorm(token_dim)
@@ -164,7 +173,7 @@ class MobileToFormer(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         pixels = x.flatten(2).transpose(1, 2)
-        update = self.proj(attend(self.q(tokens), pixels, pixels, BRIDGE_HEADS))
+        update = self.proj(attend(self.q(tokens), pixels, pixels, self.num_heads))
         return self.norm(tokens + self.drop_path(update))
 
 
@@ -173,14 +182,14 @@ class FormerToMobile(nn.Module):
 
     def __init__(self, chs: int, token_dim: int, drop_path: float = 0.):
         super().__init__()
+        self.num_heads = BRIDGE_HEADS
         self.k = nn.Linear(token_dim, chs)
         self.v = nn.Linear(token_dim, chs)
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        batch, chs, height, width = x.shape
-        update = attend(x.flatten(2).transpose(1, 2), self.k(tokens), self.v(tokens), BRIDGE_HEADS)
-        return x + self.drop_path(update.transpose(1, 2).reshape(batch, chs, height, width))
+        update = attend(x.flatten(2).transpose(1, 2), self.k(tokens), self.v(tokens), self.num_heads)
+        return x + self.drop_path(update.transpose(1, 2).reshape(x.shape))
 
 
 class Former(nn.Module):
@@ -192,6 +201,7 @@ class Former(nn.Module):
 
     def __init__(self, dim: int, drop_path: float = 0.):
         super().__init__()
+        self.num_heads = FORMER_HEADS
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -201,7 +211,7 @@ class Former(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        tokens = self.norm1(tokens + self.drop_path(self.proj(attend(q, k, v, FORMER_HEADS))))
+        tokens = self.norm1(tokens + self.drop_path(self.proj(attend(q, k, v, self.num_heads))))
         return self.norm2(tokens + self.drop_path(self.mlp(tokens)))
 
 
@@ -234,22 +244,44 @@ class LiteBottleneck(nn.Module):
         return x + self.conv(x) if self.has_residual else self.conv(x)
 
 
+class PassTokens(nn.Module):
+    """Stands in for the last bridge once the head is pruned: the tokens pass through unchanged."""
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+
 class MobileFormer(nn.Module):
-    """Mobile-Former classifier; ``forward_features`` returns (feature map, global tokens)."""
+    """Mobile-Former classifier with timm's model interface.
+
+    ``forward_features`` returns the head's feature map with the first global token appended as
+    channels at every position, (B, num_features, H/32, W/32); ``forward_intermediates`` and
+    ``features_only`` give the MobileNet path's feature map at the end of each stride (``feature_info``).
+    With ``global_pool=''`` the head runs at every position and returns a map, as timm's MobileNetV3.
+    """
 
     def __init__(self, cfg: MobileFormerConfig, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0., drop_path_rate: float = 0.):
+                 global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.):
         super().__init__()
         self.num_classes = num_classes
+        self._set_global_pool(global_pool)
+        self.grad_checkpointing = False
         self.tokens = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.token_dim))  # learnt global priors
         self.stem = conv_bn(in_chans, cfg.stem_chs, 3, stride=2, act=nn.ReLU6)
         self.lite_bneck = LiteBottleneck(cfg.stem_chs, *cfg.lite_bneck)
         chs, blocks = cfg.lite_bneck[1], []
+        # (module, channels, reduction) of each layer's output; feature_info keeps the last one at each stride
+        layers = [('stem', cfg.stem_chs, 2), ('lite_bneck', chs, 2 * cfg.lite_bneck[2])]
         for (exp_chs, out_chs, stride), drop_path in zip(cfg.blocks, calculate_drop_path_rates(
                 drop_path_rate, len(cfg.blocks))):
             blocks.append(MobileFormerBlock(chs, exp_chs, out_chs, stride, cfg.token_dim, drop_path))
             chs = out_chs
+            layers.append((f'blocks.{len(blocks) - 1}', chs, layers[-1][2] * stride))
         self.blocks = nn.ModuleList(blocks)
+        # layer numbers (0 stem, 1 lite bottleneck, 2 + i block i) of the feature levels
+        self.stage_ends = [i for i in range(len(layers)) if i + 1 == len(layers) or layers[i + 1][2] > layers[i][2]]
+        self.feature_info = [dict(module=layers[i][0], num_chs=layers[i][1], reduction=layers[i][2])
+                             for i in self.stage_ends]
         # One more bridge, so that the first token, which the head reads, has seen the last feature map.
         self.mobile_to_former = MobileToFormer(chs, cfg.token_dim)
         self.conv_head = conv_bn(chs, cfg.head_chs, 1, act=nn.Hardswish)
@@ -281,26 +313,99 @@ class MobileFormer(nn.Module):
         return {'tokens'}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise learning-rate decay; the head, unmatched, comes last."""
+        return dict(stem=r'^tokens|^stem|^lite_bneck', blocks=r'^blocks\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def _set_global_pool(self, global_pool: str) -> None:
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"Mobile-Former's head pools by average ('avg') or not at all (''), not {global_pool!r}")
+        self.global_pool = global_pool
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self._set_global_pool(global_pool)
         self.num_classes = num_classes
         self.classifier = self._new_classifier(num_classes)
         self.classifier.train(self.training)
 
-    def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _forward_layers(self, x: torch.Tensor, take_layers: List[int],
+                        num_blocks: int) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """Stem, lite bottleneck and the first ``num_blocks`` blocks (all of them when scripted): the feature
+        map, the global tokens, and the outputs of ``take_layers`` (0 stem, 1 lite bottleneck, 2 + i block i)."""
+        taken: List[torch.Tensor] = []
         tokens = self.tokens.expand(x.shape[0], -1, -1)
-        x = self.lite_bneck(self.stem(x))
-        for block in self.blocks:
-            x, tokens = block(x, tokens)
-        return x, self.mobile_to_former(x, tokens)
+        x = self.stem(x)
+        if 0 in take_layers:
+            taken.append(x)
+        x = self.lite_bneck(x)
+        if 1 in take_layers:
+            taken.append(x)
+        if torch.jit.is_scripting():  # TorchScript cannot slice a ModuleList by a variable
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:num_blocks]
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, tokens = checkpoint(block, x, tokens)
+            else:
+                x, tokens = block(x, tokens)
+            if i + 2 in take_layers:
+                taken.append(x)
+        return x, tokens, taken
 
-    def forward_head(self, features: Tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
-        x, tokens = features
-        pooled = self.pool(self.conv_head(x)).flatten(1)
-        x = self.head_drop(self.fc_act(self.fc(torch.cat((pooled, tokens[:, 0]), dim=1))))
-        return x if pre_logits else self.classifier(x)
+    def _head_features(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The head's 1x1 conv of the feature map, with the first global token (after the last bridge) as
+        extra channels at every position, so that average pooling yields their concatenation."""
+        token = self.mobile_to_former(x, tokens)[:, 0, :, None, None]
+        x = self.conv_head(x)
+        return torch.cat((x, token.expand(-1, -1, x.shape[2], x.shape[3])), dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, tokens, _ = self._forward_layers(x, [], len(self.blocks))
+        return self._head_features(x, tokens)
+
+    def forward_intermediates(
+            self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+            stop_early: bool = False, output_fmt: str = 'NCHW', intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature extraction: the feature maps of the ``feature_info`` levels selected by ``indices``
+        (the last n if an int, all if None), after ``forward_features``' output unless ``intermediates_only``."""
+        assert output_fmt == 'NCHW', 'Mobile-Former features are NCHW.'
+        assert not stop_early or intermediates_only, 'Stopping early needs intermediates_only.'
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        num_blocks = max(self.stage_ends[max_index] - 1, 0) if stop_early else len(self.blocks)
+        x, tokens, intermediates = self._forward_layers(x, [self.stage_ends[i] for i in take_indices], num_blocks)
+        if intermediates_only:
+            return intermediates
+        return self._head_features(x, tokens), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drops the blocks after the last feature level in ``indices`` and, with ``prune_head``, the head."""
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        self.blocks = self.blocks[:max(self.stage_ends[max_index] - 1, 0)]
+        if prune_head:
+            self.mobile_to_former = PassTokens()
+            self.conv_head = nn.Identity()
+            self.fc = nn.Identity()
+            self.reset_classifier(0)
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = self.pool(x).flatten(1)
+        # unpooled (global_pool ''), the head runs at every position: channels last for the linear layers
+        x = self.head_drop(self.fc_act(self.fc(x.movedim(1, -1))))
+        return (x if pre_logits else self.classifier(x)).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -316,8 +421,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> MobileFormer:
-    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes.
-    return build_model_with_cfg(MobileFormer, variant, pretrained, cfg=CONFIGS[variant], **kwargs)
+    # build_model_with_cfg consumes the pretrained_cfg/cache_dir kwargs that create_model passes; the blocks
+    # take the tokens along with the feature map, so features_only reads forward_intermediates ('getter').
+    return build_model_with_cfg(MobileFormer, variant, pretrained, cfg=CONFIGS[variant],
+                                feature_cfg=dict(feature_cls='getter'), **kwargs)
 
 
 @register_model
