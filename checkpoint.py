@@ -10,7 +10,7 @@ import re
 import signal
 import time
 import zipfile
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -67,21 +67,43 @@ def is_readable_checkpoint(path: str) -> bool:
 
 
 def candidate_checkpoints(output_dir: str) -> List[str]:
-    """checkpoint.pth and the step checkpoints of a run, newest first."""
+    """checkpoint.pth and the step checkpoints of a run (best_checkpoint.pth is not a resume point)."""
     paths = glob.glob(os.path.join(output_dir, 'checkpoint-e*-s*.pth'))
-    paths += [p for p in [os.path.join(output_dir, 'checkpoint.pth')] if os.path.isfile(p)]
-    return sorted(paths, key=os.path.getmtime, reverse=True)
+    return paths + [p for p in [os.path.join(output_dir, 'checkpoint.pth')] if os.path.isfile(p)]
+
+
+def training_position(path: str) -> Optional[Tuple[int, int]]:
+    """(epoch, steps done in it) that a readable checkpoint continues from, read from its contents.
+
+    File names and modification times are not trusted: a copy (cp -r, rsync without -t) changes
+    the times, and a renamed file its name. An epoch-end checkpoint continues at (epoch + 1, 0).
+    """
+    try:  # mmap: the tensors are not read, only the small pickled structure
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        epoch, step = int(ckpt['epoch']), ckpt.get('step')
+    except Exception:  # not a checkpoint of ours (no epoch): not a resume point
+        return None
+    return (epoch + 1, 0) if step is None else (epoch, int(step))
 
 
 def find_newest_checkpoint(output_dir: str) -> str:
-    """For --resume auto: the newest readable checkpoint, or '' (start fresh) when there is none."""
+    """For --resume auto: the readable checkpoint furthest into training, or '' (start fresh) when there is none.
+
+    On a tie checkpoint.pth wins (it also holds the epoch's evaluation).
+    """
+    found = []
     for path in candidate_checkpoints(output_dir):
-        if is_readable_checkpoint(path):
-            print(f'--resume auto: resuming from {path}')
-            return path
-        print(f'warning: --resume auto: skipping unreadable checkpoint {path}')
-    print(f'--resume auto: no checkpoint in {output_dir}, starting fresh')
-    return ''
+        position = training_position(path) if is_readable_checkpoint(path) else None
+        if position is None:
+            print(f'warning: --resume auto: skipping unreadable checkpoint {path}')
+        else:
+            found.append((position, os.path.basename(path) == 'checkpoint.pth', path))
+    if not found:
+        print(f'--resume auto: no checkpoint in {output_dir}, starting fresh')
+        return ''
+    (epoch, step), _, path = max(found)
+    print(f'--resume auto: resuming from {path} (epoch {epoch}, {step} steps done)')
+    return path
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -174,7 +196,10 @@ class Checkpointer:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
 
     def after_epoch(self, epoch: int, path: Optional[str]) -> None:
-        """Stop at the end of an epoch (its checkpoint just written) if a signal came during evaluation."""
+        """Called once the epoch's checkpoint.pth is written: its step checkpoints are obsolete (removed);
+        stop here if a signal came during evaluation."""
+        if self.output_dir and utils.is_main_process():
+            self.prune(finished_epoch=epoch)
         signum = self._stop_signal(0)
         if signum:
             raise TrainingInterrupted(signum, f'at the end of epoch {epoch}', path)
@@ -187,12 +212,14 @@ class Checkpointer:
         self.last_save = time.time()
         return path
 
-    def prune(self) -> None:
-        """Keep the ``keep_last`` newest step checkpoints (checkpoint.pth and best_* are separate)."""
+    def prune(self, finished_epoch: int = -1) -> None:
+        """Keep the ``keep_last`` newest step checkpoints, none of an epoch up to ``finished_epoch``
+        (checkpoint.pth and best_* are separate)."""
         steps = []
         for path in glob.glob(os.path.join(self.output_dir, 'checkpoint-e*-s*.pth')):
             match = STEP_CHECKPOINT.search(path)
             if match:
                 steps.append(((int(match.group(1)), int(match.group(2))), path))
-        for _, path in sorted(steps, reverse=True)[self.keep_last:]:
-            os.remove(path)
+        for newer, ((epoch, _), path) in enumerate(sorted(steps, reverse=True)):
+            if newer >= self.keep_last or epoch <= finished_epoch:
+                os.remove(path)

@@ -518,9 +518,8 @@ def main(args) -> None:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
-    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard, start_epoch=state.start_epoch)
-    if args.resume:
-        epoch_log.trim(state.start_epoch)
+    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                               resume_epoch=state.start_epoch if args.resume else None)
 
     # Loop
     signals = checkpoint.StopSignals()

@@ -212,25 +212,31 @@ class EpochLog:
     (tags ``train/loss``, ``test/acc1``, ``test/ema_acc1`` ...).
     """
 
-    def __init__(self, output_dir: str, tensorboard: bool = False, start_epoch: int = 0):
+    def __init__(self, output_dir: str, tensorboard: bool = False, resume_epoch: Optional[int] = None):
+        """``resume_epoch``: the first epoch a resumed run trains; records of it and later are dropped."""
         self.dir = Path(output_dir) if output_dir and is_main_process() else None
         self.writer = None
+        if self.dir and resume_epoch is not None:
+            self.trim(resume_epoch)
         if self.dir and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events of epochs that a resumed run trains again
-            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=start_epoch)
+            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=resume_epoch)
 
     def rows(self) -> list:
         log = self.dir / 'log.txt'
         return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
     def trim(self, start_epoch: int) -> None:
-        """Drop the records of epochs that will run again (logged, but their checkpoint not written)."""
-        if not self.dir:
-            return
+        """Drop the records of epochs that will run again (logged, but their checkpoint not written, or a
+        checkpoint older than the log chosen by --resume), saying which."""
         rows = self.rows()
         kept = [row for row in rows if row.get('epoch', -1) < start_epoch]
         if len(kept) != len(rows):
+            dropped = sorted({row.get('epoch', -1) for row in rows} - {row.get('epoch', -1) for row in kept})
+            print(f'warning: the resumed checkpoint continues at epoch {start_epoch}: dropping the records of '
+                  f'epoch{"s" if len(dropped) > 1 else ""} {", ".join(map(str, dropped))} from log.txt, '
+                  f'summary.csv and TensorBoard (they will be trained again)')
             write_text_atomic(self.dir / 'log.txt', ''.join(json.dumps(row) + '\n' for row in kept))
             self._write_csv(kept)
 

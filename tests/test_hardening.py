@@ -1,0 +1,47 @@
+"""Hostile environments: copies that change mtimes, stop signals, concurrent runs, bombs, full disks,
+torn logs, impossible numbers and non-finite losses (in-process where the property allows)."""
+import json
+import os
+import time
+
+import torch
+
+import checkpoint
+import utils
+
+
+def save_position(path, epoch, step=None):
+    torch.save({'model': {'w': torch.zeros(2)}, 'epoch': epoch, 'step': step}, path)
+
+
+def test_resume_auto_follows_the_recorded_position_not_file_times(tmp_path):
+    save_position(tmp_path / 'checkpoint.pth', 39)  # a finished 40-epoch run
+    save_position(tmp_path / 'checkpoint-e0022-s000005.pth', 22, 5)  # left over, then touched by a copy
+    save_position(tmp_path / 'checkpoint-e0039-s000002.pth', 39, 2)
+    later = time.time() + 100
+    os.utime(tmp_path / 'checkpoint-e0022-s000005.pth', (later, later))
+    assert checkpoint.find_newest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint.pth')
+
+    # A renamed file: its contents, not its name, say where it stands.
+    os.rename(tmp_path / 'checkpoint-e0022-s000005.pth', tmp_path / 'checkpoint-e0099-s000001.pth')
+    save_position(tmp_path / 'checkpoint-e0040-s000003.pth', 40, 3)
+    assert checkpoint.find_newest_checkpoint(str(tmp_path)) == str(tmp_path / 'checkpoint-e0040-s000003.pth')
+
+
+def test_the_epoch_checkpoint_prunes_the_step_checkpoints_of_finished_epochs(tmp_path):
+    for epoch, step in ((2, 5), (3, 1), (3, 4)):
+        save_position(tmp_path / f'checkpoint-e{epoch:04d}-s{step:06d}.pth', epoch, step)
+    checkpointer = checkpoint.Checkpointer(str(tmp_path), payload=None, keep_last=5)
+    checkpointer.after_epoch(2, str(tmp_path / 'checkpoint.pth'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-e0003-s000001.pth', 'checkpoint-e0003-s000004.pth']
+    checkpointer.after_epoch(3, str(tmp_path / 'checkpoint.pth'))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_says_which_log_records_it_drops(tmp_path, capsys):
+    (tmp_path / 'log.txt').write_text(''.join(json.dumps({'epoch': e, 'train_loss': 1.0}) + '\n' for e in range(4)))
+    utils.EpochLog(str(tmp_path), resume_epoch=4).close()
+    assert 'dropping' not in capsys.readouterr().out
+    utils.EpochLog(str(tmp_path), resume_epoch=2).close()
+    assert 'dropping the records of epochs 2, 3 from log.txt' in capsys.readouterr().out
+    assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1]
