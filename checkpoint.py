@@ -180,17 +180,20 @@ class Checkpointer:
         flag = torch.tensor([self.signals.signum or 0], device=self.device)
         return int(utils.all_reduce_max(flag).item()) or None
 
-    def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict]) -> None:
+    def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
+                   before_save: Callable[[], None] = lambda: None) -> None:
         """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop.
 
-        ``metrics()`` gives the epoch's running averages; it is called only when a checkpoint is
-        written, since reading device values back waits for the device.
+        ``metrics()`` gives the epoch's running averages and ``before_save()`` raises if the state must
+        not be saved (a non-finite loss); both are called only when a checkpoint is written, since
+        reading device values back waits for the device.
         """
         signum = self._stop_signal(steps_done - 1)
         due = (self.every_steps and steps_done % self.every_steps == 0) or \
               (self.every_seconds and time.time() - self.last_save >= self.every_seconds)
         path = None
         if self.output_dir and (due or signum):
+            before_save()
             path = self.save(epoch, steps_done, metrics())
         if signum:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)

@@ -22,6 +22,29 @@ class UnreadableDataError(UserError):
 STEP_STREAM = 1
 
 
+class FiniteLossGuard:
+    """Remembers, on the device, the first step of an epoch whose loss was not finite.
+
+    ``update`` is device work only (no host sync per step); ``check`` reads the flag back, and is
+    called where the host waits anyway: at progress lines and before any checkpoint is written.
+    """
+    NONE = 2 ** 62
+
+    def __init__(self, epoch: int, device: torch.device):
+        self.epoch = epoch
+        self.first_bad = torch.tensor(self.NONE, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.NONE, step))
+
+    def check(self) -> None:
+        step = int(self.first_bad)
+        if step != self.NONE:
+            raise NonFiniteLossError(
+                f'non-finite loss in epoch {self.epoch} at step {step}: lower --lr, set --clip-grad, or check '
+                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)')
+
+
 class LossScaler:
     """Backward, optional gradient clipping, optimizer step; fp16 loss scaling only when enabled.
 
@@ -89,6 +112,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         metric_logger.load_state_dict(metrics_state)
     unreadable = []
     last_step = start_step + len(data_loader) - 1
+    finite = FiniteLossGuard(epoch, device)
 
     for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start_step),
                                  start=start_step):
@@ -116,13 +140,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
 
         # Reading the loss back forces a device sync: do it only when a progress line is printed.
         metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
+        finite.update(loss.detach(), step)
         if step % print_freq == 0 or step == last_step:
-            if not torch.isfinite(torch.as_tensor(metric_logger.sums['loss'])):
-                raise NonFiniteLossError(
-                    f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
-                    f'--clip-grad, or check the data; the last saved checkpoint is untouched')
-        if checkpointer is not None:
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict)  # read only when saving: a device sync
+            finite.check()
+        if checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
+            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
 
     if unreadable:
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')

@@ -45,3 +45,26 @@ def test_resuming_says_which_log_records_it_drops(tmp_path, capsys):
     utils.EpochLog(str(tmp_path), resume_epoch=2).close()
     assert 'dropping the records of epochs 2, 3 from log.txt' in capsys.readouterr().out
     assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1]
+
+
+def test_a_non_finite_loss_reaches_no_checkpoint_and_names_its_step(tmp_path):
+    from types import SimpleNamespace
+    import pytest
+    from engine import LossScaler, NonFiniteLossError, train_one_epoch
+    from losses import DistillationLoss
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(4)]
+    batches[2][0][0, 0] = float('inf')  # step 2's loss is NaN, and so are the weights after it
+    checkpointer = checkpoint.Checkpointer(
+        str(tmp_path), payload=lambda epoch, steps, metrics: {'model': model.state_dict()}, every_steps=1, keep_last=9)
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
+    with pytest.raises(NonFiniteLossError, match='non-finite loss in epoch 0 at step 2'):
+        train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
+                        args=SimpleNamespace(print_freq=100, seed=0), checkpointer=checkpointer)
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ['checkpoint-e0000-s000001.pth', 'checkpoint-e0000-s000002.pth']
+    for name in saved:
+        assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / name)['model'].values()), name
