@@ -20,14 +20,14 @@ import utils
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
 
-class TrainingInterrupted(Exception):
-    """A stop signal arrived; a checkpoint of the finished step was written."""
+class TrainingInterrupted(BaseException):
+    """A stop signal arrived. A BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it."""
 
-    def __init__(self, signum: int, where: str, path: Optional[str]):
+    def __init__(self, signum: int, where: str, path: Optional[str], saved: str = ''):
         self.signum, self.path = signum, path
-        saved = f'checkpoint {path}' if path else 'no checkpoint (no --output_dir)'
-        super().__init__(f'stopped by {signal.Signals(signum).name} {where}; saved {saved}; '
-                         f'continue with --resume auto')
+        if not saved:
+            saved = f'saved checkpoint {path}' if path else 'saved no checkpoint (no --output_dir)'
+        super().__init__(f'stopped by {signal.Signals(signum).name} {where}; {saved}; continue with --resume auto')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,35 +116,58 @@ def remove_stale_temporaries(output_dir: str) -> None:
 # Signals
 # ---------------------------------------------------------------------------------------------
 
-class StopSignals:
-    """Turn preemption signals into a request to stop after the current step.
+# The signals that ask a run to stop; workers ignore them all (ignore_stop_signals).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
-    Outside Slurm: SIGTERM and SIGUSR1. Under submitit, whose SIGUSR2 handler checkpoints and
-    requeues the job, SIGUSR2 is taken over and submitit's handler is called once our checkpoint
-    is written (``hand_over``); SIGTERM stays with submitit, which expects USR2 to follow it.
+
+class StopSignals:
+    """Turn stop signals into a request to stop after the current training step.
+
+    Outside Slurm: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1. Under submitit, whose SIGUSR2 handler
+    checkpoints and requeues the job, SIGUSR2 is taken over and submitit's handler is called once
+    our checkpoint is written (``hand_over``); SIGTERM stays with submitit, which expects USR2 to
+    follow it. Until ``training()`` there is nothing to save, so a signal stops at once; so does a
+    second signal during training (the checkpoint of the first one was not written yet).
     """
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self.previous = {}
+        self.submitit_handler = None
+        self.where = 'before training started'
 
     def install(self) -> None:
         usr2 = signal.getsignal(signal.SIGUSR2)
-        under_submitit = callable(usr2)
-        for signum in ((signal.SIGUSR2,) if under_submitit else (signal.SIGTERM, signal.SIGUSR1)):
-            self.previous[signum] = signal.getsignal(signum)
+        if callable(usr2):  # under submitit
+            self.submitit_handler = usr2
+        for signum in ((signal.SIGUSR2, signal.SIGINT) if self.submitit_handler else
+                       (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
             signal.signal(signum, self._record)
 
+    def training(self) -> None:
+        """From now on a (first) signal stops after the current step, which is then saved."""
+        self.where = ''
+
     def _record(self, signum, frame) -> None:
-        if self.signum is None:
-            print(f'Received {signal.Signals(signum).name}: stopping after the current step', flush=True)
+        if self.where:
+            raise TrainingInterrupted(signum, self.where, None, 'nothing to save yet')
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, 'a second time, at once', None,
+                                      'the last checkpoint written is kept')
+        print(f'Received {signal.Signals(signum).name}: stopping after the current step '
+              f'(send it again to stop at once)', flush=True)
         self.signum = signum
 
     def hand_over(self, signum: int) -> None:
-        """Let the handler we replaced (submitit's requeue) act on the signal, if it was a function."""
-        previous = self.previous.get(signum)
-        if callable(previous):
-            previous(signum, None)
+        """Under submitit, let its SIGUSR2 handler (checkpoint and requeue) act on that signal."""
+        if signum == signal.SIGUSR2 and self.submitit_handler:
+            self.submitit_handler(signum, None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a signal sent to the whole process group (Slurm, systemd, Ctrl-C)
+    must reach only the trainer, which saves and then ends its workers itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,19 @@
 
 Reads like a table of contents: parse, build data, build models, build optimisation, loop.
 """
+import signal
+import sys
+
+if __name__ == '__main__':  # a stop signal while torch and timm load (seconds): nothing written, say so
+    def _stop_while_loading(signum, frame):
+        sys.exit(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet')
+
+    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(_signum, _stop_while_loading)
+
 import argparse
 import datetime
 import os
-import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -285,7 +294,7 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
 
     pin = args.pin_mem and args.device.type == 'cuda'
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
-                   collate_fn=collate_skipping,
+                   collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=torch.Generator().manual_seed(args.seed))
     if args.num_workers > 0:
@@ -459,6 +468,16 @@ def set_determinism(args) -> None:
 
 
 def main(args) -> None:
+    signals = checkpoint.StopSignals()
+    signals.install()  # first: a stop signal while starting ends the run at once, with its line
+    try:
+        train(args, signals)
+    except checkpoint.TrainingInterrupted as stop:
+        signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
+        raise
+
+
+def train(args, signals: checkpoint.StopSignals) -> None:
     validate_args(args)
     args.device = utils.resolve_device(args.device)
     utils.init_distributed_mode(args)
@@ -522,8 +541,6 @@ def main(args) -> None:
                                resume_epoch=state.start_epoch if args.resume else None)
 
     # Loop
-    signals = checkpoint.StopSignals()
-    signals.install()
     checkpointer = checkpoint.Checkpointer(
         args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
@@ -531,6 +548,7 @@ def main(args) -> None:
     output_dir = Path(args.output_dir) if args.output_dir else None
     print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
     start_time = time.time()
+    signals.training()
     try:
         for epoch in range(state.start_epoch, num_epochs):
             resuming = epoch == state.start_epoch and state.start_step > 0
@@ -562,9 +580,6 @@ def main(args) -> None:
                 if is_best:
                     state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
-    except checkpoint.TrainingInterrupted as stop:
-        signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
-        raise
     finally:
         epoch_log.close()
 

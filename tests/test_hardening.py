@@ -68,3 +68,68 @@ def test_a_non_finite_loss_reaches_no_checkpoint_and_names_its_step(tmp_path):
     assert saved == ['checkpoint-e0000-s000001.pth', 'checkpoint-e0000-s000002.pth']
     for name in saved:
         assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / name)['model'].values()), name
+
+
+def test_a_stop_signal_stops_at_once_before_training_and_on_the_second_one(capsys):
+    import signal
+    import pytest
+    saved = {s: signal.getsignal(s) for s in checkpoint.STOP_SIGNALS}
+    try:
+        signals = checkpoint.StopSignals()
+        signals.install()
+        with pytest.raises(checkpoint.TrainingInterrupted, match='SIGTERM before training started; nothing to save'):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        signals.training()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a stop request like SIGTERM
+        time.sleep(0.1)
+        assert signals.signum == signal.SIGINT
+        assert 'stopping after the current step' in capsys.readouterr().out
+        with pytest.raises(checkpoint.TrainingInterrupted, match='SIGINT a second time, at once'):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+class SignalsItsOwnProcessGroup(torch.utils.data.Dataset):
+    """Each item sends SIGTERM and SIGINT to the worker that loads it, as a signal to the group would."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import signal
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return index
+
+
+def test_data_loader_workers_ignore_stop_signals():
+    loader = torch.utils.data.DataLoader(SignalsItsOwnProcessGroup(), batch_size=2, num_workers=1,
+                                         worker_init_fn=checkpoint.ignore_stop_signals)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+
+
+def test_ctrl_c_to_the_process_group_saves_a_step_checkpoint_and_exits_with_one_line(imagefolder, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    from conftest import FAST, REPO
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    proc = subprocess.Popen([sys.executable, 'main.py', '--data-path', str(imagefolder), '--model', 'test_vit', *FAST,
+                             '--num_workers', '2', '--epochs', '3', '--print-freq', '1', '--output_dir', str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    for line in proc.stdout:
+        if line.startswith('Epoch: [0]'):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the trainer and its workers receive it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert 'Traceback' not in stderr, stderr[-3000:]
+    match = re.search(r'stopped by SIGINT after step (\d+) of epoch 0; saved checkpoint (\S+);', stderr)
+    assert match, stderr[-3000:]
+    assert torch.load(match.group(2), weights_only=True)['step'] == int(match.group(1))
