@@ -3,14 +3,16 @@
 Low-level file I/O (atomic writes, safe loading) lives in utils.py; this module decides *when* to
 save, *which* checkpoint to resume from, and how a SIGTERM becomes a clean stop.
 """
+import fcntl
 import glob
 import os
 import random
 import re
 import signal
+import socket
 import time
 import zipfile
-from typing import Callable, List, Optional, Tuple
+from typing import IO, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -107,9 +109,45 @@ def find_newest_checkpoint(output_dir: str) -> str:
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
-    """Temporary files of writes that a kill interrupted: never valid, safe to delete."""
+    """Temporary files of writes that a kill interrupted: never valid, safe to delete by the directory's owner."""
     for path in glob.glob(os.path.join(output_dir, '.*.tmp*')):
         os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership of an output directory
+# ---------------------------------------------------------------------------------------------
+
+LOCK_FILE = '.lock'
+
+
+def claim_output_dir(output_dir: str) -> Optional[IO[str]]:
+    """Make this process the only writer of ``output_dir`` until the returned file is closed (at exit).
+
+    An exclusive flock on ``output_dir/.lock``: the OS releases it whatever ends the process, so a
+    killed run never leaves a stale lock. Only rank 0 writes, so only rank 0 claims. The lock file
+    names its holder for the refusal message. On a filesystem without locks (some NFS or Lustre
+    mounts) the run goes on unprotected, with a warning.
+    """
+    if not utils.is_main_process():
+        return None
+    lock = open(os.path.join(output_dir, LOCK_FILE), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process'
+        lock.close()
+        raise utils.UserError(f'--output_dir {output_dir} is in use by {holder}: wait for that run to end, '
+                              f'or choose another --output_dir') from None
+    except OSError as e:
+        print(f'warning: cannot lock --output_dir {output_dir} ({e.strerror}): make sure no other run uses it')
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()} (since {time.strftime("%Y-%m-%d %H:%M:%S")})\n')
+    lock.flush()
+    remove_stale_temporaries(output_dir)
+    return lock
 
 
 # ---------------------------------------------------------------------------------------------

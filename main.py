@@ -226,13 +226,11 @@ def validate_args(args) -> None:
         raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
-    if args.resume == 'auto':
-        if not args.output_dir:
-            raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-        args.resume = checkpoint.find_newest_checkpoint(args.output_dir)
+    if args.resume == 'auto' and not args.output_dir:
+        raise UserError('--resume auto looks in --output_dir: give --output_dir too')
     for name in ('resume', 'finetune'):
         path = getattr(args, name)
-        if path and not utils.is_url(path) and not os.path.isfile(path):
+        if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
             raise UserError(f'--{name} {path} does not exist: check the path')
     if args.output_dir:
         try:
@@ -490,10 +488,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     seed_everything(args.seed + utils.get_rank())
     set_determinism(args)
     speedups.keep_freed_memory()
-    if args.output_dir and utils.is_main_process():
-        checkpoint.remove_stale_temporaries(args.output_dir)
+    # One training run per output directory, owned until train() returns (evaluation writes nothing there).
+    owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    if args.resume == 'auto':
+        args.resume = checkpoint.find_newest_checkpoint(args.output_dir)
     print(args)
-    config.save_args(args, get_args_parser())
 
     # Data
     loader_train, loader_val, nb_classes = build_data(args)
@@ -537,6 +536,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
+    # Accepted: from here on the run writes to its output directory.
+    config.save_args(args, get_args_parser())
     epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
                                resume_epoch=state.start_epoch if args.resume else None)
 
@@ -585,6 +586,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
+    if owner:
+        owner.close()
 
 
 def cli(argv=None) -> int:

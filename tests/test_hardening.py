@@ -133,3 +133,35 @@ def test_ctrl_c_to_the_process_group_saves_a_step_checkpoint_and_exits_with_one_
     match = re.search(r'stopped by SIGINT after step (\d+) of epoch 0; saved checkpoint (\S+);', stderr)
     assert match, stderr[-3000:]
     assert torch.load(match.group(2), weights_only=True)['step'] == int(match.group(1))
+
+
+def test_an_output_directory_has_one_owner_and_the_refused_run_touches_nothing(imagefolder, tmp_path):
+    import socket
+    import pytest
+    from conftest import FAST, run_main
+    owner = checkpoint.claim_output_dir(str(tmp_path))
+    assert owner is not None
+    temporary = tmp_path / '.checkpoint.pth.tmp4242'  # the owner's checkpoint being written
+    temporary.write_bytes(b'half')
+    with pytest.raises(utils.UserError, match=f'in use by pid {os.getpid()} on {socket.gethostname()}'):
+        checkpoint.claim_output_dir(str(tmp_path))
+
+    proc = run_main('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--output_dir', tmp_path, check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith('error: --output_dir') and f'pid {os.getpid()}' in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['.checkpoint.pth.tmp4242', '.lock']
+    owner.close()  # the run ends: the next one owns the directory and cleans what a kill left
+    checkpoint.claim_output_dir(str(tmp_path)).close()
+    assert not temporary.exists()
+
+
+def test_a_run_refused_at_resume_leaves_the_directory_as_it_was(imagefolder, tmp_path):
+    from conftest import FAST, run_main
+    save_position(tmp_path / 'checkpoint.pth', 0)  # another model's weights
+    (tmp_path / 'args.yaml').write_text('model: deit_small_patch16_224\n')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = run_main('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--output_dir', tmp_path,
+                    '--resume', 'auto', check=False)
+    assert proc.returncode == 2 and 'does not fit the model' in proc.stderr, proc.stderr[-3000:]
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != '.lock'}
+    assert after == before
