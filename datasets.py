@@ -255,8 +255,9 @@ def build_transform(is_train: bool, args):
     return EvalTransform(args.input_size, args.eval_crop_ratio)
 
 
-# What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all).
-UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and
+# what its header check raises for a decompression bomb (more pixels than twice Image.MAX_IMAGE_PIXELS).
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @contextlib.contextmanager

@@ -165,3 +165,33 @@ def test_a_run_refused_at_resume_leaves_the_directory_as_it_was(imagefolder, tmp
     assert proc.returncode == 2 and 'does not fit the model' in proc.stderr, proc.stderr[-3000:]
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != '.lock'}
     assert after == before
+
+
+def write_bomb(path, width=65000, height=65000):
+    """A few-hundred-byte JPEG whose frame header claims ``width`` x ``height`` pixels."""
+    from PIL import Image
+    import io
+    buffer = io.BytesIO()
+    Image.new('RGB', (16, 16), (200, 30, 30)).save(buffer, 'JPEG')
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b'\xff\xc0')
+    data[sof + 5:sof + 9] = height.to_bytes(2, 'big') + width.to_bytes(2, 'big')
+    path.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_is_an_unreadable_image_on_both_pipelines(tmp_path):
+    from torchvision.datasets import ImageFolder
+    import datasets
+    import fast_data
+    from imagefolder import make_imagefolder
+    root = make_imagefolder(tmp_path, num_classes=1, train_per_class=2, val_per_class=0)
+    bomb = root / 'train' / 'class_0' / '0000.jpg'
+    write_bomb(bomb)
+    pipelines = {'PIL': ImageFolder(root / 'train', transform=datasets.EvalTransform(48)),
+                 'fast': ImageFolder(root / 'train', transform=fast_data.FastEvalTransform(48),
+                                     loader=fast_data.open_lazily)}
+    for name, folder in pipelines.items():
+        image, target, unreadable = datasets.RobustSamples(folder, replace=True)[0]  # the next image instead
+        assert image.shape[-2:] == (48, 48) or image.shape[:2] == (48, 48), name
+        assert len(unreadable) == 1 and str(bomb) in unreadable[0], name
+        assert 'DecompressionBombError' in unreadable[0], (name, unreadable)
