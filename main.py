@@ -602,6 +602,9 @@ def cli(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
+    except utils.SaveError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 4
     except checkpoint.TrainingInterrupted as stop:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum

@@ -1,7 +1,9 @@
 """Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
 import builtins
+import contextlib
 import csv
 import datetime
+import errno
 import io
 import json
 import os
@@ -23,6 +25,25 @@ from timm.layers import resample_abs_pos_embed
 
 class UserError(Exception):
     """A mistake in the command line or the inputs: reported as one line, exit code 2."""
+
+
+class SaveError(Exception):
+    """The OS refused to write a file of the run (disk full, read-only, I/O error): one line, exit code 4.
+
+    Files are replaced atomically, so the previous version of the file is intact.
+    """
+
+    def __init__(self, path, error: OSError):
+        name = errno.errorcode.get(error.errno, 'unknown error')
+        super().__init__(f'cannot write {path}: {error.strerror or error} ({name}); its previous version, if any, '
+                         f'is intact: free space or fix the file system, then continue with --resume auto')
+
+
+def os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError that caused ``error``, if any (torch.save reports a failed write as a RuntimeError)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +264,11 @@ class EpochLog:
     def write(self, stats: dict) -> None:
         if not self.dir:
             return
-        with (self.dir / 'log.txt').open('a') as f:
-            f.write(json.dumps(stats) + '\n')
+        try:
+            with (self.dir / 'log.txt').open('a') as f:
+                f.write(json.dumps(stats) + '\n')
+        except OSError as e:
+            raise SaveError(self.dir / 'log.txt', e) from None
         self._write_csv(self.rows())
         if self.writer:
             for key, value in stats.items():
@@ -274,6 +298,7 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
 
     ``write(f)`` fills a temporary file in the same directory, which is fsynced, then renamed over
     ``path``; a kill at any moment leaves at most a stale temporary file (``.NAME.tmpPID``).
+    An error of the OS (ENOSPC, EROFS, EIO, ...) becomes a SaveError naming the file.
     """
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -284,14 +309,19 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:  # make the rename itself durable
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except Exception as e:
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise SaveError(path, cause) from e
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_atomic(obj, path: str) -> None:

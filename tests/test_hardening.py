@@ -195,3 +195,51 @@ def test_a_decompression_bomb_is_an_unreadable_image_on_both_pipelines(tmp_path)
         assert image.shape[-2:] == (48, 48) or image.shape[:2] == (48, 48), name
         assert len(unreadable) == 1 and str(bomb) in unreadable[0], name
         assert 'DecompressionBombError' in unreadable[0], (name, unreadable)
+
+
+def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import builtins
+    import errno
+    import pytest
+    path = tmp_path / 'checkpoint.pth'
+    utils.save_atomic({'model': {'w': torch.zeros(3)}}, str(path))
+
+    class FullDisk:
+        """A file that the OS stops accepting after a few bytes."""
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(utils, 'open', lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(utils.SaveError, match=f'cannot write {path}: No space left on device \\(ENOSPC\\)'):
+        utils.save_atomic({'model': {'w': torch.ones(3)}}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(utils.load_checkpoint(str(path))['model']['w'], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth']
+
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+    with pytest.raises(utils.SaveError, match='Read-only file system \\(EROFS\\)'):
+        utils.write_atomic(str(path), lambda f: (_ for _ in ()).throw(read_only))
+
+
+def test_a_failed_save_exits_with_its_own_code_and_one_line(monkeypatch, capsys):
+    import errno
+    import main
+    def refuse(args):
+        raise utils.SaveError('O/checkpoint.pth', OSError(errno.EIO, os.strerror(errno.EIO)))
+    monkeypatch.setattr(main, 'main', refuse)
+    assert main.cli(['--device', 'cpu']) == 4
+    assert capsys.readouterr().err.splitlines() == [
+        'error: cannot write O/checkpoint.pth: Input/output error (EIO); its previous version, if any, is intact: '
+        'free space or fix the file system, then continue with --resume auto']
