@@ -237,6 +237,8 @@ class EpochLog:
         """``resume_epoch``: the first epoch a resumed run trains; records of it and later are dropped."""
         self.dir = Path(output_dir) if output_dir and is_main_process() else None
         self.writer = None
+        if self.dir:
+            self.repair()
         if self.dir and resume_epoch is not None:
             self.trim(resume_epoch)
         if self.dir and tensorboard:
@@ -247,6 +249,22 @@ class EpochLog:
     def rows(self) -> list:
         log = self.dir / 'log.txt'
         return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+    def repair(self) -> None:
+        """Drop the lines of log.txt that are not JSON records (a kill or power loss during an append), saying so."""
+        log = self.dir / 'log.txt'
+        if not log.is_file():
+            return
+        kept, torn = [], []
+        for number, line in enumerate(log.read_text(errors='replace').splitlines(), start=1):
+            try:
+                kept.append(json.dumps(json.loads(line)))
+            except ValueError:
+                torn.append(number)
+        if torn:
+            print(f'warning: {log}: ignoring line{"s" if len(torn) > 1 else ""} {", ".join(map(str, torn))}, '
+                  f'not a complete record (a write cut short by a kill or a power loss)')
+            write_text_atomic(log, ''.join(line + '\n' for line in kept))
 
     def trim(self, start_epoch: int) -> None:
         """Drop the records of epochs that will run again (logged, but their checkpoint not written, or a

@@ -243,3 +243,12 @@ def test_a_failed_save_exits_with_its_own_code_and_one_line(monkeypatch, capsys)
     assert capsys.readouterr().err.splitlines() == [
         'error: cannot write O/checkpoint.pth: Input/output error (EIO); its previous version, if any, is intact: '
         'free space or fix the file system, then continue with --resume auto']
+
+
+def test_a_torn_last_line_of_log_txt_is_dropped_with_a_warning_on_resume(tmp_path, capsys):
+    records = [json.dumps({'epoch': e, 'train_loss': 1.0}) for e in range(3)]
+    (tmp_path / 'log.txt').write_text('\n'.join(records) + '\n' + records[0][:9])  # killed during an append
+    log = utils.EpochLog(str(tmp_path), resume_epoch=3)
+    assert 'ignoring line 4, not a complete record' in capsys.readouterr().out
+    log.write({'epoch': 3, 'train_loss': 0.5})
+    assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1, 2, 3]
