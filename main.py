@@ -224,6 +224,10 @@ def validate_args(args) -> None:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     if args.bce_loss and not mixup_active(args):
         raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
+    if mixup_active(args) and args.batch_size % 2 and not args.eval:
+        raise UserError(f'--batch-size {args.batch_size} must be even with mixup/cutmix (they pair the images of '
+                        f'a batch): use an even --batch-size, or --mixup 0 --cutmix 0')
+    check_input_size(args.model, args.input_size)
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto' and not args.output_dir:
@@ -249,6 +253,36 @@ def default_num_workers() -> int:
 
 def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def check_input_size(name: str, input_size: int) -> None:
+    """The model must take --input-size images (a ViT's patch fits in them, a convnet's strides leave a pixel).
+
+    A forward pass on the meta device: shapes only, no memory, a fraction of a second. If the model's
+    own input size fails there too, the meta device is what fails, and nothing is concluded.
+    """
+    def forward(size: int) -> Optional[str]:
+        with torch.device('meta'):
+            try:
+                model = timm.create_model(name, num_classes=2, img_size=size)
+            except TypeError:
+                model = timm.create_model(name, num_classes=2)
+            try:
+                model.eval()(torch.empty(2, 3, size, size))
+            except Exception as e:
+                return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None
+
+    problem = forward(input_size)
+    if problem is None:
+        return
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=2)
+    own_size = model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    if forward(own_size) is None:
+        patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+        raise UserError(f'--input-size {input_size} is too small for --model {name}'
+                        + (f' (patch size {patch[0]})' if patch else '') + f': {problem}; use a larger --input-size')
 
 
 def check_distillation_head(name: str, through_token: bool = True) -> None:
@@ -279,6 +313,10 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     world, rank = utils.get_world_size(), utils.get_rank()
     fast_train = args.fast_data and fast_data.speed_up(dataset_train, True, args)
     fast_val = args.fast_data and fast_data.speed_up(dataset_val, False, args)
+    samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
+    if not args.eval:
+        samples_train.check_readable('training')
+    samples_val.check_readable('validation')
 
     # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
@@ -288,7 +326,7 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     sampler_train = ResumableSampler(order, seed=args.seed, rank=rank)
     if args.dist_eval and args.distributed:
         # Strided shards without padding: every image counted once, so the reduced metrics are exact.
-        dataset_val = Subset(dataset_val, range(rank, len(dataset_val), world))
+        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
 
     pin = args.pin_mem and args.device.type == 'cuda'
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
@@ -297,9 +335,9 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
                    generator=torch.Generator().manual_seed(args.seed))
     if args.num_workers > 0:
         workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
-    loader_train = DataLoader(RobustSamples(dataset_train, replace=True), sampler=sampler_train,
+    loader_train = DataLoader(samples_train, sampler=sampler_train,
                               batch_size=args.batch_size, drop_last=True, **workers)
-    loader_val = DataLoader(RobustSamples(dataset_val, replace=False), sampler=SequentialSampler(dataset_val),
+    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
     if fast_train:
         loader_train = fast_data.DeviceBatches(loader_train, fast_train, args.device, seed=args.seed, rank=rank)
@@ -387,6 +425,29 @@ def plain_args(args) -> dict:
             for k, v in vars(args).items()}
 
 
+def step_to_resume_at(ckpt: dict, path: str, batch_size: int, world_size: int) -> int:
+    """The first step to train, in this run's batch size, of the epoch a step checkpoint stopped in.
+
+    The checkpoint records how many samples of its epoch each process had trained: another batch
+    size continues at that very sample if it is a step boundary, else is refused. Another number of
+    processes deals the epoch's samples differently, so it cannot continue mid-epoch at all.
+    """
+    saved = ckpt.get('args') or {}
+    saved_batch, saved_world = saved.get('batch_size', batch_size), saved.get('world_size', world_size)
+    epoch, position = ckpt['epoch'], (ckpt.get('sampler') or {}).get('start_index', ckpt['step'] * saved_batch)
+    if saved_world != world_size:
+        raise UserError(f'--resume {path} stopped in the middle of epoch {epoch} with {saved_world} processes: '
+                        f'resume it with {saved_world} processes, or resume from an epoch-end checkpoint '
+                        f'(checkpoint.pth)')
+    if position % batch_size:
+        raise UserError(f'--resume {path} stopped after sample {position} of epoch {epoch} (per process), not a '
+                        f'step boundary with --batch-size {batch_size}: resume with --batch-size {saved_batch}')
+    if batch_size != saved_batch:
+        print(f'note: --batch-size {batch_size} (the checkpoint used {saved_batch}): epoch {epoch} continues at '
+              f'sample {position}, step {position // batch_size}')
+    return position // batch_size
+
+
 @dataclass
 class TrainingState:
     """What a checkpoint saves and restores: the objects being trained and where the run stands."""
@@ -439,7 +500,8 @@ class TrainingState:
         if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
             self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
         else:
-            self.start_epoch, self.start_step = ckpt['epoch'], ckpt['step']
+            self.start_epoch = ckpt['epoch']
+            self.start_step = step_to_resume_at(ckpt, args.resume, args.batch_size, utils.get_world_size())
             self.metrics_state = ckpt.get('train_metrics')
         if ckpt.get('rng'):
             checkpoint.restore_rng_state(ckpt['rng'])

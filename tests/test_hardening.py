@@ -252,3 +252,49 @@ def test_a_torn_last_line_of_log_txt_is_dropped_with_a_warning_on_resume(tmp_pat
     assert 'ignoring line 4, not a complete record' in capsys.readouterr().out
     log.write({'epoch': 3, 'train_loss': 0.5})
     assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_a_split_without_a_readable_image_is_refused_before_training(imagefolder, tmp_path):
+    import shutil
+    import pytest
+    from torchvision.datasets import ImageFolder
+    from conftest import FAST, run_main
+    from datasets import RobustSamples
+    root = tmp_path / 'data'
+    shutil.copytree(imagefolder, root)
+    for image in (root / 'val').rglob('*.jpg'):
+        image.write_bytes(b'not an image')
+    with pytest.raises(utils.UserError, match='none of 8 validation images sampled across the split can be read'):
+        RobustSamples(ImageFolder(root / 'val'), replace=False).check_readable('validation')
+    RobustSamples(ImageFolder(root / 'train'), replace=True).check_readable('training')  # readable: no error
+
+    proc = run_main('--data-path', root, '--model', 'test_vit', *FAST, '--epochs', '1', check=False)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert 'validation images sampled' in proc.stderr and 'Start training' not in proc.stdout
+
+
+def test_impossible_numbers_are_refused_before_any_data_is_read():
+    import pytest
+    import main
+    parser = main.get_args_parser()
+    with pytest.raises(utils.UserError, match='--batch-size 7 must be even with mixup/cutmix'):
+        main.validate_args(parser.parse_args(['--batch-size', '7', '--model', 'test_vit', '--input-size', '32']))
+    main.validate_args(parser.parse_args(['--batch-size', '7', '--mixup', '0', '--cutmix', '0', '--model', 'test_vit',
+                                          '--input-size', '32']))
+    with pytest.raises(utils.UserError, match='--input-size 8 is too small for --model deit_tiny_patch16_224 '
+                                              r'\(patch size 16\)'):
+        main.validate_args(parser.parse_args(['--model', 'deit_tiny_patch16_224', '--input-size', '8']))
+    main.validate_args(parser.parse_args(['--model', 'regnety_002', '--input-size', '32']))  # a convnet: fine
+
+
+def test_resuming_mid_epoch_with_another_batch_size_continues_at_the_same_sample_or_is_refused():
+    import pytest
+    from main import step_to_resume_at
+    ckpt = {'epoch': 4, 'step': 3, 'args': {'batch_size': 8, 'world_size': 1},
+            'sampler': {'epoch': 4, 'start_index': 24}}
+    assert step_to_resume_at(ckpt, 'c.pth', batch_size=8, world_size=1) == 3
+    assert step_to_resume_at(ckpt, 'c.pth', batch_size=12, world_size=1) == 2  # sample 24 = 2 steps of 12
+    with pytest.raises(utils.UserError, match='not a step boundary with --batch-size 16: resume with --batch-size 8'):
+        step_to_resume_at(ckpt, 'c.pth', batch_size=16, world_size=1)
+    with pytest.raises(utils.UserError, match='with 1 processes: resume it with 1 processes'):
+        step_to_resume_at(ckpt, 'c.pth', batch_size=8, world_size=2)
