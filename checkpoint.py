@@ -61,11 +61,7 @@ def restore_rng_state(state: dict) -> None:
 
 def is_readable_checkpoint(path: str) -> bool:
     """A complete torch zip archive: a truncated or corrupted file fails the CRC check."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile):
-        return False
+    return zipfile.is_zipfile(path) and not utils.checkpoint_damage(path)
 
 
 def candidate_checkpoints(output_dir: str) -> List[str]:

@@ -110,14 +110,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
     metric_logger = MetricLogger()
     if metrics_state:
         metric_logger.load_state_dict(metrics_state)
-    unreadable = []
+    unreadable = {}  # path (error) -> None: each image counted once, however often it was drawn or retried
     last_step = start_step + len(data_loader) - 1
     finite = FiniteLossGuard(epoch, device)
 
     for step, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', start_step),
                                  start=start_step):
         samples, targets, bad_paths = split_batch(batch)
-        unreadable += bad_paths
+        unreadable.update(dict.fromkeys(bad_paths))
         if bad_paths and getattr(args, 'strict_data', False):
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
@@ -147,7 +147,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
             checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
 
     if unreadable:
-        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
+        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')
     averages = metric_logger.averages()
     averages['unreadable_images'] = len(unreadable)
     averages['images_per_sec'] = metric_logger.images_per_sec

@@ -507,7 +507,6 @@ class TrainingState:
             checkpoint.restore_rng_state(ckpt['rng'])
         args.start_epoch = self.start_epoch
         self.lr_scheduler.step(self.start_epoch)
-        print(f'Continuing at epoch {self.start_epoch} step {self.start_step}')
 
     def save(self, path: str, args, epoch: int) -> None:
         utils.save_on_master(self.payload(args, epoch), path)
@@ -598,6 +597,12 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
+    if args.resume and state.start_epoch >= num_epochs:
+        print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
+              f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
+        return
+    if args.resume:
+        print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
     # Accepted: from here on the run writes to its output directory.
     config.save_args(args, get_args_parser())
     epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,

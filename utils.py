@@ -12,6 +12,7 @@ import random
 import re
 import sys
 import time
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
@@ -380,6 +381,9 @@ def load_checkpoint(path: str) -> dict:
             raise UserError(f'could not download {path}: {e}') from None
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path')
+    damage = checkpoint_damage(path)
+    if damage:
+        raise UserError(f'cannot read checkpoint {path}: {damage}')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code
@@ -390,6 +394,21 @@ def load_checkpoint(path: str) -> dict:
     except Exception as e:  # truncated zip, not a torch file, ...: "not a checkpoint we can read"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot read checkpoint {path}: {first_line}') from None
+
+
+def checkpoint_damage(path: str) -> str:
+    """What makes ``path`` no checkpoint torch.load should read ('' if nothing): torch.load reads a zip
+    archive without checking its CRCs (a flipped bit loads silently), and reads any file as a pickle."""
+    try:
+        with open(path, 'rb') as f:
+            first = f.read(1)
+        if not zipfile.is_zipfile(path):  # legacy torch files and plain pickles start with PROTO (0x80)
+            return '' if first == b'\x80' else 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f'damaged archive ({e})'
+    return f'damaged: {bad} fails its CRC check (a corrupted or truncated copy)' if bad else ''
 
 
 def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:

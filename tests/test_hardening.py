@@ -298,3 +298,34 @@ def test_resuming_mid_epoch_with_another_batch_size_continues_at_the_same_sample
         step_to_resume_at(ckpt, 'c.pth', batch_size=16, world_size=1)
     with pytest.raises(utils.UserError, match='with 1 processes: resume it with 1 processes'):
         step_to_resume_at(ckpt, 'c.pth', batch_size=8, world_size=2)
+
+
+def test_a_bit_flipped_or_non_checkpoint_file_is_refused_with_one_line(tmp_path):
+    import pytest
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'model': {'w': torch.arange(1000, dtype=torch.float32)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(torch.arange(1000, dtype=torch.float32).numpy().tobytes()[400:408]) + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(utils.UserError, match='fails its CRC check'):
+        utils.load_checkpoint(str(path))
+    assert not checkpoint.is_readable_checkpoint(str(path))
+    text = tmp_path / 'teacher.txt'
+    text.write_text('cat /etc/passwd\n')
+    with pytest.raises(utils.UserError, match='not a PyTorch checkpoint'):
+        utils.load_checkpoint(str(text))
+
+
+def test_unreadable_images_are_counted_once_and_resuming_a_finished_run_says_so(tmp_path):
+    from conftest import FAST, run_main
+    from imagefolder import make_imagefolder
+    root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=12, val_per_class=2)
+    (root / 'train' / 'class_1' / 'garbage.jpg').write_bytes(b'not an image at all')
+    out = tmp_path / 'out'
+    common = ['--data-path', root, '--model', 'test_vit', *FAST, '--epochs', '1', '--output_dir', out]
+    run_main(*common)  # repeated augmentation: the garbage file is drawn 3 times
+    assert json.loads((out / 'log.txt').read_text())['train_unreadable_images'] == 1
+    log = (out / 'log.txt').read_text()
+    proc = run_main(*common, '--resume', 'auto')
+    assert 'Nothing to train' in proc.stdout and 'raise --epochs' in proc.stdout
+    assert 'Continuing at epoch' not in proc.stdout and (out / 'log.txt').read_text() == log
