@@ -7,7 +7,8 @@ import sys
 
 if __name__ == '__main__':  # a stop signal while torch and timm load (seconds): nothing written, say so
     def _stop_while_loading(signum, frame):
-        sys.exit(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet')
+        print(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet', file=sys.stderr)
+        sys.exit(128 + signum)
 
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(_signum, _stop_while_loading)

@@ -329,3 +329,20 @@ def test_unreadable_images_are_counted_once_and_resuming_a_finished_run_says_so(
     proc = run_main(*common, '--resume', 'auto')
     assert 'Nothing to train' in proc.stdout and 'raise --epochs' in proc.stdout
     assert 'Continuing at epoch' not in proc.stdout and (out / 'log.txt').read_text() == log
+
+
+def test_sigterm_while_starting_exits_with_its_line(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.Popen([sys.executable, 'main.py', '--data-set', 'DIGITS', '--model', 'test_vit', '--device', 'cpu',
+                             '--output_dir', str(tmp_path / 'out')], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # python is up, torch is still being imported (or the model built): nothing to save
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert re.fullmatch(r'stopped by SIGTERM (while starting|before training started); nothing to save yet.*',
+                        stderr.strip()), stderr[-3000:]
