@@ -3,6 +3,7 @@
 Low-level file I/O (atomic writes, safe loading) lives in utils.py; this module decides *when* to
 save, *which* checkpoint to resume from, and how a SIGTERM becomes a clean stop.
 """
+import collections
 import fcntl
 import glob
 import os
@@ -102,6 +103,31 @@ def find_newest_checkpoint(output_dir: str) -> str:
     (epoch, step), _, path = max(found)
     print(f'--resume auto: resuming from {path} (epoch {epoch}, {step} steps done)')
     return path
+
+
+def agreed_resume_checkpoint(output_dir: str) -> str:
+    """find_newest_checkpoint on rank 0 only (it reads every candidate), its choice sent to every rank."""
+    choice = [find_newest_checkpoint(output_dir) if utils.is_main_process() else None]
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def elastic_restarts() -> int:
+    """How many times torchrun (--max-restarts) has restarted this job's workers."""
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+
+
+def resume_source(resume: str, output_dir: str) -> str:
+    """The checkpoint to resume from: --resume, with 'auto' resolved; after a torchrun restart, the newest
+    checkpoint of the run in output_dir (the restarted command line still names where it *started*)."""
+    restarts = elastic_restarts()
+    if resume != 'auto' and not (restarts and output_dir):
+        return resume
+    found = agreed_resume_checkpoint(output_dir)
+    if resume != 'auto' and found:
+        print(f'torchrun restart {restarts}: continuing the run from {found}, not from --resume {resume or "(none)"}')
+    return found or ('' if resume == 'auto' else resume)
 
 
 def remove_stale_temporaries(output_dir: str) -> None:
@@ -208,46 +234,88 @@ def ignore_stop_signals(worker_id: int) -> None:
 # Step checkpoints
 # ---------------------------------------------------------------------------------------------
 
+class RankAgreement:
+    """Every rank learns the same requests (stop signal, time-based save) after the same step, every step,
+    without waiting on the device: each step's all-reduce is read ``LAG`` steps later, long complete by then.
+
+    On CUDA the flags travel through pinned host memory with non-blocking copies, and the read waits
+    only for the event recorded after that old all-reduce, not for the steps queued since.
+    """
+    LAG = 2
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending = collections.deque()
+
+    def exchange(self, flags: List[int]) -> Optional[List[int]]:
+        """Start the all-reduce (max) of this step's ``flags``; the result of the one ``LAG`` steps ago, or None."""
+        values = torch.tensor(flags, dtype=torch.int64)
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            values = values.pin_memory().to(self.device, non_blocking=True)
+        work = torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        event = None
+        if cuda:
+            work.wait()  # orders the copy below after the all-reduce on the device; the host does not wait
+            values = values.to('cpu', non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((work, values, event))
+        return self.read_oldest() if len(self.pending) > self.LAG else None
+
+    def read_oldest(self) -> List[int]:
+        work, values, event = self.pending.popleft()
+        event.synchronize() if event is not None else work.wait()
+        return values.tolist()
+
+    def drain(self) -> List[int]:
+        """The maximum of every exchange still in flight (all ranks call it at the same point)."""
+        result = [0, 0]
+        while self.pending:
+            result = [max(a, b) for a, b in zip(result, self.read_oldest())]
+        return result
+
+
 class Checkpointer:
     """Decides after each training step whether to write a step checkpoint or to stop.
 
     ``payload(epoch, steps_done, metrics)`` builds the checkpoint dict; only rank 0 builds and
-    writes it. Distributed ranks agree on a stop request at the logging interval (a collective
-    there costs no extra device sync), so that all of them stop after the same step.
+    writes it. Distributed ranks exchange their requests every step (RankAgreement), so that all of
+    them stop, or save, after the same step, a couple of steps after the request.
     """
 
     def __init__(self, output_dir: str, payload: Callable[[int, int, dict], dict], every_steps: int = 0,
                  every_minutes: float = 0, keep_last: int = 2, signals: Optional[StopSignals] = None,
-                 sync_every: int = 1, device: torch.device = torch.device('cpu')):
+                 device: torch.device = torch.device('cpu')):
         self.output_dir = output_dir
         self.payload = payload
         self.every_steps = every_steps
         self.every_seconds = every_minutes * 60
         self.keep_last = keep_last
         self.signals = signals or StopSignals()
-        self.sync_every = sync_every if utils.get_world_size() > 1 else 1
-        self.device = device
+        self.agreement = RankAgreement(device) if utils.get_world_size() > 1 else None
         self.last_save = time.time()
 
-    def _stop_signal(self, step: int) -> Optional[int]:
-        if utils.get_world_size() == 1:
-            return self.signals.signum
-        if step % self.sync_every:
-            return None
-        flag = torch.tensor([self.signals.signum or 0], device=self.device)
-        return int(utils.all_reduce_max(flag).item()) or None
+    def _requests(self) -> Tuple[Optional[int], bool]:
+        """(stop signal, time-based save due), the same on every rank."""
+        overdue = bool(self.every_seconds) and time.time() - self.last_save >= self.every_seconds
+        if self.agreement is None:
+            return self.signals.signum, overdue
+        agreed = self.agreement.exchange([self.signals.signum or 0, int(overdue)])
+        if agreed is None:
+            return None, False
+        return agreed[0] or None, bool(agreed[1])
 
     def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
                    before_save: Callable[[], None] = lambda: None) -> None:
         """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop.
 
         ``metrics()`` gives the epoch's running averages and ``before_save()`` raises if the state must
-        not be saved (a non-finite loss); both are called only when a checkpoint is written, since
-        reading device values back waits for the device.
+        not be saved (a non-finite loss; a collective, called on every rank); both are called only
+        when a checkpoint is written, since reading device values back waits for the device.
         """
-        signum = self._stop_signal(steps_done - 1)
-        due = (self.every_steps and steps_done % self.every_steps == 0) or \
-              (self.every_seconds and time.time() - self.last_save >= self.every_seconds)
+        signum, overdue = self._requests()
+        due = (self.every_steps and steps_done % self.every_steps == 0) or overdue
         path = None
         if self.output_dir and (due or signum):
             before_save()
@@ -257,10 +325,13 @@ class Checkpointer:
 
     def after_epoch(self, epoch: int, path: Optional[str]) -> None:
         """Called once the epoch's checkpoint.pth is written: its step checkpoints are obsolete (removed);
-        stop here if a signal came during evaluation."""
+        stop here if a signal came during the last steps or the evaluation."""
         if self.output_dir and utils.is_main_process():
             self.prune(finished_epoch=epoch)
-        signum = self._stop_signal(0)
+        signum = self.signals.signum
+        if self.agreement is not None:  # every exchange in flight, and one more now (a wait, once an epoch)
+            latest = self.agreement.exchange([signum or 0, 0]) or [0]
+            signum = max(latest[0], self.agreement.drain()[0]) or None
         if signum:
             raise TrainingInterrupted(signum, f'at the end of epoch {epoch}', path)
 

@@ -7,7 +7,7 @@ from timm.data import Mixup
 
 from losses import DistillationLoss
 from samplers import sample_seed
-from utils import MetricLogger, UserError, all_reduce_sum, get_rank, seed_everything
+from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank, seed_everything
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,7 +38,8 @@ class FiniteLossGuard:
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.NONE, step))
 
     def check(self) -> None:
-        step = int(self.first_bad)
+        """Raise if the loss of any rank was not finite (a collective: every rank calls it after the same steps)."""
+        step = int(-all_reduce_max(-self.first_bad))  # the first bad step over all ranks
         if step != self.NONE:
             raise NonFiniteLossError(
                 f'non-finite loss in epoch {self.epoch} at step {step}: lower --lr, set --clip-grad, or check '

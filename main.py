@@ -552,8 +552,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     speedups.keep_freed_memory()
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
-    if args.resume == 'auto':
-        args.resume = checkpoint.find_newest_checkpoint(args.output_dir)
+    args.resume = checkpoint.resume_source(args.resume, args.output_dir)
     print(args)
 
     # Data
@@ -613,7 +612,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     checkpointer = checkpoint.Checkpointer(
         args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
-        keep_last=args.keep_last, signals=signals, sync_every=args.print_freq, device=device)
+        keep_last=args.keep_last, signals=signals, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
     print(f'Start training for {num_epochs} epochs ({args.epochs} + {num_epochs - args.epochs} cooldown)')
     start_time = time.time()

@@ -346,3 +346,55 @@ def test_sigterm_while_starting_exits_with_its_line(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert re.fullmatch(r'stopped by SIGTERM (while starting|before training started); nothing to save yet.*',
                         stderr.strip()), stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several ranks (torchrun, gloo on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+def torchrun(*args, restarts=0):
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             f'--max-restarts={restarts}', 'main.py', *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_torchrun_restart_continues_the_run_instead_of_starting_it_again(imagefolder, tmp_path):
+    import signal
+    from conftest import FAST
+    proc = torchrun('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--batch-size', '6', '--epochs', '2',
+                    '--save-interval-steps', '1', '--output_dir', tmp_path, restarts=1)
+    deadline = time.time() + 300
+    while not (tmp_path / 'checkpoint-e0000-s000003.pth').exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    workers = (open(f'/proc/{proc.pid}/task/{proc.pid}/children').read().split())
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies: torchrun restarts both
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert 'torchrun restart 1: continuing the run from' in stdout, stdout[-3000:]
+    assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0, 1]
+
+
+def two_ranks(scenario, out):
+    import sys
+    from conftest import run_main
+    run_main(scenario, out, launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                                      '--nproc_per_node=2', 'tests/two_ranks.py'), timeout=120)
+    return [json.loads((out / f'rank{rank}.json').read_text()) for rank in (0, 1)]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_path):
+    results = two_ranks('nan', tmp_path)
+    assert results == ['non-finite loss in epoch 0 at step 2: lower --lr, set --clip-grad, or check the data; no '
+                       'checkpoint holds its weights (--resume auto continues from the last finite one)'] * 2
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_within_a_few_steps(tmp_path):
+    results = two_ranks('signal', tmp_path)
+    lag = checkpoint.RankAgreement.LAG
+    assert results == [f'stopped by SIGTERM after step {5 + lag} of epoch 0; saved no checkpoint (no --output_dir); '
+                       f'continue with --resume auto'] * 2
