@@ -265,12 +265,12 @@ def check_input_size(name: str, input_size: int) -> None:
     def forward(size: int) -> Optional[str]:
         with torch.device('meta'):
             try:
-                model = timm.create_model(name, num_classes=2, img_size=size)
-            except TypeError:
-                model = timm.create_model(name, num_classes=2)
-            try:
+                try:
+                    model = timm.create_model(name, num_classes=2, img_size=size)
+                except TypeError:  # e.g. convnets: any input size
+                    model = timm.create_model(name, num_classes=2)
                 model.eval()(torch.empty(2, 3, size, size))
-            except Exception as e:
+            except Exception as e:  # a size the architecture refuses, at creation or in the forward
                 return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None
 
@@ -280,7 +280,7 @@ def check_input_size(name: str, input_size: int) -> None:
     with torch.device('meta'):
         model = timm.create_model(name, num_classes=2)
     own_size = model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
-    if forward(own_size) is None:
+    if own_size != input_size and forward(own_size) is None:
         patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
         raise UserError(f'--input-size {input_size} is too small for --model {name}'
                         + (f' (patch size {patch[0]})' if patch else '') + f': {problem}; use a larger --input-size')
