@@ -363,8 +363,9 @@ def build_transform(is_train: bool, args):
     return EvalTransform(args.input_size, args.eval_crop_ratio)
 
 
-# What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all).
-UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and
+# what its header check raises for a decompression bomb (more pixels than twice Image.MAX_IMAGE_PIXELS).
+UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @contextlib.contextmanager
@@ -415,7 +416,23 @@ class RobustSamples(Dataset):
         with preserved_rng():
             return [self._sample(key) for key in keys]
 
-    def _sample(self, key):
+    def check_readable(self, split: str, samples: int = 8) -> None:
+        """Refuse a split of which none of ``samples`` images spread over it can be read: fail now, not
+        after an epoch (or a whole data-loader worker) has gone by."""
+        count = len(self.dataset)
+        indices = sorted({i * (count - 1) // max(samples - 1, 1) for i in range(min(samples, count))})
+        errors = []
+        with preserved_rng():
+            for index in indices:
+                image, _, unreadable = self._sample(index, retry=False)
+                if image is not None:
+                    return
+                errors += unreadable
+        if errors:
+            raise UserError(f'none of {len(errors)} {split} images sampled across the split can be read, e.g. '
+                            f'{errors[0]}: check --data-path and the files')
+
+    def _sample(self, key, retry: bool = True):
         """Item ``key`` with its augmentation seeded, or the next readable one; leaves the generators seeded."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
@@ -428,7 +445,7 @@ class RobustSamples(Dataset):
                 return image, target, unreadable
             except UNREADABLE_IMAGE_ERRORS as e:
                 unreadable.append(f'{self._path(i)} ({type(e).__name__}: {e})')
-                if not self.replace:
+                if not (self.replace and retry):
                     return None, None, unreadable
         raise RuntimeError(f'no readable image in the whole dataset, first error: {unreadable[0]}')
 

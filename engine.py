@@ -7,7 +7,7 @@ from timm.data import Mixup
 
 from losses import CoSubLoss, DistillationLoss
 from samplers import sample_seed
-from utils import MetricLogger, UserError, all_reduce_sum, get_rank, seed_everything
+from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank, seed_everything
 
 
 class NonFiniteLossError(RuntimeError):
@@ -20,6 +20,30 @@ class UnreadableDataError(UserError):
 
 # Distinguishes the per-step random stream from the per-sample augmentation streams.
 STEP_STREAM = 1
+
+
+class FiniteLossGuard:
+    """Remembers, on the device, the first step of an epoch whose loss was not finite.
+
+    ``update`` is device work only (no host sync per step); ``check`` reads the flag back, and is
+    called where the host waits anyway: at progress lines and before any checkpoint is written.
+    """
+    NONE = 2 ** 62
+
+    def __init__(self, epoch: int, device: torch.device):
+        self.epoch = epoch
+        self.first_bad = torch.tensor(self.NONE, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.NONE, step))
+
+    def check(self) -> None:
+        """Raise if the loss of any rank was not finite (a collective: every rank calls it after the same steps)."""
+        step = int(-all_reduce_max(-self.first_bad))  # the first bad step over all ranks
+        if step != self.NONE:
+            raise NonFiniteLossError(
+                f'non-finite loss in epoch {self.epoch} at step {step}: lower --lr, set --clip-grad, or check '
+                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)')
 
 
 class LossScaler:
@@ -112,16 +136,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
     metric_logger = MetricLogger()
     if metrics_state:
         metric_logger.load_state_dict(metrics_state)
-    unreadable = []
+    unreadable = {}  # path (error) -> None: each image counted once, however often it was drawn or retried
     first_micro = start_step * accum_steps
     last_micro = first_micro + len(data_loader) - 1
+    finite = FiniteLossGuard(epoch, device)
 
     for micro, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', first_micro),
                                   start=first_micro):
         step, phase = divmod(micro, accum_steps)
         updating = phase == accum_steps - 1
         samples, targets, bad_paths = split_batch(batch)
-        unreadable += bad_paths
+        unreadable.update(dict.fromkeys(bad_paths))
         if bad_paths and getattr(args, 'strict_data', False):
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
@@ -148,16 +173,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
 
         # Reading the loss back forces a device sync: do it only when a progress line is printed.
         metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
+        finite.update(loss.detach(), step)
         if micro % print_freq == 0 or micro == last_micro:
-            if not torch.isfinite(torch.as_tensor(metric_logger.sums['loss'])):
-                raise NonFiniteLossError(
-                    f'non-finite loss in epoch {epoch} at or before step {step}: lower --lr, set '
-                    f'--clip-grad, or check the data; the last saved checkpoint is untouched')
-        if updating and checkpointer is not None:
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict)  # read only when saving: a device sync
+            finite.check()
+        if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
+            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
 
     if unreadable:
-        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {unreadable[0]}')
+        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')
     metric_logger.synchronize_between_processes(device)
     averages = metric_logger.averages()
     averages['unreadable_images'] = len(unreadable)

@@ -85,8 +85,18 @@ def open_lazily(path: str) -> Union[JpegFile, Image.Image]:
         data = f.read()
     frame = jpeg_frame(data)
     if frame is not None and frame[2] == 3 and min(frame[:2]) > 0:
+        check_pixel_count(frame[:2])
         return JpegFile(data, frame[:2])
-    return Image.open(io.BytesIO(data))
+    return Image.open(io.BytesIO(data))  # PIL checks the size itself
+
+
+def check_pixel_count(size: Tuple[int, int]) -> None:
+    """PIL's decompression-bomb limit, checked on the header before OpenCV decodes (PIL's Image.open does
+    the same for the files it opens): more than twice ``Image.MAX_IMAGE_PIXELS`` is refused."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > 2 * limit:
+        raise Image.DecompressionBombError(f'image size ({size[0]}x{size[1]} pixels) exceeds the limit of {2 * limit} '
+                                           f'pixels: a decompression bomb?')
 
 
 def decode(img: Union[JpegFile, Image.Image], region: Box, out_size: Tuple[int, int]) -> Tuple[torch.Tensor, int]:

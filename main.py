@@ -2,11 +2,21 @@
 
 Reads like a table of contents: parse, build data, build models, build optimisation, loop.
 """
+import signal
+import sys
+
+if __name__ == '__main__':  # a stop signal while torch and timm load (seconds): nothing written, say so
+    def _stop_while_loading(signum, frame):
+        print(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet', file=sys.stderr)
+        sys.exit(128 + signum)
+
+    for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(_signum, _stop_while_loading)
+
 import argparse
 import contextlib
 import datetime
 import os
-import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -244,15 +254,17 @@ def validate_args(args) -> None:
         raise UserError('--cosub learns from soft targets (binary cross-entropy): enable --mixup or --cutmix')
     if args.cosub and args.distillation_type != 'none':
         raise UserError('--cosub trains without a teacher: drop --distillation-type or --cosub')
+    if mixup_active(args) and args.batch_size % 2 and not args.eval:
+        raise UserError(f'--batch-size {args.batch_size} must be even with mixup/cutmix (they pair the images of '
+                        f'a batch): use an even --batch-size, or --mixup 0 --cutmix 0')
+    check_input_size(args.model, args.input_size)
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
-    if args.resume == 'auto':
-        if not args.output_dir:
-            raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-        args.resume = checkpoint.find_newest_checkpoint(args.output_dir)
+    if args.resume == 'auto' and not args.output_dir:
+        raise UserError('--resume auto looks in --output_dir: give --output_dir too')
     for name in ('resume', 'finetune'):
         path = getattr(args, name)
-        if path and not utils.is_url(path) and not os.path.isfile(path):
+        if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
             raise UserError(f'--{name} {path} does not exist: check the path')
     if args.output_dir:
         try:
@@ -279,6 +291,36 @@ def default_num_workers() -> int:
 
 def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
+def check_input_size(name: str, input_size: int) -> None:
+    """The model must take --input-size images (a ViT's patch fits in them, a convnet's strides leave a pixel).
+
+    A forward pass on the meta device: shapes only, no memory, a fraction of a second. If the model's
+    own input size fails there too, the meta device is what fails, and nothing is concluded.
+    """
+    def forward(size: int) -> Optional[str]:
+        with torch.device('meta'):
+            try:
+                try:
+                    model = timm.create_model(name, num_classes=2, img_size=size)
+                except TypeError:  # e.g. convnets: any input size
+                    model = timm.create_model(name, num_classes=2)
+                model.eval()(torch.empty(2, 3, size, size))
+            except Exception as e:  # a size the architecture refuses, at creation or in the forward
+                return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None
+
+    problem = forward(input_size)
+    if problem is None:
+        return
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=2)
+    own_size = model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    if own_size != input_size and forward(own_size) is None:
+        patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+        raise UserError(f'--input-size {input_size} is too small for --model {name}'
+                        + (f' (patch size {patch[0]})' if patch else '') + f': {problem}; use a larger --input-size')
 
 
 def check_distillation_head(name: str, through_token: bool = True) -> None:
@@ -314,6 +356,10 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     world, rank = utils.get_world_size(), utils.get_rank()
     fast_train = args.fast_data and fast_data.speed_up(dataset_train, True, args)
     fast_val = args.fast_data and fast_data.speed_up(dataset_val, False, args)
+    samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
+    if not args.eval:
+        samples_train.check_readable('training')
+    samples_val.check_readable('validation')
 
     # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
@@ -324,18 +370,18 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     sampler_train = ResumableSampler(order, seed=args.seed, rank=rank, group_size=samples_per_step(args))
     if args.dist_eval and args.distributed:
         # Strided shards without padding: every image counted once, so the reduced metrics are exact.
-        dataset_val = Subset(dataset_val, range(rank, len(dataset_val), world))
+        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
 
     pin = args.pin_mem and args.device.type == 'cuda'
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
-                   collate_fn=collate_skipping,
+                   collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=torch.Generator().manual_seed(args.seed))
     if args.num_workers > 0:
         workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
-    loader_train = DataLoader(RobustSamples(dataset_train, replace=True), sampler=sampler_train,
+    loader_train = DataLoader(samples_train, sampler=sampler_train,
                               batch_size=args.batch_size, drop_last=True, **workers)
-    loader_val = DataLoader(RobustSamples(dataset_val, replace=False), sampler=SequentialSampler(dataset_val),
+    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
     if fast_train:
         loader_train = fast_data.DeviceBatches(loader_train, fast_train, args.device, seed=args.seed, rank=rank)
@@ -480,6 +526,35 @@ def plain_args(args) -> dict:
             for k, v in vars(args).items()}
 
 
+def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
+    """The first optimizer step to train, in this run's step size, of the epoch a step checkpoint stopped in.
+
+    The checkpoint records how many samples of its epoch each process had trained: another step size
+    (--batch-size x --grad-accum-steps) continues at that very sample if it is a step boundary, else is
+    refused. Another number of processes deals the epoch's samples differently, so it cannot continue
+    mid-epoch at all.
+    """
+    saved = ckpt.get('args') or {}
+    saved_batch, saved_world = saved.get('batch_size', batch_size), saved.get('world_size', world_size)
+    saved_accum = saved.get('grad_accum_steps', 1)
+    epoch = ckpt['epoch']
+    position = (ckpt.get('sampler') or {}).get('start_index', ckpt['step'] * saved_batch * saved_accum)
+    if saved_world != world_size:
+        raise UserError(f'--resume {path} stopped in the middle of epoch {epoch} with {saved_world} processes: '
+                        f'resume it with {saved_world} processes, or resume from an epoch-end checkpoint '
+                        f'(checkpoint.pth)')
+    step_samples = batch_size * accum_steps
+    if position % step_samples:
+        raise UserError(f'--resume {path} stopped after sample {position} of epoch {epoch} (per process), not a '
+                        f'step boundary with --batch-size {batch_size} --grad-accum-steps {accum_steps}: resume '
+                        f'with --batch-size {saved_batch} --grad-accum-steps {saved_accum}')
+    if (batch_size, accum_steps) != (saved_batch, saved_accum):
+        print(f'note: --batch-size {batch_size} --grad-accum-steps {accum_steps} (the checkpoint used '
+              f'{saved_batch} x {saved_accum}): epoch {epoch} continues at sample {position}, '
+              f'step {position // step_samples}')
+    return position // step_samples
+
+
 @dataclass
 class TrainingState:
     """What a checkpoint saves and restores: the objects being trained and where the run stands."""
@@ -534,25 +609,17 @@ class TrainingState:
         if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
             self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
         else:
-            check_same_step_size(ckpt.get('args') or {}, args)
-            self.start_epoch, self.start_step = ckpt['epoch'], ckpt['step']
+            self.start_epoch = ckpt['epoch']
+            self.start_step = step_to_resume_at(ckpt, args.resume, args.batch_size, args.grad_accum_steps,
+                                                utils.get_world_size())
             self.metrics_state = ckpt.get('train_metrics')
         if ckpt.get('rng'):
             checkpoint.restore_rng_state(ckpt['rng'])
         args.start_epoch = self.start_epoch
         self.lr_scheduler.step(self.start_epoch)
-        print(f'Continuing at epoch {self.start_epoch} step {self.start_step}')
 
     def save(self, path: str, args, epoch: int) -> None:
         utils.save_on_master(self.payload(args, epoch), path)
-
-
-def check_same_step_size(saved: dict, args) -> None:
-    """A mid-epoch checkpoint counts steps of its own size: the run must continue with the same one."""
-    saved_size = (saved.get('batch_size', args.batch_size), saved.get('grad_accum_steps', 1))
-    if saved_size != (args.batch_size, args.grad_accum_steps):
-        raise UserError(f'--resume {args.resume} stopped inside an epoch with --batch-size {saved_size[0]} '
-                        f'--grad-accum-steps {saved_size[1]}: resume with these, or from an epoch-end checkpoint')
 
 
 def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
@@ -609,6 +676,16 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
 
 
 def main(args) -> None:
+    signals = checkpoint.StopSignals()
+    signals.install()  # first: a stop signal while starting ends the run at once, with its line
+    try:
+        train(args, signals)
+    except checkpoint.TrainingInterrupted as stop:
+        signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
+        raise
+
+
+def train(args, signals: checkpoint.StopSignals) -> None:
     validate_args(args)
     args.device = utils.resolve_device(args.device)
     utils.init_distributed_mode(args)
@@ -624,10 +701,10 @@ def main(args) -> None:
     set_determinism(args)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
-    if args.output_dir and utils.is_main_process():
-        checkpoint.remove_stale_temporaries(args.output_dir)
+    # One training run per output directory, owned until train() returns (evaluation writes nothing there).
+    owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    args.resume = checkpoint.resume_source(args.resume, args.output_dir)
     print(args)
-    config.save_args(args, get_args_parser())
 
     # Data
     loader_train, loader_val, nb_classes = build_data(args)
@@ -672,21 +749,27 @@ def main(args) -> None:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
-    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard, start_epoch=state.start_epoch)
+    if args.resume and state.start_epoch >= num_epochs:
+        print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
+              f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
+        return
     if args.resume:
-        epoch_log.trim(state.start_epoch)
+        print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
+    # Accepted: from here on the run writes to its output directory.
+    config.save_args(args, get_args_parser())
+    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                               resume_epoch=state.start_epoch if args.resume else None)
 
     # Loop
-    signals = checkpoint.StopSignals()
-    signals.install()
     checkpointer = checkpoint.Checkpointer(
         args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
-        keep_last=args.keep_last, signals=signals, sync_every=args.print_freq, device=device)
+        keep_last=args.keep_last, signals=signals, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
     cooldown = f' ({args.epochs} + {num_epochs - args.epochs} cooldown)' if num_epochs > args.epochs else ''
     print(f'Start training for {num_epochs} epochs{cooldown}')
     start_time = time.time()
+    signals.training()
     try:
         for epoch in range(state.start_epoch, num_epochs):
             resuming = epoch == state.start_epoch and state.start_step > 0
@@ -718,14 +801,13 @@ def main(args) -> None:
                 if is_best:
                     state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
-    except checkpoint.TrainingInterrupted as stop:
-        signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
-        raise
     finally:
         epoch_log.close()
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
+    if owner:
+        owner.close()
 
 
 def cli(argv=None) -> int:
@@ -740,6 +822,9 @@ def cli(argv=None) -> int:
     except NonFiniteLossError as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
+    except utils.SaveError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 4
     except checkpoint.TrainingInterrupted as stop:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum

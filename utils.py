@@ -1,8 +1,10 @@
 """Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
 import argparse
 import builtins
+import contextlib
 import csv
 import datetime
+import errno
 import io
 import json
 import os
@@ -11,6 +13,7 @@ import random
 import re
 import sys
 import time
+import zipfile
 from collections import defaultdict
 from pathlib import Path, PosixPath, PurePath
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
@@ -25,6 +28,25 @@ from timm.models.vision_transformer import ParallelThingsBlock, VisionTransforme
 
 class UserError(Exception):
     """A mistake in the command line or the inputs: reported as one line, exit code 2."""
+
+
+class SaveError(Exception):
+    """The OS refused to write a file of the run (disk full, read-only, I/O error): one line, exit code 4.
+
+    Files are replaced atomically, so the previous version of the file is intact.
+    """
+
+    def __init__(self, path, error: OSError):
+        name = errno.errorcode.get(error.errno, 'unknown error')
+        super().__init__(f'cannot write {path}: {error.strerror or error} ({name}); its previous version, if any, '
+                         f'is intact: free space or fix the file system, then continue with --resume auto')
+
+
+def os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError that caused ``error``, if any (torch.save reports a failed write as a RuntimeError)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,33 +263,60 @@ class EpochLog:
     (tags ``train/loss``, ``test/acc1``, ``test/ema_acc1`` ...).
     """
 
-    def __init__(self, output_dir: str, tensorboard: bool = False, start_epoch: int = 0):
+    def __init__(self, output_dir: str, tensorboard: bool = False, resume_epoch: Optional[int] = None):
+        """``resume_epoch``: the first epoch a resumed run trains; records of it and later are dropped."""
         self.dir = Path(output_dir) if output_dir and is_main_process() else None
         self.writer = None
+        if self.dir:
+            self.repair()
+        if self.dir and resume_epoch is not None:
+            self.trim(resume_epoch)
         if self.dir and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events of epochs that a resumed run trains again
-            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=start_epoch)
+            self.writer = SummaryWriter(log_dir=str(self.dir / 'tensorboard'), purge_step=resume_epoch)
 
     def rows(self) -> list:
         log = self.dir / 'log.txt'
         return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
-    def trim(self, start_epoch: int) -> None:
-        """Drop the records of epochs that will run again (logged, but their checkpoint not written)."""
-        if not self.dir:
+    def repair(self) -> None:
+        """Drop the lines of log.txt that are not JSON records (a kill or power loss during an append), saying so."""
+        log = self.dir / 'log.txt'
+        if not log.is_file():
             return
+        kept, torn = [], []
+        for number, line in enumerate(log.read_text(errors='replace').splitlines(), start=1):
+            try:
+                kept.append(json.dumps(json.loads(line)))
+            except ValueError:
+                torn.append(number)
+        if torn:
+            print(f'warning: {log}: ignoring line{"s" if len(torn) > 1 else ""} {", ".join(map(str, torn))}, '
+                  f'not a complete record (a write cut short by a kill or a power loss)')
+            write_text_atomic(log, ''.join(line + '\n' for line in kept))
+
+    def trim(self, start_epoch: int) -> None:
+        """Drop the records of epochs that will run again (logged, but their checkpoint not written, or a
+        checkpoint older than the log chosen by --resume), saying which."""
         rows = self.rows()
         kept = [row for row in rows if row.get('epoch', -1) < start_epoch]
         if len(kept) != len(rows):
+            dropped = sorted({row.get('epoch', -1) for row in rows} - {row.get('epoch', -1) for row in kept})
+            print(f'warning: the resumed checkpoint continues at epoch {start_epoch}: dropping the records of '
+                  f'epoch{"s" if len(dropped) > 1 else ""} {", ".join(map(str, dropped))} from log.txt, '
+                  f'summary.csv and TensorBoard (they will be trained again)')
             write_text_atomic(self.dir / 'log.txt', ''.join(json.dumps(row) + '\n' for row in kept))
             self._write_csv(kept)
 
     def write(self, stats: dict) -> None:
         if not self.dir:
             return
-        with (self.dir / 'log.txt').open('a') as f:
-            f.write(json.dumps(stats) + '\n')
+        try:
+            with (self.dir / 'log.txt').open('a') as f:
+                f.write(json.dumps(stats) + '\n')
+        except OSError as e:
+            raise SaveError(self.dir / 'log.txt', e) from None
         self._write_csv(self.rows())
         if self.writer:
             for key, value in stats.items():
@@ -297,6 +346,7 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
 
     ``write(f)`` fills a temporary file in the same directory, which is fsynced, then renamed over
     ``path``; a kill at any moment leaves at most a stale temporary file (``.NAME.tmpPID``).
+    An error of the OS (ENOSPC, EROFS, EIO, ...) becomes a SaveError naming the file.
     """
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -307,14 +357,19 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:  # make the rename itself durable
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except Exception as e:
+        cause = os_error_behind(e)
+        if cause is None:
+            raise
+        raise SaveError(path, cause) from e
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_atomic(obj, path: str) -> None:
@@ -356,6 +411,9 @@ def load_checkpoint(path: str) -> dict:
             raise UserError(f'refusing to download {path} over plain http: use an https URL')
     elif not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path')
+    damage = checkpoint_damage(path)
+    if damage:
+        raise UserError(f'cannot read checkpoint {path}: {damage}')
     try:
         with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
             if is_url(path):
@@ -384,6 +442,21 @@ def with_plain_args(checkpoint, path: str):
     print(f'{path}: a checkpoint of the original facebookresearch/deit main.py (its args read as plain data)')
     args = {k: str(v) if isinstance(v, PurePath) else v for k, v in vars(checkpoint['args']).items()}
     return {**checkpoint, 'args': args}
+
+
+def checkpoint_damage(path: str) -> str:
+    """What makes ``path`` no checkpoint torch.load should read ('' if nothing): torch.load reads a zip
+    archive without checking its CRCs (a flipped bit loads silently), and reads any file as a pickle."""
+    try:
+        with open(path, 'rb') as f:
+            first = f.read(1)
+        if not zipfile.is_zipfile(path):  # legacy torch files and plain pickles start with PROTO (0x80)
+            return '' if first == b'\x80' else 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f'damaged archive ({e})'
+    return f'damaged: {bad} fails its CRC check (a corrupted or truncated copy)' if bad else ''
 
 
 def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:

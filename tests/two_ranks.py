@@ -1,0 +1,57 @@
+"""Run under torch.distributed.run (gloo, CPU) by test_hardening: what each rank sees, written as JSON.
+
+Usage: two_ranks.py SCENARIO OUT_DIR. Scenarios: ``nan`` (a non-finite loss on rank 1 only) and
+``signal`` (a stop signal received by rank 1 only).
+"""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
+from engine import LossScaler, NonFiniteLossError, train_one_epoch  # noqa: E402
+from losses import DistillationLoss  # noqa: E402
+
+
+def nan_on_rank_one(rank: int) -> str:
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(6)]
+    if rank == 1:
+        batches[2][0][0, 0] = float('inf')
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
+    try:
+        train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
+                        args=SimpleNamespace(print_freq=4, seed=0))
+    except NonFiniteLossError as e:
+        return str(e)
+    return 'finished'
+
+
+def signal_on_rank_one(rank: int) -> str:
+    signals = checkpoint.StopSignals()
+    checkpointer = checkpoint.Checkpointer('', payload=None, signals=signals)
+    try:
+        for step in range(1, 50):
+            if rank == 1 and step == 5:
+                signals.signum = signal.SIGTERM  # what the handler records
+            checkpointer.after_step(0, step, metrics=dict)
+    except checkpoint.TrainingInterrupted as stop:
+        return str(stop)
+    return 'finished'
+
+
+if __name__ == '__main__':
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group('gloo')
+    rank = dist.get_rank()
+    result = {'nan': nan_on_rank_one, 'signal': signal_on_rank_one}[scenario](rank)
+    (out / f'rank{rank}.json').write_text(json.dumps(result))
+    dist.destroy_process_group()
