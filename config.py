@@ -121,7 +121,8 @@ def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     # An --eval run into a training run's output_dir must not replace that run's args.yaml.
     if not args.output_dir or args.eval or not is_main_process():
         return
-    dests = {action.dest for action in _actions_by_key(parser).values()}
+    # --distributed is accepted but the environment decides it (init_distributed_mode): run state, not a setting
+    dests = {action.dest for action in _actions_by_key(parser).values()} - {'distributed'}
     plain = {k: _plain(v) for k, v in vars(args).items() if k in dests}
     source = f' (defaults from --config {args.config})' if getattr(args, 'config', '') else ''
     header = f'# The arguments of this run{source}; repeat it with --config this file.\n'

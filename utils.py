@@ -405,34 +405,50 @@ def load_checkpoint(path: str) -> dict:
     URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
     torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
+    local = path
     if is_url(path):
         url = urlparse(path)
         if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
             raise UserError(f'refusing to download {path} over plain http: use an https URL')
+        try:
+            local = download_once(path)
+        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
+            raise UserError(f'could not download {path}: {first_line(e)}') from None
     elif not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path')
-    damage = checkpoint_damage(path)
+    damage = checkpoint_damage(local)
     if damage:
         raise UserError(f'cannot read checkpoint {path}: {damage}')
     try:
         with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
-            if is_url(path):
-                checkpoint = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True,
-                                                                weights_only=True)
-            else:
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code
         found = re.search(r'GLOBAL [\w.]+', str(e))
         culprit = found.group(0) if found else 'an unsupported object'
         raise UserError(f'refusing to load {path}: it holds pickled code ({culprit}), not plain weights; '
                         're-save it as plain tensors') from None
-    except Exception as e:  # a failed download, a wrong hash prefix, a truncated zip, not a torch file, ...
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        failed = 'cannot read checkpoint'
-        if is_url(path):
-            failed = 'could not download' if isinstance(e, OSError) else 'could not load'
-        raise UserError(f'{failed} {path}: {first_line}') from None
+    except Exception as e:  # not a torch file, an unreadable record, ...
+        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
     return with_plain_args(checkpoint, path)
+
+
+def first_line(error: Exception) -> str:
+    """An exception's first line, or its type's name when it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def download_once(url: str) -> str:
+    """The torch.hub cache's copy of ``url``, downloaded on first use as torch.hub.load_state_dict_from_url
+    does (atomically, a ``name-<sha256 prefix>.pth`` file name hash-checked); the path, so that the
+    file is checked and loaded like a local one."""
+    name = os.path.basename(urlparse(url).path)
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    if not os.path.exists(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        prefix = torch.hub.HASH_REGEX.search(name)
+        torch.hub.download_url_to_file(url, cached, hash_prefix=prefix.group(1) if prefix else None, progress=False)
+    return cached
 
 
 def with_plain_args(checkpoint, path: str):
