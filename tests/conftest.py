@@ -1,6 +1,9 @@
+import functools
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,18 @@ def teacher_checkpoint(imagefolder, tmp_path_factory) -> Path:
     run_main('--data-path', imagefolder, '--model', 'regnety_002', '--epochs', '1', '--lr', '5e-3',
              '--no-model-ema', '--output_dir', out, *FAST)
     return out / 'checkpoint.pth'
+
+
+@pytest.fixture
+def weights_server(tmp_path, monkeypatch):
+    """A local http server over tmp_path/'served', and a fresh torch.hub cache."""
+    served = tmp_path / 'served'
+    served.mkdir()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()

@@ -21,7 +21,6 @@ from engine import LossScaler, train_one_epoch
 from imagefolder import make_imagefolder
 from losses import DistillationLoss
 from test_resilience import assert_same_tensors, popen_main, progress
-from utils import UserError
 
 # No per-batch randomness; EMA decay and clipping small enough that a miscounted update or a
 # gradient clipped per micro-batch shows.

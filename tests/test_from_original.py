@@ -2,14 +2,11 @@
 their --epochs, their logs. The original-format artifacts are built here the way its main.py builds them."""
 import argparse
 import datetime
-import functools
-import http.server
 import json
 import os
 import pickletools
 import re
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -87,20 +84,6 @@ def original_checkpoint(tmp_path_factory):
     return path, payload
 
 
-@pytest.fixture
-def served(tmp_path):
-    """A local http server over tmp_path/'served'."""
-    folder = tmp_path / 'served'
-    folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, f'http://127.0.0.1:{server.server_address[1]}'
-    server.shutdown()
-    server.server_close()
-
-
 def read_log(output_dir: Path) -> list:
     return [json.loads(line) for line in (output_dir / 'log.txt').read_text().splitlines()]
 
@@ -149,9 +132,9 @@ def printed_eval(stdout: str) -> str:
 
 
 def test_eval_of_an_original_checkpoint_by_url_prints_what_a_native_one_prints(
-        original_checkpoint, imagefolder, served, tmp_path):
+        original_checkpoint, imagefolder, weights_server, tmp_path):
     path, payload = original_checkpoint
-    folder, base = served
+    folder, base = weights_server
     (folder / 'original.pth').write_bytes(path.read_bytes())
     native = tmp_path / 'native.pth'
     torch.save({'model': payload['model']}, native)
@@ -198,10 +181,10 @@ def test_resume_run_of_an_original_checkpoint_continues_at_the_next_epoch(origin
 
 
 def test_finetune_and_teacher_from_original_checkpoints_at_another_input_size(
-        original_checkpoint, imagefolder, served, tmp_path):
+        original_checkpoint, imagefolder, weights_server, tmp_path):
     """--finetune of an original file at 48 px, distilling from a teacher in the original format by URL."""
     path, _ = original_checkpoint
-    folder, base = served
+    folder, base = weights_server
     torch.manual_seed(0)
     save_original_checkpoint(folder / 'teacher.pth', timm.create_model('regnety_002', num_classes=3), 2,
                              original_args(model='regnety_002'))

@@ -1,10 +1,7 @@
 """Curves as pictures, torch.hub entry points and safetensors export (issue 8, items 3-5)."""
-import functools
 import hashlib
-import http.server
 import json
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -117,21 +114,6 @@ def test_hub_load_builds_the_readme_model_with_kwargs():
     model = torch.hub.load(str(REPO), 'deit_tiny_distilled_patch16_224', source='local', pretrained=False,
                            num_classes=7)
     assert eval_logits(model, torch.randn(1, 3, 224, 224)).shape == (1, 7)
-
-
-@pytest.fixture
-def weights_server(tmp_path, monkeypatch):
-    """A local http server over tmp_path/'served', and a fresh torch.hub cache."""
-    served = tmp_path / 'served'
-    served.mkdir()
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f'http://127.0.0.1:{server.server_address[1]}'
-    server.shutdown()
-    server.server_close()
 
 
 def serve_checkpoint(served, name: str, state: dict, hash_prefix=None) -> str:

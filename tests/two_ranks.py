@@ -4,7 +4,6 @@ Usage: two_ranks.py SCENARIO OUT_DIR. Scenarios: ``nan`` (a non-finite loss on r
 ``signal`` (a stop signal received by rank 1 only).
 """
 import json
-import os
 import signal
 import sys
 from pathlib import Path
