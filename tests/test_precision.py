@@ -103,3 +103,14 @@ def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefo
     assert teacher == f"precision: teacher {match[1]} (the student's)"
     saved = yaml.safe_load((out / 'args.yaml').read_text())  # repeating the run repeats the precision
     assert (saved['amp'], saved['amp_dtype']) == ((True, 'bfloat16') if match[1] == 'bf16' else (False, None))
+
+
+def test_teacher_agreement_tool_compares_bf16_hard_labels_with_fp32_ones(imagefolder, teacher_checkpoint, capsys):
+    from tools import teacher_agreement
+    assert teacher_agreement.cli(['--data-path', str(imagefolder), '--teacher-model', 'regnety_002', '--teacher-path',
+                                  str(teacher_checkpoint), *FAST]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    match = re.fullmatch(r'regnety_002: bfloat16 hard labels equal the fp32 ones on ([\d.]+)% of 24 validation '
+                         r'images \(top-1: fp32 [\d.]+%, bfloat16 [\d.]+%\)', line)
+    assert match, line
+    assert 50 <= float(match[1]) <= 100  # a handful of near-ties may flip, not the teacher's answers
