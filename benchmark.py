@@ -12,8 +12,8 @@ same run (baseline and ours alternate within each repeat, so that a load change 
   eval   eager no_grad forward vs engine.evaluate (inference teacher-style, --compile when given).
   teacher the teacher's forward alone.
 
-Model figures are also shown as a fraction of this machine's fp32 matmul rate, measured in the same
-run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode (plus torch's attention formulas
+Model figures are also shown as a fraction of this machine's matmul rate in the precision each runs in
+(the baseline fp32, ours as main.py picks or --amp-dtype says), measured in the same run, with FLOPs counted by torch.utils.flop_counter.FlopCounterMode (plus torch's attention formulas
 for the CPU attention kernel, which it lacks).
 
   memory  the activation memory of one forward + backward, without and with --grad-checkpointing
@@ -21,7 +21,8 @@ for the CPU attention kernel, which it lacks).
          (not in the default sections: two model steps in subprocesses).
 
 --breakdown also prints where the time goes, and the best ratio that leaves: the stages of both
-train pipelines (ms per image) and the operator groups of the baseline's training step.
+train pipelines (ms per image) and the operator groups of our training step (eager, in its precision):
+GEMMs, attention, elementwise, dtype casts, the optimizer, and the rest (Python, autograd).
 """
 import argparse
 import collections
@@ -58,10 +59,11 @@ import main
 import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
 from datasets import RobustSamples, build_transform, collate_skipping
-from engine import LossScaler, amp_dtype_of, evaluate, train_one_epoch
+from engine import LossScaler, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
-from teacher import autocast_dtype as teacher_autocast_dtype, prepare_teacher
+from precision import Precision, dtype_flag, resolve_precision
+from teacher import prepare_teacher
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,9 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
                         choices=['data', 'train', 'distill', 'eval', 'teacher', 'memory'])
     parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
-    parser.add_argument('--amp-dtype', default='', choices=('', 'bfloat16', 'float16'),
-                        help='run ours under autocast in this dtype, as main.py --amp --amp-dtype does '
-                             '(mixed precision: not the same numbers; the baseline stays fp32)')
+    parser.add_argument('--amp-dtype', default='auto', choices=('auto', 'float32', 'bfloat16', 'float16'),
+                        help="ours in this precision: 'auto' as main.py picks by default here (precision.py), "
+                             'float32 as --no-amp, else as --amp-dtype (the baseline stays fp32)')
     parser.add_argument('--breakdown', action='store_true',
                         help='also time each stage of the train pipelines (with data) and profile the baseline '
                              'training step by operator group (with train), and print the best ratio each leaves')
@@ -106,23 +108,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def matmul_seconds(n: int = 2048) -> float:
-    """One fp32 n x n matmul (all of torch's threads), the operation a model step can at best run at."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_seconds(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """One n x n matmul in ``dtype`` (all of torch's threads), the operation a model step can at best run at."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     start = time.perf_counter()
     a @ b
     return time.perf_counter() - start
 
 
-def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int) -> Dict[str, float]:
+def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int,
+              ours_dtype: Optional[torch.dtype] = None) -> dict:
     """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs after a warm-up
-    round, and the matmul rate (GFLOP/s) measured between them, so that all three see the same load.
+    round, and the matmul rates (GFLOP/s) measured between them, so that all see the same load:
+    'gflops' by dtype name, fp32 and bf16 and the dtype ours autocasts to (``ours_dtype``).
 
     Ours runs with the allocator setting of main.py (speedups.keep_freed_memory), the baseline
     with glibc's default behaviour for large buffers.
     """
     runs = (('baseline', baseline, False), ('ours', ours, True))
-    times = {'baseline': [], 'ours': [], 'matmul': []}
+    dtypes = {torch.float32, torch.bfloat16, ours_dtype or torch.float32}
+    times = {'baseline': [], 'ours': [], **{dtype_name(d): [] for d in dtypes}}
     for repeat in range(repeats + 1):
         for name, fn, keep in runs:
             speedups.keep_freed_memory(keep)
@@ -130,10 +135,15 @@ def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: i
             fn()
             if repeat:  # the first round warms up (and compiles)
                 times[name].append(time.perf_counter() - start)
-        times['matmul'].append(matmul_seconds())
+        for dtype in dtypes:
+            times[dtype_name(dtype)].append(matmul_seconds(dtype=dtype))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    medians['gflops'] = 2 * 2048 ** 3 / medians.pop('matmul') / 1e9
+    medians['gflops'] = {dtype_name(d): 2 * 2048 ** 3 / medians.pop(dtype_name(d)) / 1e9 for d in dtypes}
     return medians
+
+
+def dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return dtype_flag(dtype) or 'float32'
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -310,11 +320,11 @@ def create(name: str, args) -> torch.nn.Module:
         return timm.create_model(name, num_classes=1000)
 
 
-def engine_args(amp_dtype: str = '') -> Namespace:
-    """What train_one_epoch reads from main.py's arguments: fp32 (or --amp-dtype), no mixup, progress
-    only at the ends."""
-    return Namespace(amp=bool(amp_dtype), amp_dtype=amp_dtype, bce_loss=False, print_freq=10 ** 6, seed=0,
-                     strict_data=False)
+def engine_args(amp_dtype: Optional[torch.dtype]) -> Namespace:
+    """What train_one_epoch reads from main.py's arguments: autocast to ``amp_dtype`` (None: fp32), no
+    mixup, progress only at the ends."""
+    return Namespace(amp=amp_dtype is not None, amp_dtype=dtype_flag(amp_dtype), bce_loss=False,
+                     print_freq=10 ** 6, seed=0, strict_data=False)
 
 
 def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
@@ -334,11 +344,12 @@ def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
     return run
 
 
-def project_step(model, optimizer, batches, teacher=None, amp_dtype: str = '') -> Callable[[], None]:
+def project_step(model, optimizer, batches, teacher=None,
+                 amp_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
     """Ours: engine.train_one_epoch, the loop main.py runs (its progress lines silenced)."""
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, 'hard' if teacher else 'none', 0.5, 1.0,
                                  distillation_token=False)
-    scaler = LossScaler(enabled=amp_dtype == 'float16', device_type='cpu')
+    scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type='cpu')
 
     def run():
         with contextlib.redirect_stdout(io.StringIO()):
@@ -372,8 +383,8 @@ def students(args):
 def teachers(args):
     base = create(args.teacher_model, args).eval().requires_grad_(False)
     cpu = torch.device('cpu')
-    amp_dtype = teacher_autocast_dtype(cpu) if args.amp_dtype else None  # as main.py's build_teacher
-    ours = prepare_teacher(create(args.teacher_model, args), cpu, compile=args.compile, amp_dtype=amp_dtype)
+    ours = prepare_teacher(create(args.teacher_model, args), cpu, compile=args.compile,
+                           amp_dtype=args.ours_dtype)  # the student's precision, as main.py's build_teacher
     return base, ours
 
 
@@ -390,12 +401,14 @@ def bench_models(args) -> List[dict]:
 
     if 'train' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches),
-                            project_step(our_model, our_opt, batches, amp_dtype=args.amp_dtype), args.repeats)
-        rows.append(row(f'train step: {args.model}', images, seconds, step_flops))
+                            project_step(our_model, our_opt, batches, amp_dtype=args.ours_dtype), args.repeats,
+                            args.ours_dtype)
+        rows.append(row(f'train step: {args.model}', images, seconds, step_flops, ours_dtype=args.ours_dtype))
     if 'distill' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
-                            project_step(our_model, our_opt, batches, our_teacher, args.amp_dtype), args.repeats)
-        rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops))
+                            project_step(our_model, our_opt, batches, our_teacher, args.ours_dtype), args.repeats,
+                            args.ours_dtype)
+        rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops, ours_dtype=args.ours_dtype))
     if 'eval' in args.sections:
         base_model.eval()
         eval_flops = count_flops(lambda: base_model(batches[0][0])) / args.batch_size
@@ -408,9 +421,9 @@ def bench_models(args) -> List[dict]:
 
         def project_eval():
             with contextlib.redirect_stdout(io.StringIO()):
-                evaluate(eval_batches, our_model, torch.device('cpu'), amp_dtype_of(engine_args(args.amp_dtype)))
-        seconds = time_pair(plain_eval, project_eval, args.repeats)
-        rows.append(row(f'eval: {args.model}', images, seconds, eval_flops))
+                evaluate(eval_batches, our_model, torch.device('cpu'), args.ours_dtype)
+        seconds = time_pair(plain_eval, project_eval, args.repeats, args.ours_dtype)
+        rows.append(row(f'eval: {args.model}', images, seconds, eval_flops, ours_dtype=args.ours_dtype))
     if 'teacher' in args.sections:
         def plain_teacher():
             with torch.no_grad():
@@ -420,8 +433,8 @@ def bench_models(args) -> List[dict]:
         def our_teacher_forward():
             for x, _, _ in batches:
                 our_teacher(x)
-        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats)
-        rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops))
+        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats, args.ours_dtype)
+        rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops, ours_dtype=args.ours_dtype))
     return rows
 
 
@@ -429,16 +442,22 @@ def bench_models(args) -> List[dict]:
 # embedding's convolution) and the attention kernel (itself two batched GEMMs and a softmax).
 GEMM_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_addmm_activation',
             'aten::convolution', 'aten::convolution_backward'}
+# What autocast adds: copies of weights and activations into the autocast dtype and back.
+CAST_OPS = {'aten::_to_copy', 'aten::to', 'aten::copy_'}
+STEP_GROUPS = ('matmul', 'attention', 'elementwise', 'casts', 'optimizer')
 
 
 def operator_group(name: str) -> str:
     if 'attention' in name:  # aten's fused attention kernels, forward and backward, on any device
         return 'attention'
-    return 'matmul' if name in GEMM_OPS else 'other'
+    if name in GEMM_OPS:
+        return 'matmul'
+    return 'casts' if name in CAST_OPS else 'elementwise'
 
 
 class OperatorTimer(TorchDispatchMode):
-    """Seconds spent in each operator group, forward and backward, while active.
+    """Seconds spent in each operator group, forward and backward, while active; every operator the
+    optimizer's step runs counts as 'optimizer' (``in_optimizer`` set by the optimizer's step hooks).
 
     A dispatch mode rather than torch.profiler: it sees the same aten operators, and kineto prints
     its own start/stop (and GPU-probe) lines on machines without a GPU.
@@ -447,21 +466,29 @@ class OperatorTimer(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seconds: Dict[str, float] = collections.defaultdict(float)
+        self.in_optimizer = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         start = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        self.seconds[operator_group(func.name())] += time.perf_counter() - start
+        group = 'optimizer' if self.in_optimizer else operator_group(func.name())
+        self.seconds[group] += time.perf_counter() - start
         return out
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(lambda *_: setattr(self, 'in_optimizer', True))
+        optimizer.register_step_post_hook(lambda *_: setattr(self, 'in_optimizer', False))
 
 
 def step_profile(args) -> Dict[str, Dict[str, float]]:
-    """Where the baseline training step's time goes: each operator group's share of the step ('other'
-    is the rest: elementwise operators, the optimizer, Python; the step timed without the timer) and
-    the GFLOP/s that the matmul and attention groups run at within it."""
+    """Where our training step's time goes (eager, in its precision): each operator group's share of the
+    profiled step ('other' is the rest: Python, autograd, dispatch), the GFLOP/s that the matmul and
+    attention groups run at within it, and the best speedup left if only they remained ('bound': the
+    step timed without the timer / their seconds)."""
     model = create(args.model, args)
-    step = plain_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05),
-                      synthetic_batches(args, 1))
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05,
+                                    **speedups.optimizer_kwargs(torch.device('cpu')))
+    step = project_step(model, optimizer, synthetic_batches(args, 1), amp_dtype=args.ours_dtype)
     step()  # warm-up
     walls = []
     for _ in range(args.repeats):
@@ -469,16 +496,19 @@ def step_profile(args) -> Dict[str, Dict[str, float]]:
         step()
         walls.append(time.perf_counter() - start)
     timer = OperatorTimer()
+    timer.watch(optimizer)
+    start = time.perf_counter()
     with timer:
         step()
+    profiled = time.perf_counter() - start  # timing each operator adds its own overhead to the step
     flops = collections.Counter()
     for op, count in flops_by_operator(step).items():
         flops[operator_group(op)] += count
-    wall = statistics.median(walls)
-    kept = ('matmul', 'attention')
-    shares = {group: timer.seconds[group] / wall for group in kept}
+    shares = {group: timer.seconds[group] / profiled for group in STEP_GROUPS}
+    seconds = {group: timer.seconds[group] for group in ('matmul', 'attention')}
     return {'share': {**shares, 'other': 1 - sum(shares.values())},
-            'gflops': {group: flops[group] / timer.seconds[group] / 1e9 for group in kept}}
+            'gflops': {group: flops[group] / seconds[group] / 1e9 for group in seconds},
+            'bound': statistics.median(walls) / sum(seconds.values()), 'dtype': dtype_name(args.ours_dtype)}
 
 
 def step_memory_probe(name: str, batch_size: int, input_size: int, checkpointing: bool) -> float:
@@ -533,26 +563,30 @@ def activation_memory(args) -> dict:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-def row(name: str, images: int, seconds: Dict[str, float], flops_per_image: float = 0.0,
-        unit: str = 'img/s') -> dict:
-    """One line of the table (from time_pair's medians); model lines also as a fraction of the matmul limit."""
+def row(name: str, images: int, seconds: dict, flops_per_image: float = 0.0, unit: str = 'img/s',
+        ours_dtype: Optional[torch.dtype] = None) -> dict:
+    """One line of the table (from time_pair's medians); model lines also as a fraction of the matmul limit
+    of the precision each side runs in (the baseline fp32, ours ``ours_dtype``)."""
     baseline, ours = images / seconds['baseline'], images / seconds['ours']
+    rates = seconds['gflops']
     entry = {'name': name, 'unit': unit, 'baseline': baseline, 'ours': ours, 'ratio': ours / baseline,
-             'matmul_gflops': seconds['gflops'], 'peak_rss_mib': peak_rss_mib()}
+             'matmul_gflops': rates['float32'], 'bf16_matmul_gflops': rates['bfloat16'],
+             'ours_dtype': dtype_name(ours_dtype), 'peak_rss_mib': peak_rss_mib()}
     if flops_per_image:
         entry['gflop_per_image'] = flops_per_image / 1e9
-        entry['baseline_of_limit'] = baseline * flops_per_image / 1e9 / seconds['gflops']
-        entry['ours_of_limit'] = ours * flops_per_image / 1e9 / seconds['gflops']
+        entry['baseline_of_limit'] = baseline * flops_per_image / 1e9 / rates['float32']
+        entry['ours_of_limit'] = ours * flops_per_image / 1e9 / rates[dtype_name(ours_dtype)]
     print(f'{name}: {baseline:.1f} -> {ours:.1f} {unit} ({ours / baseline:.2f}x)', file=sys.stderr, flush=True)
     return entry
 
 
 def format_table(rows: List[dict]) -> str:
     lines = [f'{"figure":<38} {"unit":>10} {"baseline":>8} {"ours":>8} {"ratio":>6} {"GFLOP/img":>9} '
-             f'{"matmul GFLOP/s":>14} {"base %lim":>9} {"ours %lim":>9} {"peak RSS":>9}']
+             f'{"fp32 mm":>8} {"bf16 mm":>8} {"base %lim":>9} {"ours %lim":>9} {"peak RSS":>9}']
     for r in rows:
-        limits = (f'{r["gflop_per_image"]:>9.2f} {r["matmul_gflops"]:>14.0f} {100 * r["baseline_of_limit"]:>8.0f}% '
-                  f'{100 * r["ours_of_limit"]:>8.0f}%' if 'gflop_per_image' in r else f'{"":>9} {"":>14} {"":>9} {"":>9}')
+        limits = (f'{r["gflop_per_image"]:>9.2f} {r["matmul_gflops"]:>8.0f} {r["bf16_matmul_gflops"]:>8.0f} '
+                  f'{100 * r["baseline_of_limit"]:>8.0f}% {100 * r["ours_of_limit"]:>8.0f}%'
+                  if 'gflop_per_image' in r else f'{"":>9} {"":>8} {"":>8} {"":>9} {"":>9}')
         lines.append(f'{r["name"]:<38} {r["unit"]:>10} {r["baseline"]:>8.1f} {r["ours"]:>8.1f} '
                      f'{r["ratio"]:>5.2f}x {limits} {r["peak_rss_mib"]:>5.0f} MiB')
     return '\n'.join(lines)
@@ -572,27 +606,33 @@ def format_breakdown(breakdown: dict, rows: List[dict], args) -> str:
         lines.append(f'  the fast path\'s JPEG decoding (libjpeg-turbo, as PIL\'s) alone takes {kept:.2f} ms: at most '
                      f'{stages["stock"]["total"] / kept:.2f}x the stock pipeline if everything else took no time')
     if 'train step' in breakdown:
-        shares, rates = breakdown['train step']['share'], breakdown['train step']['gflops']
+        profile = breakdown['train step']
+        shares, rates, dtype = profile['share'], profile['gflops'], profile['dtype']
+        # The best a step could do is to run its GEMMs and attention and nothing else ('bound'); and then
+        # to run the attention's FLOPs at the GEMMs' rate.
         kept = shares['matmul'] + shares['attention']
-        # The GEMMs already run near the matmul limit (the line says how near): the best a step could
-        # then do is to run the attention's FLOPs at the GEMMs' rate and nothing else.
-        floor = shares['matmul'] + shares['attention'] * rates['attention'] / rates['matmul']
+        floor = (shares['matmul'] + shares['attention'] * rates['attention'] / rates['matmul']) / kept
         train = next((r for r in rows if r['name'].startswith('train step')), None)
-        limit = f' and {100 * train["baseline_of_limit"] / kept:.0f}% of the matmul limit' if train else ''
-        gemm_rate = (f' ({100 * rates["matmul"] / train["matmul_gflops"]:.0f}% of the matmul limit)'
-                     if train else '')
-        lines.append(f'baseline training step by operator group (share of its time): matmul and convolution '
-                     f'{100 * shares["matmul"]:.0f}% at {rates["matmul"]:.0f} GFLOP/s{gemm_rate}, attention '
-                     f'{100 * shares["attention"]:.0f}% at {rates["attention"]:.0f} GFLOP/s, '
-                     f'other {100 * shares["other"]:.0f}%: removing all of the other work (what a compiler '
-                     f'fuses) would give at most {1 / kept:.2f}x{limit}; running the attention at the GEMMs\' '
-                     f'rate as well, at most {1 / floor:.2f}x')
+        limit_rate = train and (train['bf16_matmul_gflops'] if dtype == 'bfloat16' else train['matmul_gflops'])
+        limit = f' and {100 * train["ours_of_limit"] * profile["bound"]:.0f}% of the {dtype} matmul limit' if train else ''
+        gemm_rate = f' ({100 * rates["matmul"] / limit_rate:.0f}% of the {dtype} matmul limit)' if train else ''
+        lines.append(f'our training step (eager, {dtype}) by operator group (share of its time): matmul and '
+                     f'convolution {100 * shares["matmul"]:.0f}% at {rates["matmul"]:.0f} GFLOP/s{gemm_rate}, '
+                     f'attention {100 * shares["attention"]:.0f}% at {rates["attention"]:.0f} GFLOP/s, '
+                     f'elementwise {100 * shares["elementwise"]:.0f}%, casts and copies {100 * shares["casts"]:.0f}%, '
+                     f'optimizer {100 * shares["optimizer"]:.0f}%, other (Python, autograd) '
+                     f'{100 * shares["other"]:.0f}%: removing all but the GEMMs and attention (what a compiler '
+                     f'fuses) would give at most {profile["bound"]:.2f}x{limit}; running the attention at the '
+                     f'GEMMs\' rate as well, at most {profile["bound"] / floor:.2f}x')
     return '\n'.join(lines)
 
 
 def run(args) -> dict:
     if args.quick:
         apply_quick(args)
+    chosen = ours_precision(args.amp_dtype)
+    args.ours_dtype = chosen.dtype
+    print(f'ours in {chosen.name} ({chosen.reason})', file=sys.stderr, flush=True)
     rows, breakdown = [], {}
     if 'data' in args.sections:
         with tempfile.TemporaryDirectory(prefix='deit-bench-') as tmp:
@@ -605,10 +645,20 @@ def run(args) -> dict:
     if args.breakdown and 'train' in args.sections:
         breakdown['train step'] = step_profile(args)
     memory = activation_memory(args) if 'memory' in args.sections else None
-    limits = [r['matmul_gflops'] for r in rows if 'gflop_per_image' in r]
-    return {'memory': memory, 'matmul_gflops': statistics.median(limits) if limits else None, 'threads': torch.get_num_threads(),
-            'rows': rows, 'breakdown': breakdown, 'settings': {k: v for k, v in vars(args).items() if k != 'json'},
-            'peak_rss_mib': peak_rss_mib()}
+    model_rows = [r for r in rows if 'gflop_per_image' in r]
+    limits = {key: statistics.median(r[key] for r in model_rows) if model_rows else None
+              for key in ('matmul_gflops', 'bf16_matmul_gflops')}
+    settings = {k: v for k, v in vars(args).items() if k not in ('json', 'ours_dtype')}
+    return {'memory': memory, **limits, 'threads': torch.get_num_threads(), 'ours_dtype': dtype_name(chosen.dtype),
+            'rows': rows, 'breakdown': breakdown, 'settings': settings, 'peak_rss_mib': peak_rss_mib()}
+
+
+def ours_precision(amp_dtype: str) -> Precision:
+    """--amp-dtype: 'auto' is what main.py picks by default on this machine, float32 is --no-amp."""
+    cpu = torch.device('cpu')
+    if amp_dtype == 'auto':
+        return resolve_precision(None, None, cpu)
+    return resolve_precision(amp_dtype != 'float32', None if amp_dtype == 'float32' else amp_dtype, cpu)
 
 
 def cli(argv=None) -> int:
@@ -617,11 +667,13 @@ def cli(argv=None) -> int:
     if report['rows']:
         print(format_table(report['rows']))
     if report['matmul_gflops']:
-        print(f'fp32 matmul (2048^2, {report["threads"]} threads): {report["matmul_gflops"]:.0f} GFLOP/s, measured '
-              f'between the timed runs of each model line; %lim = achieved GFLOP/s / that rate')
+        print(f'matmul (2048^2, {report["threads"]} threads): fp32 {report["matmul_gflops"]:.0f} GFLOP/s, bf16 '
+              f'{report["bf16_matmul_gflops"]:.0f} GFLOP/s, measured between the timed runs of each model line; '
+              f'%lim = achieved GFLOP/s / the rate of the precision it runs in (baseline fp32, ours '
+              f'{report["ours_dtype"]})')
     print(f'settings: model {args.model}, teacher {args.teacher_model}, batch {args.batch_size}, '
           f'{args.input_size} px, {args.repeats} repeats x {args.steps} steps, compile {args.compile}, '
-          f'ours in {args.amp_dtype or "float32"}; '
+          f'ours in {report["ours_dtype"]}; '
           f'peak RSS {report["peak_rss_mib"]:.0f} MiB')
     if report['memory']:
         mib = report['memory']

@@ -41,8 +41,9 @@ import utils
 from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
+from precision import dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
-from teacher import autocast_dtype as teacher_autocast_dtype, prepare_teacher
+from teacher import prepare_teacher
 from utils import UserError, seed_everything
 
 
@@ -178,10 +179,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
     parser.set_defaults(pin_mem=True)
     parser.add_argument('--amp', action='store_true', default=None,
-                        help='(new) mixed precision; default: on for CUDA, off for CPU')
-    parser.add_argument('--no-amp', action='store_false', dest='amp')
-    parser.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'),
-                        help='(new) fp16 uses loss scaling, bf16 does not')
+                        help='(new) mixed precision; default: on where bf16 is native and faster (CUDA; a CPU '
+                             'where a start-up probe measures it), fp16 on a GPU without bf16')
+    parser.add_argument('--no-amp', action='store_false', dest='amp', help='(new) fp32 throughout')
+    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                        help='(new) autocast dtype (implies --amp); fp16 uses loss scaling, bf16 does not '
+                             '(default: bf16 where native, else fp16)')
     parser.add_argument('--print-freq', default=10, type=int, help='(new) steps between progress lines')
     parser.add_argument('--tensorboard', action='store_true', default=None,
                         help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
@@ -480,7 +483,7 @@ def train_attention_only(model: torch.nn.Module) -> None:
 
 def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch.nn.Module]:
     """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
-    inference-only module (teacher.py: BatchNorm folded, channels_last, autocast on CUDA)."""
+    inference-only module (teacher.py: BatchNorm folded, channels_last) in the student's precision."""
     if args.distillation_type == 'none':
         return None
     print(f'Creating teacher model: {args.teacher_model}')
@@ -488,8 +491,7 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
     state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
     utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                              f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    amp_dtype = teacher_autocast_dtype(device) if args.amp else None
-    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype_of(args))
 
 
 def optimizer_name(opt: str) -> str:
@@ -675,6 +677,20 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+def choose_precision(args) -> None:
+    """Settle --amp / --amp-dtype (precision.py: explicit flags, else what this device runs fastest) and
+    say so in the run's first lines. Under DDP every rank takes rank 0's choice: a CPU probe could differ."""
+    chosen = resolve_precision(args.amp, args.amp_dtype, args.device)
+    if args.distributed:
+        shared = [chosen]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen = shared[0]
+    args.amp, args.amp_dtype = chosen.dtype is not None, dtype_flag(chosen.dtype)
+    print(f'precision: student {chosen.name} ({chosen.reason})')
+    if args.distillation_type != 'none':
+        print(f'precision: teacher {chosen.name} (the student\'s)')
+
+
 def main(args) -> None:
     signals = checkpoint.StopSignals()
     signals.install()  # first: a stop signal while starting ends the run at once, with its line
@@ -690,8 +706,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     args.device = utils.resolve_device(args.device)
     utils.init_distributed_mode(args)
     device = args.device
-    if args.amp is None:
-        args.amp = device.type == 'cuda'
+    choose_precision(args)
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     amp_dtype = amp_dtype_of(args)

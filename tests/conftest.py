@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagefolder import make_imagefolder  # noqa: E402
 import models  # noqa: E402,F401  (registers our students in timm, as main.py does)
 
-# Flags that make a run take seconds on 2 CPU cores.
+# Flags that make a run take seconds on 2 CPU cores. fp32 (--no-amp): the default precision depends on
+# the CPU (precision.py), and tests that compare numbers must not.
 FAST = ['--input-size', '32', '--batch-size', '12', '--num_workers', '0', '--warmup-epochs', '0',
-        '--cooldown-epochs', '0', '--print-freq', '100', '--device', 'cpu']
+        '--cooldown-epochs', '0', '--print-freq', '100', '--device', 'cpu', '--no-amp']
 
 
 def run_main(*args, launcher=(sys.executable, 'main.py'), timeout=300, check=True, env=None):

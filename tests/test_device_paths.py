@@ -82,15 +82,6 @@ def test_a_cpu_ema_is_evaluated_on_the_training_device_and_returns_to_the_cpu():
     ema.update(model)  # still an EMA on its own device
 
 
-def test_the_teacher_runs_fp16_where_bf16_would_only_be_emulated(monkeypatch):
-    from teacher import autocast_dtype
-    volta = lambda including_emulation=True: including_emulation  # noqa: E731  (torch's answer on a V100)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', volta)
-    assert autocast_dtype(torch.device('cuda')) == torch.float16
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # A100, H100
-    assert autocast_dtype(torch.device('cuda')) == torch.bfloat16
-
-
 def test_tf32_is_on_for_cuda_unless_no_tf32_and_the_cpu_is_untouched():
     from main import get_args_parser, set_fp32_precision
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32

@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from conftest import FAST, REPO, run_main
 from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, preserved_rng, seed_rng
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
-from teacher import autocast_dtype as teacher_autocast_dtype, fold_batchnorm, prepare_teacher
+from teacher import fold_batchnorm, prepare_teacher
 
 
 def parse(*argv):
@@ -319,20 +320,14 @@ def test_teacher_logits_equal_the_eager_teacher():
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-def test_amp_teacher_on_a_cpu_runs_in_bf16_close_to_fp32(monkeypatch):
-    """--amp on a CPU with bf16 kernels: the teacher runs in bf16, its fp32 logits near the fp32 teacher's."""
+def test_a_bf16_teacher_on_a_cpu_gives_fp32_logits_close_to_the_fp32_teachers():
     cpu = torch.device('cpu')
-    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
-    assert teacher_autocast_dtype(cpu) is None  # no bf16 kernels: an emulated bf16 would be slower
-    monkeypatch.undo()
-    if teacher_autocast_dtype(cpu) is None:
-        pytest.skip('this CPU has no bf16 kernels (oneDNN): the bf16 teacher path cannot run here')
     torch.manual_seed(0)
     eager = random_batchnorm(timm.create_model('regnety_002', num_classes=10))
     images = torch.randn(8, 3, 64, 64)
     with torch.no_grad():
         expected = eager(images)
-    fast = prepare_teacher(copy.deepcopy(eager), cpu, amp_dtype=teacher_autocast_dtype(cpu))
+    fast = prepare_teacher(copy.deepcopy(eager), cpu, amp_dtype=torch.bfloat16)
     calls = []
     fast.model.register_forward_hook(lambda module, args, out: calls.append(out.dtype))
     got = fast(images)
@@ -393,17 +388,22 @@ def test_compile_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().out.count('\n') == 1
 
 
-def test_benchmark_quick_writes_the_table_the_breakdown_and_json(tmp_path):
+def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path):
     out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--breakdown', '--json', str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--breakdown', '--amp-dtype', 'bfloat16',
+                           '--json', str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     names = [r['name'] for r in report['rows']]
     assert [n.split(':')[0] for n in names] == ['data', 'data', 'train step', 'distill step', 'eval',
                                                 'teacher forward']
     assert report['matmul_gflops'] > 0 and all(r['ratio'] > 0 and r['peak_rss_mib'] > 0 for r in report['rows'])
-    assert 'ratio' in proc.stdout and 'fp32 matmul (2048^2' in proc.stdout
+    assert report['bf16_matmul_gflops'] > 0 and report['ours_dtype'] == 'bfloat16'
+    train = report['rows'][2]  # ours against the bf16 rate, the fp32 baseline against the fp32 one
+    assert train['ours_of_limit'] == pytest.approx(train['ours'] * train['gflop_per_image'] / train['bf16_matmul_gflops'])
+    assert train['baseline_of_limit'] == pytest.approx(train['baseline'] * train['gflop_per_image'] /
+                                                       train['matmul_gflops'])
+    assert 'ratio' in proc.stdout and re.search(r'matmul \(2048\^2, \d threads\): fp32 \d+ GFLOP/s, bf16 \d+', proc.stdout)
 
     # Every stage was reached where the pipeline calls it, and the stages (disjoint calls) fit in the pass.
     stages = report['breakdown']['train pipeline']
@@ -415,7 +415,8 @@ def test_benchmark_quick_writes_the_table_the_breakdown_and_json(tmp_path):
         assert all(value > 0 for value in ms.values())
         assert sum(ms.values()) == pytest.approx(2 * ms['total'])
     step = report['breakdown']['train step']
-    assert step['share']['matmul'] > 0 and step['share']['attention'] > 0
+    assert step['dtype'] == 'bfloat16'
+    assert all(step['share'][group] > 0 for group in ('matmul', 'attention', 'elementwise', 'casts', 'optimizer'))
     assert sum(step['share'].values()) == pytest.approx(1)
     assert step['gflops']['matmul'] > 0 and step['gflops']['attention'] > 0
     assert proc.stdout.count('at most') == 3

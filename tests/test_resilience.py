@@ -46,8 +46,10 @@ def assert_same_tensors(a, b, where=''):
             assert_same_tensors(x, y, f'{where}[{i}]')
 
 
-def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(imagefolder, tmp_path):
-    common = ['--data-path', imagefolder, *TINY, '--epochs', '3', '--deterministic', '--save-interval-steps', '1']
+@pytest.mark.parametrize('precision', [[], ['--amp', '--amp-dtype', 'bfloat16']], ids=['fp32', 'bf16'])
+def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(imagefolder, tmp_path, precision):
+    common = ['--data-path', imagefolder, *TINY, *precision, '--epochs', '3', '--deterministic',
+              '--save-interval-steps', '1']
     reference = tmp_path / 'reference'
     run_main(*common, '--output_dir', reference)
 
@@ -65,6 +67,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
         proc.communicate(timeout=60)
     final = run_main(*common, '--output_dir', run, '--resume', 'auto')
     assert re.search(r'Continuing at epoch \d step \d', final.stdout)
+    assert f'precision: student {"bf16" if precision else "fp32"}' in final.stdout
 
     ours = torch.load(run / 'checkpoint.pth', weights_only=True)
     ref = torch.load(reference / 'checkpoint.pth', weights_only=True)

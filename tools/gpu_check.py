@@ -350,7 +350,7 @@ def bench_config(precision: str, compiled: bool, tf32: bool, steps: int = 30, wa
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0, distillation_token=False)
     batch = (torch.randn(BENCH_BATCH, 3, 224, 224, device=device),
              torch.randint(0, 1000, (BENCH_BATCH,), device=device))
-    args = engine_args(precision if amp else '')
+    args = engine_args(getattr(torch, precision) if amp else None)
     with contextlib.redirect_stdout(io.StringIO()):
         train_one_epoch(model, criterion, [batch] * warmup, optimizer, device, 0, scaler, args=args)
         torch.cuda.synchronize()

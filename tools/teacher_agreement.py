@@ -1,0 +1,52 @@
+"""How often the teacher's hard labels in mixed precision equal its fp32 ones on the validation split.
+
+    python -m tools.teacher_agreement --data-path DATA --teacher-model regnety_160 --teacher-path T.pth \
+        --amp-dtype bfloat16 --device cpu
+
+The teacher is built as main.py builds it (BatchNorm folded, channels_last), once in fp32 and once
+under autocast in --amp-dtype; both label every validation image (main.py's eval transform), and
+the line printed is the share of images on which the two argmaxes agree, with each one's top-1.
+"""
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+import main
+import utils
+from datasets import build_dataset
+
+
+@torch.inference_mode()
+def hard_labels(teacher: torch.nn.Module, loader, device: torch.device) -> torch.Tensor:
+    return torch.cat([teacher(images.to(device)).argmax(dim=1).cpu() for images, _ in loader])
+
+
+def cli(argv=None) -> int:
+    parser = main.get_args_parser()
+    parser.prog, parser.description = 'python -m tools.teacher_agreement', __doc__
+    args = parser.parse_args(argv)
+    args.device = utils.resolve_device(args.device)
+    if args.distillation_type == 'none':
+        args.distillation_type = 'hard'  # only so that build_teacher builds one
+    dataset, nb_classes = build_dataset(False, args)
+    targets = torch.tensor([target for _, target in dataset.samples])
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers or 0)
+    labels = {}
+    for amp in (False, True):
+        args.amp = amp
+        args.amp_dtype = args.amp_dtype or 'bfloat16'
+        labels[amp] = hard_labels(main.build_teacher(args, nb_classes, args.device), loader, args.device)
+    agree = labels[True].eq(labels[False]).float().mean().item()
+    top1 = {amp: 100 * labels[amp].eq(targets).float().mean().item() for amp in labels}
+    print(f'{args.teacher_model}: {args.amp_dtype} hard labels equal the fp32 ones on {100 * agree:.2f}% of '
+          f'{len(targets)} validation images (top-1: fp32 {top1[False]:.2f}%, {args.amp_dtype} {top1[True]:.2f}%)')
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(cli())
+    except utils.UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
