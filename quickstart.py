@@ -40,20 +40,21 @@ def stages(output: Path, extra: List[str]) -> List[Stage]:
             Stage('plain', 'DeiT student, no distillation', student)]
 
 
-def run_stage(stage: Stage, output: Path, threads: int) -> dict:
-    """Run main.py for one stage, printing one progress line per epoch; returns its last log line."""
-    out = output / stage.name
+def run_stage(stage: Stage, out: Path, threads: int, progress: bool = True) -> dict:
+    """Run main.py for one stage into ``out``, printing one progress line per epoch (``progress``)
+    or none; returns its last log line and the seconds it took."""
     out.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(REPO / 'main.py'), *stage.argv, '--output_dir', str(out)]
     # A fixed thread count: the same numbers on every run on the same machine.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
-    print(f'\n== {stage.name}: {stage.what}\n   {" ".join(argv[1:])}', flush=True)
+    if progress:
+        print(f'\n== {stage.name}: {stage.what}\n   {" ".join(argv[1:])}', flush=True)
     start, epoch, lines = time.time(), 0, []
     with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith('Accuracy of the network'):
+            if progress and line.startswith('Accuracy of the network'):
                 print(f'   [{stage.name}] epoch {epoch:2d}  {time.time() - start:4.0f} s  '
                       f'top-1 {line.split(":", 1)[1].strip()}', flush=True)
                 epoch += 1
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     output = Path(args.output)
 
     start = time.time()
-    results = [(stage, run_stage(stage, output, args.threads)) for stage in stages(output, extra)]
+    results = [(stage, run_stage(stage, output / stage.name, args.threads)) for stage in stages(output, extra)]
     print(f'\nTop-1 on the DIGITS validation split (360 images); {time.time() - start:.0f} s in all.\n')
     print(format_table(results))
     return 0
