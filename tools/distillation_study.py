@@ -2,7 +2,7 @@
 
     python -m tools.distillation_study        # ~45 min on 2 idle cores; runs in output/distillation-study/
 
-Stage 1 searches four settings (few labelled images, longer training, the teacher's augmentation)
+Stage 1 searches three settings (100 or 300 labelled images, the teacher's augmentation)
 with seeds 0-2: per seed a teacher, the plain student and the DeiT⚗ student (distillation token).
 Stage 2 takes the setting with the largest z to fresh seeds 10-14 with every student of the
 paper's Table 3, applies the decision rule (DeiT⚗ beats plain by more than 2 standard errors of
@@ -24,6 +24,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from quickstart import CONFIGS, REPO, Stage, run_stage
 
+# C, longer training, is in the pre-registered grid but not in the default search: see the protocol's
+# amendment in docs/distillation-study.md (run it with --settings A,B,C,D).
+SEARCH = ('A', 'B', 'D')
 SEARCH_SEEDS = (0, 1, 2)
 CONFIRM_SEEDS = (10, 11, 12, 13, 14)
 
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument('--output', default=str(REPO / 'output' / 'distillation-study'))
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time')
     parser.add_argument('--threads', type=int, default=1, help='CPU threads of each run (OMP_NUM_THREADS)')
-    parser.add_argument('--settings', default=','.join(SETTINGS), help='stage 1 settings, comma-separated')
+    parser.add_argument('--settings', default=','.join(SEARCH), help='stage 1 settings, comma-separated')
     parser.add_argument('--search-seeds', type=seed_list, default=list(SEARCH_SEEDS))
     parser.add_argument('--confirm-seeds', type=seed_list, default=list(CONFIRM_SEEDS))
     args, extra = parser.parse_known_args(argv)
