@@ -7,7 +7,8 @@ main.py and the configs of configs/quickstart/:
 2. a DeiT student that learns from the teacher through its distillation token (hard distillation);
 3. the same student, with the same budget, without distillation;
 
-then prints their top-1 accuracies on the DIGITS validation split. Every run is seeded, and the
+then prints their top-1 accuracies on the DIGITS validation split, and the decision of the
+pre-registered distillation study (docs/distillation-study.md). Every run is seeded, and the
 outputs (checkpoints, log.txt, args.yaml, the full console output) go to output/quickstart/.
 """
 import argparse
@@ -21,6 +22,7 @@ from typing import List, NamedTuple, Tuple
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = REPO / 'configs' / 'quickstart'
+STUDY = REPO / 'docs' / 'distillation-study.md'
 
 
 class Stage(NamedTuple):
@@ -79,7 +81,14 @@ def main(argv=None) -> int:
     results = [(stage, run_stage(stage, output / stage.name, args.threads)) for stage in stages(output, extra)]
     print(f'\nTop-1 on the DIGITS validation split (360 images); {time.time() - start:.0f} s in all.\n')
     print(format_table(results))
+    print(f'\nThe distillation study (python -m tools.distillation_study): {study_decision()}')
     return 0
+
+
+def study_decision() -> str:
+    """The distillation study's decision, as docs/distillation-study.md records it."""
+    decision = next(line for line in STUDY.read_text().splitlines() if line.startswith('Decision: '))
+    return f'{decision[len("Decision: "):]} See {STUDY.relative_to(REPO)}.'
 
 
 def format_table(results: List[Tuple[Stage, dict]]) -> str:
