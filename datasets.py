@@ -7,7 +7,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loa
 from utils import UserError
 
 # `--data-set` names; CIFAR stays the original's alias of CIFAR-100.
-DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS')
+# DIGITS-N: N labelled training images of DIGITS (the same validation split), the small-data regime
+# of docs/distillation-study.md.
+DIGITS_SUBSETS = {'DIGITS-100': 100, 'DIGITS-300': 300}
+DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 
@@ -84,19 +87,23 @@ class DigitsDataset(Dataset):
     """scikit-learn's handwritten digits: 1,797 grey 8x8 images of 0-9, shipped inside its package.
 
     A fixed stratified split (20% for val, seed 0; the same on every machine and run) gives 1,437
-    train and 360 val images. The images are PIL RGB, upscaled bicubically to ``size`` so that
-    the usual transforms (crops, RandAugment, erasing) act at the model's input size.
+    train and 360 val images; ``train_images`` keeps a fixed stratified subset of the train split.
+    The images are PIL RGB, upscaled bicubically to ``size`` so that the usual transforms (crops,
+    RandAugment, erasing) act at the model's input size.
     """
     VAL_FRACTION = 0.2
     SPLIT_SEED = 0
 
-    def __init__(self, train: bool = True, size: int = 8, transform=None):
+    def __init__(self, train: bool = True, size: int = 8, transform=None, train_images: Optional[int] = None):
         from sklearn.datasets import load_digits  # imported here: only DIGITS needs scikit-learn
         from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=self.VAL_FRACTION,
                                               stratify=digits.target, random_state=self.SPLIT_SEED)
+        if train_images is not None:
+            train_idx, _ = train_test_split(train_idx, train_size=train_images, stratify=digits.target[train_idx],
+                                            random_state=self.SPLIT_SEED)
         indices = np.sort(train_idx if train else val_idx)
         grey = np.rint(digits.images[indices] * (255 / 16)).astype(np.uint8)  # 0-16 -> 0-255
         self.images = [self._to_rgb(pixels, size) for pixels in grey]
@@ -265,8 +272,9 @@ def build_dataset(is_train: bool, args) -> Tuple[object, int]:
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f'cannot read the iNaturalist {year} annotations under {args.data_path}: {e}') from None
         nb_classes = dataset.nb_classes
-    elif args.data_set == 'DIGITS':  # embedded: --data-path is not read
-        dataset, nb_classes = DigitsDataset(is_train, args.input_size, transform), 10
+    elif args.data_set == 'DIGITS' or args.data_set in DIGITS_SUBSETS:  # embedded: --data-path is not read
+        dataset = DigitsDataset(is_train, args.input_size, transform, DIGITS_SUBSETS.get(args.data_set))
+        nb_classes = 10
     else:
         raise UserError(f'unknown --data-set {args.data_set}: choose one of {", ".join(DATA_SETS)}')
 
@@ -347,7 +355,7 @@ def build_train_transform(args):
         input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
         auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
         interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, hflip=0.0 if args.data_set == 'DIGITS' else 0.5)
+        re_count=args.recount, hflip=0.0 if args.data_set.startswith('DIGITS') else 0.5)
     if args.input_size <= 32:
         padding = max(1, args.input_size // 8)
         transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=padding, pad_if_needed=True)

@@ -7,7 +7,8 @@ main.py and the configs of configs/quickstart/:
 2. a DeiT student that learns from the teacher through its distillation token (hard distillation);
 3. the same student, with the same budget, without distillation;
 
-then prints their top-1 accuracies on the DIGITS validation split. Every run is seeded, and the
+then prints their top-1 accuracies on the DIGITS validation split, and the decision of the
+pre-registered distillation study (docs/distillation-study.md). Every run is seeded, and the
 outputs (checkpoints, log.txt, args.yaml, the full console output) go to output/quickstart/.
 """
 import argparse
@@ -21,6 +22,7 @@ from typing import List, NamedTuple, Tuple
 
 REPO = Path(__file__).resolve().parent
 CONFIGS = REPO / 'configs' / 'quickstart'
+STUDY = REPO / 'docs' / 'distillation-study.md'
 
 
 class Stage(NamedTuple):
@@ -40,20 +42,21 @@ def stages(output: Path, extra: List[str]) -> List[Stage]:
             Stage('plain', 'DeiT student, no distillation', student)]
 
 
-def run_stage(stage: Stage, output: Path, threads: int) -> dict:
-    """Run main.py for one stage, printing one progress line per epoch; returns its last log line."""
-    out = output / stage.name
+def run_stage(stage: Stage, out: Path, threads: int, progress: bool = True) -> dict:
+    """Run main.py for one stage into ``out``, printing one progress line per epoch (``progress``)
+    or none; returns its last log line and the seconds it took."""
     out.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, str(REPO / 'main.py'), *stage.argv, '--output_dir', str(out)]
     # A fixed thread count: the same numbers on every run on the same machine.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
-    print(f'\n== {stage.name}: {stage.what}\n   {" ".join(argv[1:])}', flush=True)
+    if progress:
+        print(f'\n== {stage.name}: {stage.what}\n   {" ".join(argv[1:])}', flush=True)
     start, epoch, lines = time.time(), 0, []
     with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith('Accuracy of the network'):
+            if progress and line.startswith('Accuracy of the network'):
                 print(f'   [{stage.name}] epoch {epoch:2d}  {time.time() - start:4.0f} s  '
                       f'top-1 {line.split(":", 1)[1].strip()}', flush=True)
                 epoch += 1
@@ -75,10 +78,17 @@ def main(argv=None) -> int:
     output = Path(args.output)
 
     start = time.time()
-    results = [(stage, run_stage(stage, output, args.threads)) for stage in stages(output, extra)]
+    results = [(stage, run_stage(stage, output / stage.name, args.threads)) for stage in stages(output, extra)]
     print(f'\nTop-1 on the DIGITS validation split (360 images); {time.time() - start:.0f} s in all.\n')
     print(format_table(results))
+    print(f'\nThe distillation study (python -m tools.distillation_study): {study_decision()}')
     return 0
+
+
+def study_decision() -> str:
+    """The distillation study's decision, as docs/distillation-study.md records it."""
+    decision = next(line for line in STUDY.read_text().splitlines() if line.startswith('Decision: '))
+    return f'{decision[len("Decision: "):]} See {STUDY.relative_to(REPO)}.'
 
 
 def format_table(results: List[Tuple[Stage, dict]]) -> str:

@@ -167,6 +167,15 @@ def test_digits_is_embedded_with_a_fixed_stratified_split(tmp_path):
     assert image.shape == (3, 16, 16) and 0 <= target < 10
 
 
+def test_digits_100_keeps_ten_training_images_per_class_and_the_same_val_split(tmp_path):
+    args = parse('--data-set', 'DIGITS-100', '--input-size', 16, '--data-path', tmp_path / 'absent')
+    (train, nb_classes), (val, _) = build_dataset(True, args), build_dataset(False, args)
+    assert nb_classes == 10 and Counter(train.targets) == {digit: 10 for digit in range(10)}
+    assert set(train.indices) < set(DigitsDataset(True).indices) and val.indices == DigitsDataset(False).indices
+    assert DigitsDataset(True, train_images=100).indices == train.indices  # fixed: the same on every run
+    assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in build_transform(True, args).transforms)
+
+
 def test_digits_images_are_the_scikit_learn_pixels_as_rgb():
     from sklearn.datasets import load_digits
     raw = DigitsDataset(True)  # size 8: no resampling

@@ -26,7 +26,8 @@ def test_teacher_then_distilled_and_plain_students_and_a_table(quickstart):
     assert stdout.index('== teacher') < stdout.index('== distilled') < stdout.index('== plain')
     assert '[plain] epoch  0' in stdout  # one progress line per epoch
     table = stdout[stdout.index('| run |'):].splitlines()
-    assert [row.split('|')[1].split(':')[0].strip() for row in table[2:]] == ['teacher', 'distilled', 'plain']
+    assert [row.split('|')[1].split(':')[0].strip() for row in table[2:5]] == ['teacher', 'distilled', 'plain']
+    assert 'The distillation study (python -m tools.distillation_study): DeiT⚗ (both heads) - plain: ' in stdout
 
     teacher, distilled, plain = (read_args(out / run / 'args.yaml') for run in ('teacher', 'distilled', 'plain'))
     assert teacher['model'] == 'regnety_tiny_os8' and teacher['data_set'] == 'DIGITS'
@@ -57,3 +58,63 @@ def test_a_bad_flag_stops_it_with_main_pys_error_line(tmp_path):
     first, second = proc.stderr.strip().splitlines()
     assert first.endswith("error: argument --epochs: invalid int value: 'x'")
     assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in proc.stderr
+
+
+# The distillation study (tools/distillation_study.py): its statistics from known values, its plan,
+# and its machinery end to end at toy scale (one setting, one seed, one epoch).
+
+def test_study_statistics_from_known_values():
+    from tools.distillation_study import difference, helps, mean_std, verdict
+
+    assert mean_std([90.0, 92.0, 94.0]) == (92.0, 2.0)  # sample std (n - 1)
+    diff, se, z = difference([90.0, 92.0, 94.0], [88.0, 88.0, 91.0])  # std 2 and sqrt(3)
+    assert diff == pytest.approx(3.0) and se == pytest.approx((4 / 3 + 3 / 3) ** 0.5)
+    assert z == pytest.approx(3.0 / (7 / 3) ** 0.5) and z < 2 and not helps(diff, se)
+    assert helps(*difference([95.0, 96.0, 97.0], [90.0, 91.0, 92.0])[:2])  # 5 points, SE 0.82
+    assert verdict(3.0, 1.4, '>') == 'holds' and verdict(-3.0, 1.4, '>') == 'reversed'
+    assert verdict(2.0, 1.4, '>').startswith('unresolved') and verdict(2.0, 1.4, '=').startswith('holds')
+    assert verdict(3.0, 1.4, '=').startswith('does not hold') and mean_std([1.0])[1] != mean_std([1.0])[1]  # NaN
+
+
+def test_study_plan_shares_plain_runs_and_gives_each_student_its_seeds_teacher(tmp_path):
+    from tools.distillation_study import plan
+
+    runs = plan(tmp_path, ['A', 'D'], ['plain', 'deit'], [0, 1], [])
+    names = [str(run.out.relative_to(tmp_path)) for run in runs]
+    assert names[:4] == ['A/seed0/teacher', 'A/seed1/teacher', 'D/seed0/teacher', 'D/seed1/teacher']
+    assert sorted(names[4:]) == ['A/seed0/deit', 'A/seed0/plain', 'A/seed1/deit', 'A/seed1/plain',
+                                 'D/seed0/deit', 'D/seed1/deit']  # D's plain students are A's: the same command
+    deit = next(run for run in runs if str(run.out.relative_to(tmp_path)) == 'D/seed1/deit')
+    assert deit.teacher == tmp_path / 'D' / 'seed1' / 'teacher'
+    assert str(deit.teacher / 'checkpoint.pth') in deit.stage.argv and '--mixup' not in deit.stage.argv
+
+
+def test_study_runs_both_stages_and_prints_table3_in_the_papers_order(tmp_path, capsys):
+    from tools import distillation_study as study
+
+    toy = ['--output', str(tmp_path), '--settings', 'A', '--search-seeds', '0', '--confirm-seeds', '0',
+           '--epochs', '1', '--warmup-epochs', '0', '--batch-size', '96']
+    assert study.main(toy) == 0
+    printed = capsys.readouterr().out
+    search = printed[printed.index('| setting |'):].splitlines()
+    assert search[2].startswith('| A: 100 labels') and 'Chosen for stage 2 (largest z): A' in printed
+    table = printed[printed.index('| Table 3 row |'):].splitlines()
+    assert [row.split(' | ')[0][2:] for row in table[2:9]] == [row.paper for row in study.TABLE3]
+    assert table[2].endswith('| 72.2 | 81.8 |') and table[7].endswith('| 74.5 | 83.4 |')
+    assert printed.count(' points, SE ') == len(study.ORDERINGS) and 'Decision: DeiT⚗ (both heads) - plain' in printed
+    assert '5 runs;' in printed  # stage 2 reused stage 1's teacher, plain and DeiT⚗ of the same seed
+    assert (tmp_path / 'results.md').read_text().startswith('## Stage 1')
+
+    args = {run: read_args(tmp_path / 'A' / 'seed0' / run / 'args.yaml') for run in study.CONFIRM_VARIANTS}
+    assert args['plain']['data_set'] == 'DIGITS-100' and args['plain']['batch_size'] == 96  # extra flags last
+    assert read_args(tmp_path / 'A' / 'seed0' / 'teacher' / 'args.yaml')['model'] == 'regnety_tiny_os8'
+    assert (args['soft']['distillation_type'], args['soft']['distillation_tau'], args['soft']['distillation_alpha'],
+            args['soft']['distillation_token']) == ('soft', 3.0, 0.1, False)
+    assert (args['deit']['model'], args['deit']['distillation_token']) == ('deit_micro_distilled_patch4_16', True)
+    budget = {'epochs', 'batch_size', 'lr', 'seed', 'data_set', 'mixup', 'smoothing', 'warmup_epochs'}
+    assert all(args[run][k] == args['plain'][k] for run in args for k in budget)  # the same budget
+
+    consoles = {path: path.stat().st_mtime_ns for path in tmp_path.glob('A/seed0/*/console.txt')}
+    assert study.main(toy) == 0  # done runs are read back, not rerun
+    assert capsys.readouterr().out.count('A/seed0/') == 8  # 3 runs of stage 1, 5 of stage 2
+    assert consoles == {path: path.stat().st_mtime_ns for path in tmp_path.glob('A/seed0/*/console.txt')}
