@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,6 +30,15 @@ def run_main(*args, launcher=(sys.executable, 'main.py'), timeout=300, check=Tru
     if check and proc.returncode != 0:
         raise AssertionError(f'exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}')
     return proc
+
+
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """Small models on busy shared cores: a second intra-op thread mostly waits (model init was 20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

@@ -28,12 +28,7 @@ CUDA_SCALER_STATE = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.
                      '_growth_tracker': 7}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def original_args(**values) -> argparse.Namespace:

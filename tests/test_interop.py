@@ -19,13 +19,7 @@ from tools import plot
 MODEL = 'deit_tiny_distilled_patch4_32'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_torch_thread():
-    """Small models on busy shared cores: a second intra-op thread mostly waits (model init was 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')

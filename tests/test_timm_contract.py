@@ -17,7 +17,8 @@ from timm.models._registry import _model_entrypoints
 from torchvision.models.feature_extraction import NodePathTracer
 
 import models  # noqa: F401  (registers our models)
-from test_interop import one_torch_thread  # noqa: F401  (autouse: tiny models run faster on one thread)
+
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 # name -> (keyword arguments, input size): one of each model class and block type of models/
 FAMILIES = {
