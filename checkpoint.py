@@ -11,6 +11,7 @@ import random
 import re
 import signal
 import socket
+import sys
 import time
 import zipfile
 from typing import IO, Callable, List, Optional, Tuple
@@ -209,7 +210,13 @@ class StopSignals:
         self.where = ''
 
     def _record(self, signum, frame) -> None:
-        if self.where:
+        if self.where and not (self.submitit_handler and signum == signal.SIGUSR2):
+            # Nothing is saved yet, and an exception raised here could land anywhere (inside an import,
+            # under a library's except clause) and leave a half-initialised module behind: exit at once.
+            print(f'stopped by {signal.Signals(signum).name} {self.where}; nothing to save yet', file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
+        if self.where:  # under submitit: its USR2 handler requeues the job once main() has unwound
             raise TrainingInterrupted(signum, self.where, None, 'nothing to save yet')
         if self.signum is not None:
             raise TrainingInterrupted(signum, 'a second time, at once', None,

@@ -2,13 +2,15 @@
 
 Reads like a table of contents: parse, build data, build models, build optimisation, loop.
 """
+import os
 import signal
 import sys
 
 if __name__ == '__main__':  # a stop signal while torch and timm load (seconds): nothing written, say so
     def _stop_while_loading(signum, frame):
-        print(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet', file=sys.stderr)
-        sys.exit(128 + signum)
+        print(f'stopped by {signal.Signals(signum).name} while starting; nothing to save yet', file=sys.stderr,
+              flush=True)
+        os._exit(128 + signum)  # not sys.exit: an exception inside an import would leave it half done
 
     for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(_signum, _stop_while_loading)
@@ -16,7 +18,6 @@ if __name__ == '__main__':  # a stop signal while torch and timm load (seconds):
 import argparse
 import contextlib
 import datetime
-import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
