@@ -29,7 +29,7 @@ import main
 import speedups
 from conftest import FAST, REPO, run_main
 from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, preserved_rng, seed_rng
-from engine import LossScaler, train_one_epoch
+from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
 from teacher import fold_batchnorm, prepare_teacher
 
@@ -347,13 +347,11 @@ def test_inference_teacher_output_enters_the_soft_distillation_loss():
 
 def run_steps(model, optimizer, batches):
     """Losses of engine.train_one_epoch, one step per batch (progress printing at every step)."""
-    args = parse('--print-freq', 1, '--seed', 0)
-    args.amp = False
     losses = []
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
     for step, batch in enumerate(batches):
         stats = train_one_epoch(model, criterion, [batch], optimizer, torch.device('cpu'), 0,
-                                LossScaler(False, 'cpu'), args=args, start_step=step)
+                                LossScaler(False, 'cpu'), TrainOptions(print_freq=1, seed=0), start_step=step)
         losses.append(stats['loss'])
     return losses
 
