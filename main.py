@@ -224,6 +224,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks and resolution of the flags
+# ---------------------------------------------------------------------------------------------
+
 def validate_args(args) -> None:
     """Catch impossible settings before any data is read or any model is built (checks only: changes nothing)."""
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'input_size', 'print_freq', 'keep_last'):
@@ -293,6 +297,18 @@ def resolve_args(args) -> Optional[torch.dtype]:
     if not args.unscale_lr:
         args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     return precision.dtype
+
+
+def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
+                     distributed: bool) -> Precision:
+    """The precision of --amp / --amp-dtype (precision.py: explicit flags, else what this device runs
+    fastest). Under DDP every rank takes rank 0's choice: a CPU probe could differ."""
+    chosen = resolve_precision(amp, amp_dtype, device)
+    if distributed:
+        shared = [chosen]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen = shared[0]
+    return chosen
 
 
 def prepare_output_dir(output_dir: str) -> None:
@@ -522,6 +538,10 @@ def build_teacher(args, nb_classes: int, device: torch.device,
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+
 def optimizer_name(opt: str) -> str:
     """timm's optimizer for --opt: the original's 'fusedlamb' (apex's FusedLAMB, CUDA only) is timm's LAMB,
     timm's PyTorch port of that optimizer, which needs neither apex nor CUDA."""
@@ -702,18 +722,6 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     # which raises once the two ways of setting the precision are mixed
     torch.set_float32_matmul_precision('high' if tf32 else 'highest')
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
-                     distributed: bool) -> Precision:
-    """The precision of --amp / --amp-dtype (precision.py: explicit flags, else what this device runs
-    fastest). Under DDP every rank takes rank 0's choice: a CPU probe could differ."""
-    chosen = resolve_precision(amp, amp_dtype, device)
-    if distributed:
-        shared = [chosen]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        chosen = shared[0]
-    return chosen
 
 
 def main(args) -> None:
