@@ -452,6 +452,29 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # Models
 # ---------------------------------------------------------------------------------------------
 
+def build_student(args, nb_classes: int, device: torch.device
+                  ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
+    """The student as it trains (under DDP, compiled with --compile), the same module without those
+    wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
+    print(f'Creating model: {args.model}')
+    model = build_model(args, nb_classes)
+    if args.finetune:
+        load_finetune_weights(model, args.finetune)
+    if args.attn_only:
+        train_attention_only(model)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    if args.distributed:
+        model = distributed_model(model, device, args.gpu)
+    if args.compile:
+        model = speedups.compile_or_eager(model, 'student')
+    return model, model_without_ddp, model_ema
+
+
 def build_model(args, nb_classes: int) -> torch.nn.Module:
     """The student, for --input-size where the architecture takes an image size."""
     kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
@@ -756,24 +779,9 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     mixup_fn = build_mixup(args, nb_classes)
 
     # Models
-    print(f'Creating model: {args.model}')
-    model = build_model(args, nb_classes)
-    if args.finetune:
-        load_finetune_weights(model, args.finetune)
-    if args.attn_only:
-        train_attention_only(model)
-    model.to(device)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
-    if args.distributed:
-        model = distributed_model(model, device, args.gpu)
+    model, model_without_ddp, model_ema = build_student(args, nb_classes, device)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
-    if args.compile:
-        model = speedups.compile_or_eager(model, 'student')
     teacher = build_teacher(args, nb_classes, device, amp_dtype)
 
     # Optimisation
