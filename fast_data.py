@@ -17,7 +17,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -161,7 +161,7 @@ class FastTrainTransform:
         self.out_size = (crop.size[1], crop.size[0])  # PIL (w, h)
 
     @staticmethod
-    def implements(crop) -> bool:
+    def implements(crop: Callable) -> bool:
         """Whether this transform can stand for ``crop``: timm's RandomResizedCrop, with filters torch's resize has."""
         if not isinstance(crop, RandomResizedCropAndInterpolation):
             return False
