@@ -290,6 +290,35 @@ def test_batch_erasing_is_the_same_for_a_resumed_step():
     assert not torch.equal(whole[0], whole[1])  # and each step differently
 
 
+@pytest.mark.parametrize('argv, fast_train, fast_eval', [
+    ((), True, True),
+    (('--train-interpolation', 'random'), True, True),  # bilinear or bicubic per image: both in torch's resize
+    (('--train-interpolation', 'nearest'), False, True),  # a filter torch's uint8 resize does not do as PIL
+    (('--ThreeAugment',), False, True),
+    (('--input-size', 32), False, False),  # the padded crop; evaluated without resizing
+    (('--no-fast-data',), False, False),
+])
+def test_the_fast_pipeline_stands_in_only_where_it_implements_the_reference(argv, fast_train, fast_eval):
+    settings = transform_settings('--input-size', 64, *argv)
+    for is_train, fast, fast_type in ((True, fast_train, fast_data.FastTrainTransform),
+                                      (False, fast_eval, fast_data.FastEvalTransform)):
+        pipeline = build_pipeline(is_train, settings)
+        assert isinstance(pipeline.transform, fast_type) == fast and (pipeline.batch is not None) == fast
+        assert (pipeline.open_image is fast_data.open_lazily) == fast  # only the fast path decodes in its transform
+        if not fast:  # the reference itself
+            assert type(pipeline.transform) is type(build_transform(is_train, settings))
+
+
+def test_the_fast_batch_stage_erases_as_the_reference_and_normalises_with_its_constants():
+    settings = transform_settings('--input-size', 64, '--reprob', 0.5, '--remode', 'const', '--recount', 3)
+    reference = build_transform(True, settings).transforms
+    stage = build_pipeline(True, settings).batch
+    normalize = next(t for t in reference if type(t).__name__ == 'Normalize')
+    assert torch.equal(torch.tensor(stage.mean), normalize.mean) and torch.equal(torch.tensor(stage.std), normalize.std)
+    assert vars(stage.erasing) == vars(next(t for t in reference if isinstance(t, RandomErasing)))
+    assert build_pipeline(True, transform_settings('--input-size', 64, '--reprob', 0)).batch.erasing is None
+
+
 def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):
     proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1', '--no-model-ema',
                     '--output_dir', tmp_path, *FAST, '--input-size', '40', '--num_workers', '1')
