@@ -398,8 +398,7 @@ class ThreeAugment:
         return self.transform(img)
 
 
-def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, transforms.Compose,
-                                                                transforms.Compose]:
+def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, transforms.Compose, transforms.Compose]:
     """timm's DeiT train pipeline in timm's three stages: crop and flip; RandAugment and jitter;
     tensor, normalisation and random erasing.
 
