@@ -3,9 +3,8 @@
 The draws stay timm's: a RandAugment here is timm's own ``RandAugment`` class holding copies of
 timm's ``AugmentOp`` objects (probability, magnitude noise, level-to-argument functions), each with
 its image function swapped for one below, so the same random streams pick the same ops with the same
-arguments as timm's pipeline. Only the pixel work changes, because PIL's is slow at 224 px (one
-thread): its affine resampling takes 2.5 ms per rotate / shear / translate against 0.8 ms for
-OpenCV's warp, and its Sharpness filter 1.0 ms against 0.15 ms.
+arguments as timm's pipeline. Only the pixel work changes, because PIL's is slow at 224 px on one
+thread, its affine resampling and Sharpness filter most (measured in docs/fast-data.md).
 
 Equal to PIL's output: the table ops (AutoContrast, Equalize, Invert, Posterize, Solarize,
 SolarizeAdd). Within two grey levels: Brightness, Color, Contrast, Sharpness (OpenCV rounds where

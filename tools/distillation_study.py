@@ -1,7 +1,6 @@
 """Does distillation help a DeiT student on DIGITS? The pre-registered study of docs/distillation-study.md.
 
-    python -m tools.distillation_study   # 49 runs, two at a time (~30 min on 2 idle cores, by the
-                                         # protocol's estimate); output/distillation-study/
+    python -m tools.distillation_study   # 49 runs, two at a time; output/distillation-study/
 
 Stage 1 searches three settings (100 or 300 labelled images, the teacher's augmentation)
 with seeds 0-2: per seed a teacher, the plain student and the DeiT⚗ student (distillation token).

@@ -7,6 +7,7 @@ The teacher is built as main.py builds it (BatchNorm folded, channels_last), onc
 under autocast in --amp-dtype; both label every validation image (main.py's eval transform), and
 the line printed is the share of images on which the two argmaxes agree, with each one's top-1.
 """
+import argparse
 import sys
 
 import torch
@@ -23,8 +24,9 @@ def hard_labels(teacher: torch.nn.Module, loader, device: torch.device) -> torch
 
 
 def cli(argv=None) -> int:
-    parser = main.get_args_parser()
-    parser.prog, parser.description = 'python -m tools.teacher_agreement', __doc__
+    parser = argparse.ArgumentParser('python -m tools.teacher_agreement', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[main.get_args_parser()])
     args = parser.parse_args(argv)
     args.device = utils.resolve_device(args.device)
     if args.distillation_type == 'none':
