@@ -23,11 +23,14 @@ def hard_labels(teacher: torch.nn.Module, loader, device: torch.device) -> torch
     return torch.cat([teacher(images.to(device)).argmax(dim=1).cpu() for images, _ in loader])
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser('python -m tools.teacher_agreement', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[main.get_args_parser()])
+
+
 def cli(argv=None) -> int:
-    parser = argparse.ArgumentParser('python -m tools.teacher_agreement', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     parents=[main.get_args_parser()])
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     args.device = utils.resolve_device(args.device)
     if args.distillation_type == 'none':
         args.distillation_type = 'hard'  # only so that build_teacher builds one
