@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import main
 import utils
-from datasets import build_dataset
+from datasets import DataSettings, Pipeline, build_dataset, build_transform
 
 
 @torch.inference_mode()
@@ -34,7 +34,8 @@ def cli(argv=None) -> int:
     args.device = utils.resolve_device(args.device)
     if args.distillation_type == 'none':
         args.distillation_type = 'hard'  # only so that build_teacher builds one
-    dataset, nb_classes = build_dataset(False, args)
+    settings = DataSettings.from_args(args)
+    dataset, nb_classes = build_dataset(False, settings, Pipeline(build_transform(False, settings.transform)))
     targets = torch.tensor([target for _, target in dataset.samples])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers or 0)
     labels = {}
