@@ -7,8 +7,8 @@ import torch
 from timm.data import Mixup
 
 from losses import Criterion
-from samplers import sample_seed
-from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank, seed_everything
+from seeding import Stream, seed_everything, stream_seed
+from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
 
 
 class NonFiniteLossError(RuntimeError):
@@ -17,10 +17,6 @@ class NonFiniteLossError(RuntimeError):
 
 class UnreadableDataError(UserError):
     """An image could not be decoded and --strict-data asks to fail instead of skipping it."""
-
-
-# Distinguishes the per-step random stream from the per-sample augmentation streams.
-STEP_STREAM = 1
 
 
 class FiniteLossGuard:
@@ -150,7 +146,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
         if bad_paths and options.strict_data:
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
-        seed_everything(sample_seed(seed, rank, epoch, micro, STEP_STREAM))
+        seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
