@@ -45,7 +45,7 @@ import utils
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
                       check_same_classes, collate_skipping)
 from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
-from losses import DISTILLATION_TYPES, build_criterion, check_loss_flags
+from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
 from teacher import prepare_teacher
@@ -577,7 +577,7 @@ def optimizer_name(opt: str) -> str:
     return opt
 
 
-def criterion_of(args, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
+def criterion_of(args, teacher: Optional[torch.nn.Module]) -> Criterion:
     """losses.build_criterion for the loss flags."""
     return build_criterion(args.cosub, args.bce_loss, mixup_active(args), args.smoothing, teacher,
                            args.distillation_type, args.distillation_alpha, args.distillation_tau,
