@@ -36,16 +36,18 @@ import checkpoint
 import config
 import fast_data
 import models  # noqa: F401  (registers our students in timm's registry)
+import seeding
 import speedups
 import utils
 import weights
-from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
+from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
+                      check_same_classes, collate_skipping)
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
 from precision import dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
 from teacher import prepare_teacher
-from utils import UserError, seed_everything
+from utils import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -354,12 +356,12 @@ def samples_per_step(args) -> int:
 
 def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     """Train and val loaders with their samplers (repeated augmentation, sharded eval)."""
-    dataset_train, nb_classes = build_dataset(is_train=True, args=args)
-    dataset_val, _ = build_dataset(is_train=False, args=args)
+    settings = DataSettings.from_args(args)
+    pipeline_train, pipeline_val = build_pipeline(True, settings.transform), build_pipeline(False, settings.transform)
+    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
+    dataset_val, _ = build_dataset(False, settings, pipeline_val)
     check_same_classes(dataset_train, dataset_val)
     world, rank = utils.get_world_size(), utils.get_rank()
-    fast_train = args.fast_data and fast_data.speed_up(dataset_train, True, args)
-    fast_val = args.fast_data and fast_data.speed_up(dataset_val, False, args)
     samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
     if not args.eval:
         samples_train.check_readable('training')
@@ -380,17 +382,18 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
                    collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
-                   generator=torch.Generator().manual_seed(args.seed))
+                   generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
         workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     loader_train = DataLoader(samples_train, sampler=sampler_train,
                               batch_size=args.batch_size, drop_last=True, **workers)
     loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
-    if fast_train:
-        loader_train = fast_data.DeviceBatches(loader_train, fast_train, args.device, seed=args.seed, rank=rank)
-    if fast_val:
-        loader_val = fast_data.DeviceBatches(loader_val, fast_val, args.device)
+    if pipeline_train.batch:
+        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
+                                               rank=rank)
+    if pipeline_val.batch:
+        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
     if len(loader_train) == 0 and not args.eval:
         raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
                         f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
@@ -595,7 +598,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     amp_dtype = amp_dtype_of(args)
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
-    seed_everything(args.seed)
+    seeding.seed_everything(args.seed)
     set_determinism(args)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()

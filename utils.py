@@ -8,7 +8,6 @@ import errno
 import io
 import json
 import os
-import random
 import sys
 import time
 from collections import defaultdict
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -79,13 +77,6 @@ def setup_for_distributed(is_master: bool) -> None:
             builtin_print(*args, **kwargs)
 
     builtins.print = print
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(requested: str) -> torch.device:
