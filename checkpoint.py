@@ -7,7 +7,6 @@ import collections
 import fcntl
 import glob
 import os
-import random
 import re
 import signal
 import socket
@@ -16,7 +15,6 @@ import time
 import zipfile
 from typing import IO, Callable, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 import utils
@@ -32,30 +30,6 @@ class TrainingInterrupted(BaseException):
         if not saved:
             saved = f'saved checkpoint {path}' if path else 'saved no checkpoint (no --output_dir)'
         super().__init__(f'stopped by {signal.Signals(signum).name} {where}; {saved}; continue with --resume auto')
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state (plain data, so that checkpoints load with weights_only=True)
-# ---------------------------------------------------------------------------------------------
-
-def capture_rng_state() -> dict:
-    """The host generators' states. No CUDA state: every training step reseeds all devices
-    (engine.train_one_epoch) before drawing on them, and a list of every GPU's state would not load
-    where fewer GPUs are visible (a 1-GPU resume, Slurm's per-task GPU binding)."""
-    np_state = np.random.get_state()
-    return {
-        'python': random.getstate(),
-        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        'torch': torch.get_rng_state(),
-    }
-
-
-def restore_rng_state(state: dict) -> None:
-    """Restore what capture_rng_state saved; the per-GPU 'cuda' list of older checkpoints is ignored."""
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state['torch'])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Datasets (ImageNet-style folders, CIFAR, iNaturalist, scikit-learn's digits), the DeiT train/eval
 transforms, and the pipeline each split gets (the reference transforms, or --fast-data's)."""
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -24,6 +23,7 @@ from torchvision.datasets import imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
 
 from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
+from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
 
 # `--data-set` names; CIFAR stays the original's alias of CIFAR-100.
@@ -457,25 +457,6 @@ def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
 UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Run the block, then restore the python/numpy/torch-CPU random generators to their state before it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def seed_rng(seed: int) -> None:
-    """Seed the python/numpy/torch-CPU random generators (what a sample's augmentation draws from)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.default_generator.manual_seed(seed)
-
-
 class RobustSamples(Dataset):
     """A dataset seen through the trainer: seeded augmentation per sample, unreadable images survived.
 
@@ -502,7 +483,7 @@ class RobustSamples(Dataset):
     def __getitems__(self, keys: list) -> list:
         """A batch's samples (the DataLoader's batched fetch): the generators' state is saved and
         restored once per batch, not per sample (saving numpy's state is not free)."""
-        with preserved_rng():
+        with preserved_cpu_generators():
             return [self._sample(key) for key in keys]
 
     def check_readable(self, split: str, samples: int = 8) -> None:
@@ -511,7 +492,7 @@ class RobustSamples(Dataset):
         count = len(self.dataset)
         indices = sorted({i * (count - 1) // max(samples - 1, 1) for i in range(min(samples, count))})
         errors = []
-        with preserved_rng():
+        with preserved_cpu_generators():
             for index in indices:
                 image, _, unreadable = self._sample(index, retry=False)
                 if image is not None:
@@ -525,7 +506,7 @@ class RobustSamples(Dataset):
         """Item ``key`` with its augmentation seeded, or the next readable one; leaves the generators seeded."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            seed_rng(seed)
+            seed_cpu_generators(seed)
         unreadable: List[str] = []
         for attempt in range(len(self.dataset)):
             i = (index + attempt) % len(self.dataset)

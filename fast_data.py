@@ -30,10 +30,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from fast_augment import array_step
-from samplers import sample_seed
+from seeding import Stream, stream_generators
 
-# Distinguishes the per-step erasing stream from the per-sample and per-step streams (engine.STEP_STREAM).
-ERASE_STREAM = 2
 Box = Tuple[float, float, float, float]
 # The filters of timm's crop that torch's antialiased uint8 resize implements as PIL does.
 RESIZE_MODES = {transforms.InterpolationMode.BILINEAR: 'bilinear', transforms.InterpolationMode.BICUBIC: 'bicubic'}
@@ -290,10 +288,8 @@ class DeviceBatches:
         return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def erase(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        seed = sample_seed(self.seed, self.rank, epoch, step, ERASE_STREAM)
-        generator = torch.Generator(device=images.device)
-        generator.manual_seed(seed)
-        return erase_(images, self.erasing, random.Random(seed), generator)
+        rng, generator = stream_generators(self.seed, self.rank, epoch, step, Stream.ERASE, images.device)
+        return erase_(images, self.erasing, rng, generator)
 
     def __iter__(self):
         sampler = self.loader.sampler

@@ -37,6 +37,7 @@ import checkpoint
 import config
 import fast_data
 import models  # noqa: F401  (registers our students in timm's registry)
+import seeding
 import speedups
 import utils
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
@@ -46,7 +47,7 @@ from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
 from precision import dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
 from teacher import prepare_teacher
-from utils import UserError, seed_everything
+from utils import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -381,7 +382,7 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
                    collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
-                   generator=torch.Generator().manual_seed(args.seed))
+                   generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
         workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     loader_train = DataLoader(samples_train, sampler=sampler_train,
@@ -588,7 +589,7 @@ class TrainingState:
             'max_accuracy': self.max_accuracy,
             'train_metrics': metrics,
             'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * samples_per_step(args)},
-            'rng': checkpoint.capture_rng_state(),
+            'rng': seeding.capture_rng_state(),
         }
 
     def resume(self, args) -> None:
@@ -619,7 +620,7 @@ class TrainingState:
                                                 utils.get_world_size())
             self.metrics_state = ckpt.get('train_metrics')
         if ckpt.get('rng'):
-            checkpoint.restore_rng_state(ckpt['rng'])
+            seeding.restore_rng_state(ckpt['rng'])
         args.start_epoch = self.start_epoch
         self.lr_scheduler.step(self.start_epoch)
 
@@ -715,7 +716,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     amp_dtype = amp_dtype_of(args)
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
-    seed_everything(args.seed)
+    seeding.seed_everything(args.seed)
     set_determinism(args)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-import random
 import re
 import sys
 import time
@@ -19,7 +18,6 @@ from pathlib import Path, PosixPath, PurePath
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.layers import resample_abs_pos_embed
@@ -84,13 +82,6 @@ def setup_for_distributed(is_master: bool) -> None:
             builtin_print(*args, **kwargs)
 
     builtins.print = print
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def resolve_device(requested: str) -> torch.device:

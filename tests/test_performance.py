@@ -28,10 +28,10 @@ import fast_data
 import main
 import speedups
 from conftest import FAST, REPO, run_main
-from datasets import (UNREADABLE_IMAGE_ERRORS, DataSettings, TransformSettings, build_pipeline, build_transform,
-                      preserved_rng, seed_rng)
+from datasets import UNREADABLE_IMAGE_ERRORS, DataSettings, TransformSettings, build_pipeline, build_transform
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
+from seeding import preserved_cpu_generators, seed_cpu_generators
 from teacher import fold_batchnorm, prepare_teacher
 
 
@@ -46,8 +46,8 @@ def transform_settings(*argv) -> TransformSettings:
 @contextlib.contextmanager
 def seeded(seed: int):
     """The generators seeded as RobustSamples seeds a sample, restored after the block."""
-    with preserved_rng():
-        seed_rng(seed)
+    with preserved_cpu_generators():
+        seed_cpu_generators(seed)
         yield
 
 
