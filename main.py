@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import timm
@@ -40,6 +39,7 @@ import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
 import utils
+import weights
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
                       check_same_classes, collate_skipping)
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
@@ -462,14 +462,14 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
 
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
-    state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
+    state = weights.model_state_from_checkpoint(weights.load_checkpoint(path), path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
     for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
         print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
         del state[k]
-    utils.interpolate_pos_embed(state, model)
-    message = utils.load_state_checked(model, state, f'--finetune {path}', strict=False)
+    weights.interpolate_pos_embed(state, model)
+    message = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)
     print(f'Fine-tuning from {path}: {message}')
 
 
@@ -492,9 +492,9 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
         return None
     print(f'Creating teacher model: {args.teacher_model}')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
-    utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                             f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
+    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype_of(args))
 
 
@@ -520,124 +520,6 @@ def build_criterion(args, teacher: Optional[torch.nn.Module]) -> torch.nn.Module
         base = torch.nn.CrossEntropyLoss()
     return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
                             distillation_token=args.distillation_token)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def plain_args(args) -> dict:
-    """The arguments as plain data, so that checkpoints load with torch.load(weights_only=True)."""
-    return {k: (v if v is None or isinstance(v, (bool, int, float, str, list, tuple)) else str(v))
-            for k, v in vars(args).items()}
-
-
-def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
-    """The first optimizer step to train, in this run's step size, of the epoch a step checkpoint stopped in.
-
-    The checkpoint records how many samples of its epoch each process had trained: another step size
-    (--batch-size x --grad-accum-steps) continues at that very sample if it is a step boundary, else is
-    refused. Another number of processes deals the epoch's samples differently, so it cannot continue
-    mid-epoch at all.
-    """
-    saved = ckpt.get('args') or {}
-    saved_batch, saved_world = saved.get('batch_size', batch_size), saved.get('world_size', world_size)
-    saved_accum = saved.get('grad_accum_steps', 1)
-    epoch = ckpt['epoch']
-    position = (ckpt.get('sampler') or {}).get('start_index', ckpt['step'] * saved_batch * saved_accum)
-    if saved_world != world_size:
-        raise UserError(f'--resume {path} stopped in the middle of epoch {epoch} with {saved_world} processes: '
-                        f'resume it with {saved_world} processes, or resume from an epoch-end checkpoint '
-                        f'(checkpoint.pth)')
-    step_samples = batch_size * accum_steps
-    if position % step_samples:
-        raise UserError(f'--resume {path} stopped after sample {position} of epoch {epoch} (per process), not a '
-                        f'step boundary with --batch-size {batch_size} --grad-accum-steps {accum_steps}: resume '
-                        f'with --batch-size {saved_batch} --grad-accum-steps {saved_accum}')
-    if (batch_size, accum_steps) != (saved_batch, saved_accum):
-        print(f'note: --batch-size {batch_size} --grad-accum-steps {accum_steps} (the checkpoint used '
-              f'{saved_batch} x {saved_accum}): epoch {epoch} continues at sample {position}, '
-              f'step {position // step_samples}')
-    return position // step_samples
-
-
-@dataclass
-class TrainingState:
-    """What a checkpoint saves and restores: the objects being trained and where the run stands."""
-    model: torch.nn.Module  # without the DDP wrapper: official key names
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    loss_scaler: LossScaler
-    model_ema: Optional[ModelEmaV3]
-    max_accuracy: float = 0.0
-    start_epoch: int = 0
-    start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
-    metrics_state: Optional[dict] = None  # that partial epoch's running averages
-
-    def payload(self, args, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
-        """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
-        what an exact mid-epoch resume needs. ``steps_done`` is None for an epoch-end checkpoint."""
-        return {
-            'model': self.model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'lr_scheduler': self.lr_scheduler.state_dict(),
-            'epoch': epoch,
-            'step': steps_done,
-            'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
-            'scaler': self.loss_scaler.state_dict(),
-            'args': plain_args(args),
-            'max_accuracy': self.max_accuracy,
-            'train_metrics': metrics,
-            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * samples_per_step(args)},
-            'rng': seeding.capture_rng_state(),
-        }
-
-    def resume(self, args) -> None:
-        """Restore --resume: weights only with --eval, else everything, continuing where it stopped."""
-        ckpt = utils.load_checkpoint(args.resume)
-        utils.load_state_checked(self.model, utils.model_state_from_checkpoint(ckpt, args.resume),
-                                 f'--resume {args.resume}')
-        print(f'Resumed model weights from {args.resume}')
-        if args.eval or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-            return
-        saved_opt = (ckpt.get('args') or {}).get('opt', args.opt)
-        if saved_opt != args.opt:
-            raise UserError(f'--resume {args.resume} was trained with --opt {saved_opt}: resume with the same '
-                            f'--opt, or start from its weights with --finetune')
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        note_other_total_batch(ckpt.get('args') or {}, args.batch_size, utils.get_world_size(), args.lr,
-                               self.lr_scheduler.base_values[0], args.resume)
-        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
-        if self.model_ema is not None and ckpt.get('model_ema'):
-            utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
-        self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-        if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
-            self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
-        else:
-            self.start_epoch = ckpt['epoch']
-            self.start_step = step_to_resume_at(ckpt, args.resume, args.batch_size, args.grad_accum_steps,
-                                                utils.get_world_size())
-            self.metrics_state = ckpt.get('train_metrics')
-        if ckpt.get('rng'):
-            seeding.restore_rng_state(ckpt['rng'])
-        args.start_epoch = self.start_epoch
-        self.lr_scheduler.step(self.start_epoch)
-
-    def save(self, path: str, args, epoch: int) -> None:
-        utils.save_on_master(self.payload(args, epoch), path)
-
-
-def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
-                           resumed_lr: float, path: str) -> None:
-    """One line when a run resumes with another total batch than it was trained with: the restored
-    schedule keeps the learning rate scaled for the old total batch."""
-    old_batch, old_world = saved_args.get('batch_size', batch_size), saved_args.get('world_size', world_size)
-    if (old_batch, old_world) == (batch_size, world_size):
-        return
-    print(f'note: {path} was trained with {old_world} processes x batch {old_batch}, this run has {world_size} x '
-          f'{batch_size}: the learning-rate schedule continues as saved (lr {resumed_lr:.3g}, not the '
-          f'{scaled_lr:.3g} of this total batch); --finetune starts a new schedule from its weights')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,10 +642,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = build_criterion(args, teacher)
-    state = TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                          start_epoch=args.start_epoch)
+    state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
     if args.resume:
-        state.resume(args)
+        state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
+                     accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
@@ -781,7 +664,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
-        args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
+        args.output_dir, payload=state.payload,
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
         keep_last=args.keep_last, signals=signals, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -816,9 +699,9 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
             if output_dir:
-                state.save(str(output_dir / 'checkpoint.pth'), args, epoch)
+                state.save(str(output_dir / 'checkpoint.pth'), epoch)
                 if is_best:
-                    state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
+                    state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
     finally:
         epoch_log.close()

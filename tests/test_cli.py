@@ -9,7 +9,8 @@ import torch
 
 import main
 from conftest import FAST, run_main
-from utils import UserError, load_checkpoint
+from utils import UserError
+from weights import load_checkpoint
 
 
 def assert_one_line_error(proc, *fragments):

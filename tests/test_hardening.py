@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import utils
+import weights
 
 
 def save_position(path, epoch, step=None):
@@ -201,7 +202,7 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_prev
     import errno
     import pytest
     path = tmp_path / 'checkpoint.pth'
-    utils.save_atomic({'model': {'w': torch.zeros(3)}}, str(path))
+    checkpoint.save_atomic({'model': {'w': torch.zeros(3)}}, str(path))
 
     class FullDisk:
         """A file that the OS stops accepting after a few bytes."""
@@ -222,9 +223,9 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_prev
 
     monkeypatch.setattr(utils, 'open', lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
     with pytest.raises(utils.SaveError, match=f'cannot write {path}: No space left on device \\(ENOSPC\\)'):
-        utils.save_atomic({'model': {'w': torch.ones(3)}}, str(path))
+        checkpoint.save_atomic({'model': {'w': torch.ones(3)}}, str(path))
     monkeypatch.undo()
-    assert torch.equal(utils.load_checkpoint(str(path))['model']['w'], torch.zeros(3))
+    assert torch.equal(weights.load_checkpoint(str(path))['model']['w'], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth']
 
     read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -288,7 +289,7 @@ def test_impossible_numbers_are_refused_before_any_data_is_read():
 
 def test_resuming_mid_epoch_with_another_batch_size_continues_at_the_same_sample_or_is_refused():
     import pytest
-    from main import step_to_resume_at
+    from checkpoint import step_to_resume_at
     ckpt = {'epoch': 4, 'step': 3, 'args': {'batch_size': 8, 'world_size': 1},
             'sampler': {'epoch': 4, 'start_index': 24}}
     assert step_to_resume_at(ckpt, 'c.pth', batch_size=8, accum_steps=1, world_size=1) == 3
@@ -309,12 +310,12 @@ def test_a_bit_flipped_or_non_checkpoint_file_is_refused_with_one_line(tmp_path)
     data[data.index(torch.arange(1000, dtype=torch.float32).numpy().tobytes()[400:408]) + 3] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(utils.UserError, match='fails its CRC check'):
-        utils.load_checkpoint(str(path))
+        weights.load_checkpoint(str(path))
     assert not checkpoint.is_readable_checkpoint(str(path))
     text = tmp_path / 'teacher.txt'
     text.write_text('cat /etc/passwd\n')
     with pytest.raises(utils.UserError, match='not a PyTorch checkpoint'):
-        utils.load_checkpoint(str(text))
+        weights.load_checkpoint(str(text))
 
 
 def test_unreadable_images_are_counted_once_and_resuming_a_finished_run_says_so(tmp_path):
