@@ -406,6 +406,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_pat
                        'checkpoint holds its weights (--resume auto continues from the last finite one)'] * 2
 
 
+def test_a_torchrun_restart_counted_on_one_node_only_resumes_every_rank_from_the_same_checkpoint(tmp_path):
+    torch.save({'model': {}, 'epoch': 0, 'step': 3}, tmp_path / 'checkpoint-e0-s3.pth')
+    assert two_ranks('restart', tmp_path) == [str(tmp_path / 'checkpoint-e0-s3.pth')] * 2
+
+
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_within_a_few_steps(tmp_path):
     results = two_ranks('signal', tmp_path)
     lag = checkpoint.RankAgreement.LAG
