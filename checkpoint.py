@@ -220,8 +220,14 @@ def agreed_resume_checkpoint(output_dir: str) -> str:
 
 
 def elastic_restarts() -> int:
-    """How many times torchrun (--max-restarts) has restarted this job's workers."""
-    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    """How many times torchrun (--max-restarts) has restarted this job's workers, the highest count of any
+    rank: each node's agent counts its own restarts, so a node restarted because another one failed says 0."""
+    own = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    if not utils.is_dist_avail_and_initialized():
+        return own
+    counts = [0] * utils.get_world_size()
+    torch.distributed.all_gather_object(counts, own)  # every rank then takes the same branch of resume_source
+    return max(counts)
 
 
 def resume_source(resume: str, output_dir: str) -> str:

@@ -118,11 +118,44 @@ def init_distributed_mode(args) -> None:
         backend = 'gloo'
     print(f'| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}',
           flush=True)
-    # device_id binds NCCL to this rank's GPU at once (no guessing, eager connection setup)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, device_id=device_id, timeout=DIST_TIMEOUT)
-    dist.barrier()
+    join_process_group(backend, args.rank, args.world_size, device_id, args.dist_url)
     setup_for_distributed(args.rank == 0)
+
+
+# How many process groups this torchrun job has formed, counted in its agent's store (join_process_group).
+FORMED_GROUPS_KEY = 'deit/formed_groups'
+
+
+def torchrun_agent_store() -> Optional[dist.TCPStore]:
+    """The store that torchrun's agent serves to its workers (TORCHELASTIC_USE_AGENT_STORE), else None."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    return dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                         timeout=DIST_TIMEOUT)
+
+
+def join_process_group(backend: str, rank: int, world_size: int, device_id: Optional[torch.device],
+                       dist_url: str) -> None:
+    """init_process_group, then a barrier: every rank is connected when this returns.
+
+    Under torchrun the group forms in the agent's store under a prefix of this attempt: the agent keeps one
+    store for the whole job and the workers it restarts (--max-restarts) join it again, where among the
+    keys of the attempt before a new rank finds a dead rank's address, then fails or hangs connecting.
+    The prefix is the number of groups formed so far: the same on every rank and node (unlike
+    TORCHELASTIC_RESTART_COUNT, counted per node), raised once this group has formed, so before any
+    worker of a next attempt starts.
+    """
+    agent = torchrun_agent_store() if dist_url == 'env://' else None
+    if agent is None:
+        rendezvous = {'init_method': dist_url}
+    else:
+        rendezvous = {'store': dist.PrefixStore(f'deit/attempt{agent.add(FORMED_GROUPS_KEY, 0)}', agent)}
+    # device_id binds NCCL to this rank's GPU at once (no guessing, eager connection setup)
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank, device_id=device_id,
+                            timeout=DIST_TIMEOUT, **rendezvous)
+    dist.barrier()
+    if agent is not None and rank == 0:
+        agent.add(FORMED_GROUPS_KEY, 1)
 
 
 def leave_distributed() -> None:

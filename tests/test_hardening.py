@@ -359,8 +359,7 @@ def test_sigterm_while_starting_exits_with_its_line(tmp_path, delay):
 # ---------------------------------------------------------------------------------------------
 
 def test_a_torchrun_restart_continues_the_run_instead_of_starting_it_again(tmp_path, monkeypatch, capsys):
-    # In-process: on this CPU-only machine gloo fails to re-form its process group after a torchrun restart
-    # (connectFullMesh: connection refused), so the restarted workers never reach this point here.
+    # The cases a real restart below does not reach: no checkpoint yet, and a --resume on the command line.
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
     assert checkpoint.resume_source('', str(tmp_path)) == ''  # restarted before any checkpoint: a fresh start
     assert checkpoint.resume_source('start.pth', str(tmp_path)) == 'start.pth'
@@ -370,6 +369,26 @@ def test_a_torchrun_restart_continues_the_run_instead_of_starting_it_again(tmp_p
     assert 'torchrun restart 1: continuing the run from' in capsys.readouterr().out
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')  # the first attempt: the command line as given
     assert checkpoint.resume_source('start.pth', str(tmp_path)) == 'start.pth'
+
+
+def test_a_torchrun_restart_after_a_killed_rank_resumes_and_ends_with_the_uninterrupted_weights(imagefolder,
+                                                                                                tmp_path):
+    # elastic_worker.py's watchdog ends a hung worker (with its traceback) well within the subprocess timeout
+    import sys
+    from conftest import FAST, run_main
+    from test_resilience import assert_same_tensors
+    flags = ['--data-path', imagefolder, '--model', 'test_vit', *FAST, '--batch-size', '4', '--epochs', '2',
+             '--deterministic', '--save-interval-steps', '1']
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    killed = run_main(*flags, '--output_dir', tmp_path / 'killed',
+                      launcher=(*torchrun, '--max-restarts=1', 'tests/elastic_worker.py'), timeout=900)
+    assert 'torchrun restart 1: continuing the run from' in killed.stdout
+    assert 'Continuing at epoch 0 step' in killed.stdout
+    run_main(*flags, '--output_dir', tmp_path / 'whole', launcher=(*torchrun, 'main.py'), timeout=300)
+    ours, ref = (torch.load(tmp_path / run / 'checkpoint.pth', weights_only=True) for run in ('killed', 'whole'))
+    assert ours['epoch'] == ref['epoch'] == 1
+    for key in ('model', 'optimizer'):
+        assert_same_tensors(ours[key], ref[key], key)
 
 
 def two_ranks(scenario, out):
@@ -384,6 +403,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_pat
     results = two_ranks('nan', tmp_path)
     assert results == ['non-finite loss in epoch 0 at step 2: lower --lr, set --clip-grad, or check the data; no '
                        'checkpoint holds its weights (--resume auto continues from the last finite one)'] * 2
+
+
+def test_a_torchrun_restart_counted_on_one_node_only_resumes_every_rank_from_the_same_checkpoint(tmp_path):
+    torch.save({'model': {}, 'epoch': 0, 'step': 3}, tmp_path / 'checkpoint-e0-s3.pth')
+    assert two_ranks('restart', tmp_path) == [str(tmp_path / 'checkpoint-e0-s3.pth')] * 2
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_within_a_few_steps(tmp_path):
