@@ -24,8 +24,9 @@ TINY = ['--model', 'test_vit', *FAST, '--num_workers', '2', '--lr', '2e-3']
 
 def popen_main(*args):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    # its own session: a test can kill the trainer with its data workers, which hold its output pipes
     return subprocess.Popen([sys.executable, 'main.py', *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def progress(output_dir: Path):
@@ -64,7 +65,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
             assert proc.poll() is None, f'run ended before step {target}: {proc.communicate()[1][-2000:]}'
             assert time.time() < deadline, f'step {target} never reached'
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # as a node failure or Slurm's kill: the trainer and its workers
         proc.communicate(timeout=60)
     final = run_main(*common, '--output_dir', run, '--resume', 'auto')
     assert re.search(r'Continuing at epoch \d step \d', final.stdout)
