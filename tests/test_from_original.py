@@ -28,9 +28,6 @@ CUDA_SCALER_STATE = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.
                      '_growth_tracker': 7}
 
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
-
-
 def original_args(**values) -> argparse.Namespace:
     """The Namespace the original main.py saves: its flags, what its setup adds, and under its submitit
     launcher `output_dir` / `job_dir` as Paths."""

@@ -19,9 +19,6 @@ from tools import plot
 MODEL = 'deit_tiny_distilled_patch4_32'
 
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
-
-
 @pytest.fixture(scope='module')
 def real_run(imagefolder, tmp_path_factory):
     """One epoch of main.py with an EMA that moves (decay 0.9) away from the trained weights."""

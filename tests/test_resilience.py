@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from checkpoint import STEP_CHECKPOINT, find_newest_checkpoint, remove_stale_temporaries
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from utils import UserError, load_checkpoint
 
 # A 0.3 M-parameter ViT: checkpoints of a few MB, so that writing one every step stays cheap.
@@ -138,20 +138,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(imagefolder, tm
 # Bad input: one line, non-zero exit, nothing lost
 # ---------------------------------------------------------------------------------------------
 
-def assert_one_line_error(proc, *fragments, code=2):
-    assert proc.returncode == code, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_empty_class_folder(tmp_path):
     from imagefolder import make_imagefolder
     root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2)
     (root / 'train' / 'class_empty').mkdir()
     (root / 'val' / 'class_empty').mkdir()
-    proc = run_main('--data-path', root, *TINY, check=False)
+    proc = run_cli('--data-path', root, *TINY)
     assert_one_line_error(proc, 'class_empty')
 
 
@@ -167,16 +159,15 @@ def test_corrupt_images_are_skipped_counted_or_fail_with_strict_data(tmp_path):
     log = json.loads((out / 'log.txt').read_text())
     assert log['train_unreadable_images'] == 2
 
-    proc = run_main('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug', check=False)
+    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug')
     assert_one_line_error(proc, 'unreadable image', '--strict-data')
 
 
 def test_teacher_with_another_class_count(imagefolder, tmp_path):
     teacher = tmp_path / 'teacher.pth'
     torch.save({'model': __import__('timm').create_model('test_resnet', num_classes=7).state_dict()}, teacher)
-    proc = run_main('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
-                    '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
-                    check=False)
+    proc = run_cli('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
+                   '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher)
     assert_one_line_error(proc, '--teacher-path', '3 classes in the data', 'shapes differ')
 
 
@@ -185,26 +176,26 @@ def test_truncated_checkpoint_for_resume_finetune_and_eval(imagefolder, tmp_path
     torch.save({'model': {'w': torch.zeros(1000)}}, bad)
     bad.write_bytes(bad.read_bytes()[:300])
     for flags in (['--resume', bad], ['--finetune', bad], ['--eval', '--resume', bad]):
-        proc = run_main('--data-path', imagefolder, *TINY, *flags, check=False)
+        proc = run_cli('--data-path', imagefolder, *TINY, *flags)
         assert_one_line_error(proc, 'cannot read checkpoint', str(bad))
 
 
 def test_output_dir_that_cannot_be_created(imagefolder, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
-    proc = run_main('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out', check=False)
+    proc = run_cli('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out')
     assert_one_line_error(proc, 'cannot create --output_dir')
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(imagefolder, tmp_path):
     common = ['--data-path', imagefolder, *TINY, '--no-model-ema', '--print-freq', '1', '--output_dir', tmp_path]
-    run_main(*common, '--epochs', '1')
+    assert run_cli(*common, '--epochs', '1').returncode == 0
     before = (tmp_path / 'checkpoint.pth').read_bytes()
     # A new run in the same directory whose loss explodes in its first epoch.
-    proc = run_main(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', check=False)
+    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr')
     assert_one_line_error(proc, 'non-finite loss in epoch 0', code=3)
     assert (tmp_path / 'checkpoint.pth').read_bytes() == before
-    proc = run_main(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd', check=False)
+    proc = run_cli(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd')
     assert_one_line_error(proc, 'trained with --opt adamw')
 
 
