@@ -1,3 +1,4 @@
+import copy
 import functools
 import http.server
 import io
@@ -10,6 +11,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str, co
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
+
+
+def twin_vits_and_batches(steps: int):
+    """Two identical seeded 10-class test_vit at 32 px (a reference and a model to compare with it), and
+    ``steps`` seeded batches of 4 images as the data loader yields them."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
+               for _ in range(steps)]
+    torch.manual_seed(0)
+    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
+    return reference, copy.deepcopy(reference), batches
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -27,7 +27,7 @@ import fast_augment
 import fast_data
 import main
 import speedups
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, run_main, twin_vits_and_batches
 from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, preserved_rng, seed_rng
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
@@ -360,12 +360,7 @@ def run_steps(model, optimizer, batches):
 
 @pytest.mark.parametrize('compiled', [False, True])
 def test_optimised_training_step_gives_the_same_loss_curve(monkeypatch, compiled):
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
-               for _ in range(4)]
-    torch.manual_seed(0)
-    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
-    model = copy.deepcopy(reference)
+    reference, model, batches = twin_vits_and_batches(steps=4)
     plain = create_optimizer_v2(reference, 'adamw', lr=1e-3, weight_decay=0.05, foreach=False)
     fused = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05,
                                 **speedups.optimizer_kwargs(torch.device('cpu')))

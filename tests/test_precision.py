@@ -1,16 +1,14 @@
 """The precision a run picks (precision.py): bf16 where it is native and faster, fp16 on a GPU without bf16,
 fp32 elsewhere and with --no-amp, exactly today's fp32 path."""
-import copy
 import re
 
 import pytest
-import timm
 import torch
 import yaml
 
 import main
 import precision
-from conftest import FAST, run_main
+from conftest import FAST, run_main, twin_vits_and_batches
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
 from precision import resolve_precision
@@ -73,12 +71,7 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
     main.choose_precision(args)
     assert args.amp is False
     monkeypatch.setattr(torch, 'autocast', fails)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
-               for _ in range(3)]
-    torch.manual_seed(0)
-    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
-    model = copy.deepcopy(reference)
+    reference, model, batches = twin_vits_and_batches(steps=3)
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     for images, targets, _ in batches:  # the fp32 step written out
         plain.zero_grad(set_to_none=True)

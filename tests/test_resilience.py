@@ -1,7 +1,6 @@
 """Never lose a run: kills, signals, interrupted writes, corrupt inputs and hostile checkpoints."""
 import json
 import os
-import pickle
 import random
 import re
 import signal

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, run_cli, run_main
 
 STUDENT = ['--model', 'deit_tiny_distilled_patch4_32', '--lr', '2e-3']
 
@@ -137,8 +137,29 @@ def test_eval_head_reports_each_classifier_of_a_distilled_checkpoint(tmp_path):
     assert re.search(r'per head: cls 16.667  dist 33.333  both 50.000', proc.stdout)
 
 
-def test_classic_distillation_on_the_class_head(imagefolder, teacher_checkpoint, tmp_path):
-    run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1',
-             '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
-             '--teacher-path', teacher_checkpoint, '--output_dir', tmp_path, *FAST)
-    assert [row['epoch'] for row in read_log(tmp_path)] == [0]
+def test_classic_distillation_trains_the_class_head_against_the_teacher(imagefolder, teacher_checkpoint, tmp_path,
+                                                                       monkeypatch):
+    """--no-distillation-token: the loss of each step is (1 - alpha) * base + alpha * tau^2 * KL between the
+    class head's logits and the teacher's, on the same (mixed) images."""
+    import losses
+    steps = []
+    forward = losses.DistillationLoss.forward
+
+    def recorded(criterion, inputs, outputs, labels):
+        loss = forward(criterion, inputs, outputs, labels)
+        steps.append((criterion, inputs, outputs.detach(), labels, loss.item()))
+        return loss
+    monkeypatch.setattr(losses.DistillationLoss, 'forward', recorded)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1',
+                   '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
+                   '--teacher-path', teacher_checkpoint, '--distillation-tau', '2', '--output_dir', tmp_path, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [row['epoch'] for row in read_log(tmp_path)] == [0] and len(steps) == 6  # 72 images, batch 12
+    criterion, inputs, outputs, labels, loss = steps[-1]
+    assert isinstance(outputs, torch.Tensor) and outputs.shape == (12, 3)  # the one (class) head
+    with torch.no_grad():
+        teacher = criterion.teacher_model(inputs)
+    kl = torch.nn.functional.kl_div((outputs / 2).log_softmax(1), (teacher / 2).log_softmax(1), reduction='sum',
+                                    log_target=True) * 4 / outputs.numel()
+    base = criterion.base_criterion(outputs, labels)
+    assert kl > 0 and loss == pytest.approx((0.5 * base + 0.5 * kl).item(), rel=1e-5)
