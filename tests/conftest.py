@@ -37,8 +37,8 @@ def run_main(*args, launcher=(sys.executable, 'main.py'), timeout=300, check=Tru
     return proc
 
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    """main.cli in this process, as run_main's result: no interpreter start and torch import (seconds each).
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    """main.cli in this process, as run_main runs main.py: no interpreter start and torch import (seconds each).
 
     For what needs no process of its own (exit codes of signals, torchrun and workers do). What a run
     changes for the whole process is put back: stop-signal handlers, deterministic algorithms, glibc's
@@ -61,7 +61,10 @@ def run_cli(*args) -> subprocess.CompletedProcess:
             signal.signal(signum, handler)
         torch.use_deterministic_algorithms(deterministic)
         speedups.keep_freed_memory(False)
-    return subprocess.CompletedProcess(['main.py', *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    proc = subprocess.CompletedProcess(['main.py', *map(str, args)], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f'exit {code}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}')
+    return proc
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> str:
@@ -104,8 +107,8 @@ def imagefolder(tmp_path_factory) -> Path:
 def teacher_checkpoint(imagefolder, tmp_path_factory) -> Path:
     """A small RegNetY convnet trained for one epoch on the generated data."""
     out = tmp_path_factory.mktemp('teacher')
-    run_main('--data-path', imagefolder, '--model', 'regnety_002', '--epochs', '1', '--lr', '5e-3',
-             '--no-model-ema', '--output_dir', out, *FAST)
+    run_cli('--data-path', imagefolder, '--model', 'regnety_002', '--epochs', '1', '--lr', '5e-3',
+            '--no-model-ema', '--output_dir', out, *FAST)
     return out / 'checkpoint.pth'
 
 

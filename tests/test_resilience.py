@@ -142,7 +142,7 @@ def test_empty_class_folder(tmp_path):
     root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2)
     (root / 'train' / 'class_empty').mkdir()
     (root / 'val' / 'class_empty').mkdir()
-    proc = run_cli('--data-path', root, *TINY)
+    proc = run_cli('--data-path', root, *TINY, check=False)
     assert_one_line_error(proc, 'class_empty')
 
 
@@ -158,7 +158,7 @@ def test_corrupt_images_are_skipped_counted_or_fail_with_strict_data(tmp_path):
     log = json.loads((out / 'log.txt').read_text())
     assert log['train_unreadable_images'] == 2
 
-    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug')
+    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug', check=False)
     assert_one_line_error(proc, 'unreadable image', '--strict-data')
 
 
@@ -166,7 +166,8 @@ def test_teacher_with_another_class_count(imagefolder, tmp_path):
     teacher = tmp_path / 'teacher.pth'
     torch.save({'model': __import__('timm').create_model('test_resnet', num_classes=7).state_dict()}, teacher)
     proc = run_cli('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
-                   '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher)
+                   '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
+                   check=False)
     assert_one_line_error(proc, '--teacher-path', '3 classes in the data', 'shapes differ')
 
 
@@ -175,26 +176,26 @@ def test_truncated_checkpoint_for_resume_finetune_and_eval(imagefolder, tmp_path
     torch.save({'model': {'w': torch.zeros(1000)}}, bad)
     bad.write_bytes(bad.read_bytes()[:300])
     for flags in (['--resume', bad], ['--finetune', bad], ['--eval', '--resume', bad]):
-        proc = run_cli('--data-path', imagefolder, *TINY, *flags)
+        proc = run_cli('--data-path', imagefolder, *TINY, *flags, check=False)
         assert_one_line_error(proc, 'cannot read checkpoint', str(bad))
 
 
 def test_output_dir_that_cannot_be_created(imagefolder, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
-    proc = run_cli('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out')
+    proc = run_cli('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out', check=False)
     assert_one_line_error(proc, 'cannot create --output_dir')
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(imagefolder, tmp_path):
     common = ['--data-path', imagefolder, *TINY, '--no-model-ema', '--print-freq', '1', '--output_dir', tmp_path]
-    assert run_cli(*common, '--epochs', '1').returncode == 0
+    run_cli(*common, '--epochs', '1')
     before = (tmp_path / 'checkpoint.pth').read_bytes()
     # A new run in the same directory whose loss explodes in its first epoch.
-    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr')
+    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', check=False)
     assert_one_line_error(proc, 'non-finite loss in epoch 0', code=3)
     assert (tmp_path / 'checkpoint.pth').read_bytes() == before
-    proc = run_cli(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd')
+    proc = run_cli(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd', check=False)
     assert_one_line_error(proc, 'trained with --opt adamw')
 
 
