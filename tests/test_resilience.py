@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import STEP_CHECKPOINT, find_newest_checkpoint, remove_stale_temporaries
-from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
+from conftest import FAST, REPO, assert_one_line_error, run_cli
 from utils import UserError, load_checkpoint
 
 # A 0.3 M-parameter ViT: checkpoints of a few MB, so that writing one every step stays cheap.
@@ -50,7 +50,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
     common = ['--data-path', imagefolder, *TINY, *precision, '--epochs', '3', '--deterministic',
               '--save-interval-steps', '1']
     reference = tmp_path / 'reference'
-    run_main(*common, '--output_dir', reference)
+    run_cli(*common, '--output_dir', reference)
 
     run = tmp_path / 'killed'
     rng = random.Random(int(time.time()))
@@ -64,7 +64,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-    final = run_main(*common, '--output_dir', run, '--resume', 'auto')
+    final = run_cli(*common, '--output_dir', run, '--resume', 'auto')
     assert re.search(r'Continuing at epoch \d step \d', final.stdout)
     assert f'precision: student {"bf16" if precision else "fp32"}' in final.stdout
 
@@ -129,7 +129,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(imagefolder, tm
     assert match, stderr
     saved = torch.load(match.group(3), weights_only=True)
     assert (saved['epoch'], saved['step']) == (int(match.group(2)), int(match.group(1)))
-    resumed = run_main(*common, '--output_dir', tmp_path, '--resume', 'auto')
+    resumed = run_cli(*common, '--output_dir', tmp_path, '--resume', 'auto')
     assert f'Continuing at epoch {match.group(2)} step {match.group(1)}' in resumed.stdout
 
 
@@ -153,7 +153,7 @@ def test_corrupt_images_are_skipped_counted_or_fail_with_strict_data(tmp_path):
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
     (root / 'train' / 'class_1' / 'garbage.jpg').write_bytes(b'not an image at all')
     out = tmp_path / 'out'
-    proc = run_main('--data-path', root, *TINY, '--epochs', '1', '--output_dir', out, '--no-repeated-aug')
+    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--output_dir', out, '--no-repeated-aug')
     assert 'unreadable images were skipped' in proc.stdout
     log = json.loads((out / 'log.txt').read_text())
     assert log['train_unreadable_images'] == 2
