@@ -317,16 +317,16 @@ def test_a_bit_flipped_or_non_checkpoint_file_is_refused_with_one_line(tmp_path)
 
 
 def test_unreadable_images_are_counted_once_and_resuming_a_finished_run_says_so(tmp_path):
-    from conftest import FAST, run_main
+    from conftest import FAST, run_cli
     from imagefolder import make_imagefolder
     root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=12, val_per_class=2)
     (root / 'train' / 'class_1' / 'garbage.jpg').write_bytes(b'not an image at all')
     out = tmp_path / 'out'
     common = ['--data-path', root, '--model', 'test_vit', *FAST, '--epochs', '1', '--output_dir', out]
-    run_main(*common)  # repeated augmentation: the garbage file is drawn 3 times
+    run_cli(*common)  # repeated augmentation: the garbage file is drawn 3 times
     assert json.loads((out / 'log.txt').read_text())['train_unreadable_images'] == 1
     log = (out / 'log.txt').read_text()
-    proc = run_main(*common, '--resume', 'auto')
+    proc = run_cli(*common, '--resume', 'auto')
     assert 'Nothing to train' in proc.stdout and 'raise --epochs' in proc.stdout
     assert 'Continuing at epoch' not in proc.stdout and (out / 'log.txt').read_text() == log
 
