@@ -27,7 +27,7 @@ import fast_augment
 import fast_data
 import main
 import speedups
-from conftest import FAST, REPO, run_main, twin_vits_and_batches
+from conftest import FAST, REPO, run_cli, twin_vits_and_batches
 from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, preserved_rng, seed_rng
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
@@ -287,8 +287,8 @@ def test_batch_erasing_is_the_same_for_a_resumed_step():
 
 
 def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1', '--no-model-ema',
-                    '--output_dir', tmp_path, *FAST, '--input-size', '40', '--num_workers', '1')
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
+                   '--output_dir', tmp_path, *FAST, '--input-size', '48', '--num_workers', '1')
     assert '(24 images, both head)' in proc.stdout
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] > 0
 

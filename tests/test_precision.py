@@ -8,7 +8,7 @@ import yaml
 
 import main
 import precision
-from conftest import FAST, run_main, twin_vits_and_batches
+from conftest import FAST, run_cli, twin_vits_and_batches
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
 from precision import resolve_precision
@@ -84,12 +84,14 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
         assert torch.equal(ours, theirs), name
 
 
-def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefolder, teacher_checkpoint, tmp_path):
+def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefolder, teacher_checkpoint, tmp_path,
+                                                                        monkeypatch):
     default = [flag for flag in FAST if flag != '--no-amp']
     out = tmp_path / 'run'
-    proc = run_main('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
-                    '--distillation-type', 'hard', '--no-distillation-token', '--teacher-model', 'regnety_002',
-                    '--teacher-path', teacher_checkpoint, '--output_dir', out, *default, env={'XDG_CACHE_HOME': str(tmp_path)})
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))  # the probe runs: no answer cached
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
+                   '--distillation-type', 'hard', '--no-distillation-token', '--teacher-model', 'regnety_002',
+                   '--teacher-path', teacher_checkpoint, '--output_dir', out, *default)
     student, teacher = [line for line in proc.stdout.splitlines()[:3] if line.startswith('precision:')]
     match = re.fullmatch(r'precision: student (fp32|bf16) \(default: a bf16 matmul runs .*\)', student)
     assert match, student
