@@ -1,20 +1,23 @@
 """quickstart.py end to end on DIGITS, one epoch per run (the real one takes minutes); args.yaml."""
-import sys
+import io
+from contextlib import redirect_stdout
 
 import pytest
 import yaml
 
 import config
 import main
-from conftest import run_main
+import quickstart as quickstart_py
+from conftest import run_cli
 
 
 @pytest.fixture(scope='module')
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp('quickstart')
-    proc = run_main('--output', out, '--threads', '1', '--epochs', '1', '--batch-size', '128',
-                    launcher=(sys.executable, 'quickstart.py'))
-    return out, proc.stdout
+    printed = io.StringIO()
+    with redirect_stdout(printed):  # its three runs are main.py processes of their own
+        assert quickstart_py.main(['--output', str(out), '--threads', '1', '--epochs', '1', '--batch-size', '128']) == 0
+    return out, printed.getvalue()
 
 
 def read_args(path):
@@ -46,18 +49,18 @@ def test_args_yaml_is_a_valid_config_and_is_rewritten_on_resume(quickstart):
     parser = main.get_args_parser()
     assert config.load_config(str(teacher / 'args.yaml'), parser) == saved
 
-    proc = run_main('--config', teacher / 'args.yaml', '--epochs', 2, '--resume', teacher / 'checkpoint.pth')
+    proc = run_cli('--config', teacher / 'args.yaml', '--epochs', 2, '--resume', teacher / 'checkpoint.pth')
     assert 'Continuing at epoch 1' in proc.stdout
     resumed = read_args(teacher / 'args.yaml')
     assert (resumed['epochs'], resumed['resume']) == (2, str(teacher / 'checkpoint.pth'))
 
 
 def test_a_bad_flag_stops_it_with_main_pys_error_line(tmp_path):
-    proc = run_main('--output', tmp_path, '--epochs', 'x', launcher=(sys.executable, 'quickstart.py'), check=False)
-    assert proc.returncode == 1
-    first, second = proc.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as stop:  # the message of sys.exit: one stderr line, exit code 1
+        quickstart_py.main(['--output', str(tmp_path), '--epochs', 'x'])
+    first, second = stop.value.code.strip().splitlines()
     assert first.endswith("error: argument --epochs: invalid int value: 'x'")
-    assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in proc.stderr
+    assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in stop.value.code
 
 
 # The distillation study (tools/distillation_study.py): its statistics from known values, its plan,
