@@ -1,4 +1,5 @@
 """quickstart.py end to end on DIGITS, one epoch per run (the real one takes minutes); args.yaml."""
+import argparse
 import io
 from contextlib import redirect_stdout
 
@@ -11,12 +12,16 @@ import quickstart as quickstart_py
 from conftest import run_cli
 
 
+SMALL = ['--epochs', '1', '--batch-size', '100', '--data-set', 'DIGITS-100']
+
+
 @pytest.fixture(scope='module')
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp('quickstart')
     printed = io.StringIO()
     with redirect_stdout(printed):  # its three runs are main.py processes of their own
-        assert quickstart_py.main(['--output', str(out), '--threads', '1', '--epochs', '1', '--batch-size', '128']) == 0
+        # main.py flags after its own reach every run: one epoch on DIGITS' 100-image training split
+        assert quickstart_py.main(['--output', str(out), '--threads', '1', *SMALL]) == 0
     return out, printed.getvalue()
 
 
@@ -33,12 +38,21 @@ def test_teacher_then_distilled_and_plain_students_and_a_table(quickstart):
     assert 'The distillation study (python -m tools.distillation_study): DeiT⚗ (both heads) - plain: ' in stdout
 
     teacher, distilled, plain = (read_args(out / run / 'args.yaml') for run in ('teacher', 'distilled', 'plain'))
-    assert teacher['model'] == 'regnety_tiny_os8' and teacher['data_set'] == 'DIGITS'
+    assert teacher['model'] == 'regnety_tiny_os8'
+    assert all(run['data_set'] == 'DIGITS-100' and run['epochs'] == 1 for run in (teacher, distilled, plain))
     assert distilled['distillation_type'] == 'hard' and plain['distillation_type'] == 'none'
     assert distilled['teacher_path'] == str(out / 'teacher' / 'checkpoint.pth')
     assert (distilled['model'], plain['model']) == ('deit_micro_distilled_patch4_16', 'deit_micro_patch4_16')
     different = {k for k in plain if plain[k] != distilled[k]}
     assert different == {'model', 'distillation_type', 'teacher_model', 'teacher_path', 'output_dir'}  # same budget
+
+
+def test_without_flags_every_run_trains_on_digits(tmp_path):
+    parser = main.get_args_parser()
+    runs = {stage.name: config.parse_args(argparse.ArgumentParser(parents=[parser]), stage.argv)
+            for stage in quickstart_py.stages(tmp_path, [])}
+    assert list(runs) == ['teacher', 'distilled', 'plain']
+    assert all(args.data_set == 'DIGITS' for args in runs.values())
 
 
 def test_args_yaml_is_a_valid_config_and_is_rewritten_on_resume(quickstart):

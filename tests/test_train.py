@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from conftest import FAST, REPO, run_cli, run_main
+from conftest import FAST, REPO, run_cli
 
 # A distilled DeiT of 6 blocks at 16 px (4x4 patches): steps several times cheaper than DeiT-Ti at 32 px.
 STUDENT = ['--model', 'deit_micro_distilled_patch4_16', '--lr', '2e-3']
@@ -99,18 +99,6 @@ def test_resume_continues_at_the_next_epoch_with_the_same_learning_rate(imagefol
     assert [row['epoch'] for row in log] == [0, 1, 2, 3, 4]
     assert [row['train_lr'] for row in log] == pytest.approx([row['train_lr'] for row in read_log(reference)],
                                                              rel=1e-12)
-
-
-def test_torchrun_two_cpu_processes_with_dist_eval(imagefolder, tmp_path):
-    proc = run_main('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--dist-eval',
-                    '--output_dir', tmp_path, *FAST, '--batch-size', '6',
-                    launcher=(sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                              'main.py'))
-    assert 'distributed init (rank 0, world 2, gloo)' in proc.stdout
-    assert '(24 images, both head)' in proc.stdout  # the two shards together cover the val set exactly once
-    assert len(read_log(tmp_path)) == 1
-    # rank 0 alone wrote files and printed
-    assert proc.stdout.count('Start training') == 1
 
 
 def test_eval_head_reports_each_classifier_of_a_distilled_checkpoint(tmp_path):
