@@ -27,6 +27,7 @@ GEMMs, attention, elementwise, dtype casts, the optimizer, and the rest (Python,
 import argparse
 import collections
 import contextlib
+import functools
 import io
 import json
 import random
@@ -58,7 +59,8 @@ import fast_data
 import main
 import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
-from datasets import RobustSamples, build_transform, collate_skipping
+from datasets import (DataSettings, Pipeline, RobustSamples, TransformSettings, build_pipeline, build_transform,
+                      collate_skipping)
 from engine import LossScaler, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
@@ -220,21 +222,26 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def data_options(args) -> Namespace:
-    return main.get_args_parser().parse_args(['--input-size', str(args.input_size)])
+def transform_settings(args) -> TransformSettings:
+    """main.py's default transforms at --input-size."""
+    return DataSettings.from_args(main.get_args_parser().parse_args(['--input-size', str(args.input_size)])).transform
+
+
+def pipeline_folder(folder: Path, pipeline: Pipeline) -> ImageFolder:
+    return ImageFolder(str(folder), transform=pipeline.transform, loader=pipeline.open_image)
 
 
 def bench_data(args, root: Path) -> List[dict]:
     """Images/s per core of the train and eval pipelines, stock timm vs --fast-data."""
-    options = data_options(args)
+    settings = transform_settings(args)
     rows = []
     with one_thread():
         for is_train, name in ((True, 'data: train transform'), (False, 'data: eval transform')):
             folder = root / ('train' if is_train else 'val')
-            baseline = ImageFolder(str(folder), transform=build_transform(is_train, options))
-            ours = ImageFolder(str(folder), transform=build_transform(is_train, options))
-            transform = fast_data.speed_up(ours, is_train, options)
-            wrap = lambda loader, t=transform: fast_data.DeviceBatches(loader, t, torch.device('cpu'))  # noqa: E731
+            baseline = ImageFolder(str(folder), transform=build_transform(is_train, settings))
+            pipeline = build_pipeline(is_train, settings)
+            ours = pipeline_folder(folder, pipeline)
+            wrap = functools.partial(fast_data.DeviceBatches, stage=pipeline.batch, device=torch.device('cpu'))
             seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
                                 args.repeats)
             rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
@@ -276,20 +283,21 @@ def train_pipeline_stages(args, root: Path) -> Dict[str, Dict[str, float]]:
     The stages are timed where the pipelines call them (wrapped, not copied); 'other' is file
     reading, the sampler and per-sample seeding, collate and the conversions between stages.
     """
-    options, folder = data_options(args), root / 'train'
+    settings, folder = transform_settings(args), root / 'train'
     stock_timer, fast_timer = StageTimer(), StageTimer()
-    stock = ImageFolder(str(folder), transform=build_transform(True, options))
+    stock = ImageFolder(str(folder), transform=build_transform(True, settings))
     stock.loader = stock_timer.wrap('decode (PIL)', stock.loader)
     stock.transform = transforms.Compose([stock_timer.wrap(type(t).__name__, t) for t in stock.transform.transforms])
 
-    fast = ImageFolder(str(folder), transform=build_transform(True, options))
-    transform = fast_data.speed_up(fast, True, options)
+    pipeline = build_pipeline(True, settings)
+    fast = pipeline_folder(folder, pipeline)
+    transform = pipeline.transform
     fast.loader = fast_timer.wrap('open (header)', fast.loader)
     transform.crop_box = fast_timer.wrap('crop box', transform.crop_box)
     transform.steps = [fast_timer.wrap(type(t).__name__, t) for t in transform.steps]
 
     def device_batches(loader):
-        batches = fast_data.DeviceBatches(loader, transform, torch.device('cpu'))
+        batches = fast_data.DeviceBatches(loader, pipeline.batch, torch.device('cpu'))
         batches.normalise = fast_timer.wrap('normalise (batch)', batches.normalise)
         batches.erase = fast_timer.wrap('erase (batch)', batches.erase)
         return batches

@@ -1,25 +1,30 @@
-"""Never lose a run: step checkpoints inside an epoch, --resume auto, and preemption signals.
+"""Never lose a run: what a checkpoint holds and how it is restored (TrainingState), step checkpoints
+inside an epoch, --resume auto, and preemption signals.
 
-Low-level file I/O (atomic writes, safe loading) lives in utils.py; this module decides *when* to
-save, *which* checkpoint to resume from, and how a SIGTERM becomes a clean stop.
+This module decides *what* is saved, *when*, *which* checkpoint to resume from, and how a SIGTERM
+becomes a clean stop; reading checkpoint files and fitting their weights to a model is weights.py's.
 """
 import collections
 import fcntl
 import glob
 import os
-import random
 import re
 import signal
 import socket
 import sys
 import time
 import zipfile
-from typing import IO, Callable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import IO, Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 
+import seeding
 import utils
+import weights
+from engine import LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
@@ -35,27 +40,126 @@ class TrainingInterrupted(BaseException):
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG state (plain data, so that checkpoints load with weights_only=True)
+# What a checkpoint holds, and how it is written and restored
 # ---------------------------------------------------------------------------------------------
 
-def capture_rng_state() -> dict:
-    """The host generators' states. No CUDA state: every training step reseeds all devices
-    (engine.train_one_epoch) before drawing on them, and a list of every GPU's state would not load
-    where fewer GPUs are visible (a 1-GPU resume, Slurm's per-task GPU binding)."""
-    np_state = np.random.get_state()
-    return {
-        'python': random.getstate(),
-        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        'torch': torch.get_rng_state(),
-    }
+def save_atomic(obj, path: str) -> None:
+    """torch.save ``obj`` to ``path`` atomically (see utils.write_atomic)."""
+    utils.write_atomic(path, lambda f: torch.save(obj, f))
 
 
-def restore_rng_state(state: dict) -> None:
-    """Restore what capture_rng_state saved; the per-GPU 'cuda' list of older checkpoints is ignored."""
-    random.setstate((state['python'][0], tuple(state['python'][1]), state['python'][2]))
-    name, keys, *rest = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state['torch'])
+def save_on_master(obj, path: str) -> None:
+    if utils.is_main_process():
+        save_atomic(obj, path)
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores: the objects being trained and where the run stands."""
+    model: torch.nn.Module  # without the DDP wrapper: official key names
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Scheduler
+    loss_scaler: LossScaler
+    model_ema: Optional[ModelEmaV3]
+    run_args: Dict[str, object]  # the run's arguments as plain data (config.plain_args), saved as 'args'
+    samples_per_step: int  # per process: --batch-size x --grad-accum-steps
+    max_accuracy: float = 0.0
+    start_epoch: int = 0
+    start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
+    metrics_state: Optional[dict] = None  # that partial epoch's running averages
+
+    def payload(self, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
+        """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
+        what an exact mid-epoch resume needs. ``steps_done`` is None for an epoch-end checkpoint."""
+        return {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(),
+            'epoch': epoch,
+            'step': steps_done,
+            'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
+            'scaler': self.loss_scaler.state_dict(),
+            'args': self.run_args,
+            'max_accuracy': self.max_accuracy,
+            'train_metrics': metrics,
+            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * self.samples_per_step},
+            'rng': seeding.capture_rng_state(),
+        }
+
+    def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
+               world_size: int, scaled_lr: float) -> None:
+        """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
+        everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
+        ckpt = weights.load_checkpoint(path)
+        weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
+        print(f'Resumed model weights from {path}')
+        if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
+            return
+        saved_args = ckpt.get('args') or {}
+        saved_opt = saved_args.get('opt', opt)
+        if saved_opt != opt:
+            raise utils.UserError(f'--resume {path} was trained with --opt {saved_opt}: resume with the same '
+                                  f'--opt, or start from its weights with --finetune')
+        self.optimizer.load_state_dict(ckpt['optimizer'])
+        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)
+        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
+        if self.model_ema is not None and ckpt.get('model_ema'):
+            weights.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {path} (EMA)')
+        self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
+        if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
+            self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
+        else:
+            self.start_epoch = ckpt['epoch']
+            self.start_step = step_to_resume_at(ckpt, path, batch_size, accum_steps, world_size)
+            self.metrics_state = ckpt.get('train_metrics')
+        if ckpt.get('rng'):
+            seeding.restore_rng_state(ckpt['rng'])
+        self.lr_scheduler.step(self.start_epoch)
+
+    def save(self, path: str, epoch: int) -> None:
+        save_on_master(self.payload(epoch), path)
+
+
+def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
+    """The first optimizer step to train, in this run's step size, of the epoch a step checkpoint stopped in.
+
+    The checkpoint records how many samples of its epoch each process had trained: another step size
+    (--batch-size x --grad-accum-steps) continues at that very sample if it is a step boundary, else is
+    refused. Another number of processes deals the epoch's samples differently, so it cannot continue
+    mid-epoch at all.
+    """
+    saved = ckpt.get('args') or {}
+    saved_batch, saved_world = saved.get('batch_size', batch_size), saved.get('world_size', world_size)
+    saved_accum = saved.get('grad_accum_steps', 1)
+    epoch = ckpt['epoch']
+    position = (ckpt.get('sampler') or {}).get('start_index', ckpt['step'] * saved_batch * saved_accum)
+    if saved_world != world_size:
+        raise utils.UserError(f'--resume {path} stopped in the middle of epoch {epoch} with {saved_world} '
+                              f'processes: resume it with {saved_world} processes, or resume from an epoch-end '
+                              f'checkpoint (checkpoint.pth)')
+    step_samples = batch_size * accum_steps
+    if position % step_samples:
+        raise utils.UserError(f'--resume {path} stopped after sample {position} of epoch {epoch} (per process), '
+                              f'not a step boundary with --batch-size {batch_size} --grad-accum-steps '
+                              f'{accum_steps}: resume with --batch-size {saved_batch} --grad-accum-steps {saved_accum}')
+    if (batch_size, accum_steps) != (saved_batch, saved_accum):
+        print(f'note: --batch-size {batch_size} --grad-accum-steps {accum_steps} (the checkpoint used '
+              f'{saved_batch} x {saved_accum}): epoch {epoch} continues at sample {position}, '
+              f'step {position // step_samples}')
+    return position // step_samples
+
+
+def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
+                           resumed_lr: float, path: str) -> None:
+    """One line when a run resumes with another total batch than it was trained with: the restored
+    schedule keeps the learning rate scaled for the old total batch."""
+    old_batch, old_world = saved_args.get('batch_size', batch_size), saved_args.get('world_size', world_size)
+    if (old_batch, old_world) == (batch_size, world_size):
+        return
+    print(f'note: {path} was trained with {old_world} processes x batch {old_batch}, this run has {world_size} x '
+          f'{batch_size}: the learning-rate schedule continues as saved (lr {resumed_lr:.3g}, not the '
+          f'{scaled_lr:.3g} of this total batch); --finetune starts a new schedule from its weights')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +168,7 @@ def restore_rng_state(state: dict) -> None:
 
 def is_readable_checkpoint(path: str) -> bool:
     """A complete torch zip archive: a truncated or corrupted file fails the CRC check."""
-    return zipfile.is_zipfile(path) and not utils.checkpoint_damage(path)
+    return zipfile.is_zipfile(path) and not weights.checkpoint_damage(path)
 
 
 def candidate_checkpoints(output_dir: str) -> List[str]:
@@ -116,8 +220,14 @@ def agreed_resume_checkpoint(output_dir: str) -> str:
 
 
 def elastic_restarts() -> int:
-    """How many times torchrun (--max-restarts) has restarted this job's workers."""
-    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    """How many times torchrun (--max-restarts) has restarted this job's workers, the highest count of any
+    rank: each node's agent counts its own restarts, so a node restarted because another one failed says 0."""
+    own = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    if not utils.is_dist_avail_and_initialized():
+        return own
+    counts = [0] * utils.get_world_size()
+    torch.distributed.all_gather_object(counts, own)  # every rank then takes the same branch of resume_source
+    return max(counts)
 
 
 def resume_source(resume: str, output_dir: str) -> str:
@@ -346,7 +456,7 @@ class Checkpointer:
     def save(self, epoch: int, steps_done: int, metrics: dict) -> str:
         path = os.path.join(self.output_dir, f'checkpoint-e{epoch:04d}-s{steps_done:06d}.pth')
         if utils.is_main_process():
-            utils.save_atomic(self.payload(epoch, steps_done, metrics), path)
+            save_atomic(self.payload(epoch, steps_done, metrics), path)
             self.prune()
         self.last_save = time.time()
         return path

@@ -1,4 +1,5 @@
-"""``--config FILE.yaml``: parser defaults from a YAML file, and the run's arguments as ``args.yaml``.
+"""``--config FILE.yaml``: parser defaults from a YAML file, and the run's arguments as ``args.yaml``
+(and as the plain data a checkpoint saves).
 
 The keys of a config are flag names, spelled like the flag (``batch-size``) or like its argparse
 destination (``batch_size``). The file replaces the parser's defaults, so flags given on the
@@ -123,10 +124,16 @@ def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         return
     # --distributed is accepted but the environment decides it (init_distributed_mode): run state, not a setting
     dests = {action.dest for action in _actions_by_key(parser).values()} - {'distributed'}
-    plain = {k: _plain(v) for k, v in vars(args).items() if k in dests}
+    plain = {k: v for k, v in plain_args(args).items() if k in dests}
     source = f' (defaults from --config {args.config})' if getattr(args, 'config', '') else ''
     header = f'# The arguments of this run{source}; repeat it with --config this file.\n'
     write_text_atomic(os.path.join(args.output_dir, 'args.yaml'), header + yaml.safe_dump(plain, sort_keys=False))
+
+
+def plain_args(args: argparse.Namespace) -> Dict[str, object]:
+    """The arguments as plain data (a device or a path as its string): what args.yaml holds, and what a
+    checkpoint saves so that it loads with torch.load(weights_only=True)."""
+    return {k: _plain(v) for k, v in vars(args).items()}
 
 
 def _plain(value):

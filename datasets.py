@@ -1,25 +1,29 @@
-"""Datasets (ImageNet-style folders, CIFAR, iNaturalist, scikit-learn's digits) and the DeiT train/eval
-transforms."""
-import contextlib
+"""Datasets (ImageNet-style folders, CIFAR, iNaturalist, scikit-learn's digits), the DeiT train/eval
+transforms, and the pipeline each split gets (the reference transforms, or --fast-data's)."""
+import argparse
 import csv
 import json
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data import auto_augment
+from timm.data.random_erasing import RandomErasing
 from torchvision import datasets, transforms
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
 
+from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
+from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
 
 # `--data-set` names; CIFAR stays the original's alias of CIFAR-100.
@@ -30,12 +34,64 @@ DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS'
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 
+@dataclass(frozen=True)
+class TransformSettings:
+    """How images become model inputs: the augmentation flags of main.py and --fast-data."""
+    input_size: int
+    color_jitter: float
+    auto_augment: Optional[str]  # timm's policy name (--aa); None: no automatic augmentation
+    interpolation: str  # of the train crop (--train-interpolation)
+    reprob: float
+    remode: str
+    recount: int
+    hflip: float  # probability of a horizontal flip in training
+    three_augment: bool
+    simple_crop: bool  # --src, with three_augment
+    eval_crop_ratio: float
+    fast: bool  # --fast-data: the fast pipeline wherever it implements the reference
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which dataset (--data-set, --data-path, --inat-category), the class count it must have, its transforms."""
+    data_set: str
+    data_path: str
+    inat_category: str
+    nb_classes: Optional[int]  # --nb-classes; None: whatever the data holds
+    transform: TransformSettings
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> 'DataSettings':
+        """The settings main.py's flags give."""
+        return cls(args.data_set, args.data_path, args.inat_category, args.nb_classes, TransformSettings(
+            input_size=args.input_size, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
+            interpolation=args.train_interpolation, reprob=args.reprob, remode=args.remode, recount=args.recount,
+            # handwritten digits are not mirror-symmetric
+            hflip=0.0 if args.data_set.startswith('DIGITS') else 0.5,
+            three_augment=args.ThreeAugment, simple_crop=args.src, eval_crop_ratio=args.eval_crop_ratio,
+            fast=args.fast_data))
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How a split's images become model inputs.
+
+    ``open_image`` reads an image file (for the datasets made of files), ``transform`` makes a sample
+    of it in a data-loader worker, and ``batch``, when set, finishes each collated batch on the
+    training device (fast_data.DeviceBatches); without it the samples leave ``transform`` finished.
+    """
+    transform: Callable[[Any], Any]
+    open_image: Callable[[str], Any] = default_loader
+    batch: Optional[BatchStage] = None
+
+
 def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's posterize op, safe at 0 bits.
 
     RandAugment's PosterizeIncreasing maps magnitude 10 (reached by the clipped mstd noise of
     `rand-m9-mstd0.5`, ~0.1% of images) to 0 bits; Pillow >= 11 rejects that and the data-loader
-    worker dies. 0 bits used to give an all-black image, so keep that.
+    worker dies. 0 bits keep no level but black: the image older Pillow gives.
     """
     if bits_to_keep >= 8:
         return img
@@ -59,7 +115,6 @@ class INatDataset(ImageFolder):
         self.transform = transform
         self.target_transform = target_transform
         self.loader = loader
-        self.year = year
         split = 'train' if train else 'val'
         with open(os.path.join(root, f'{split}{year}.json')) as f:
             data = json.load(f)
@@ -127,12 +182,12 @@ class DigitsDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def _image_folder(root: str, split: str, transform) -> ImageFolder:
+def _image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
-        return ImageFolder(path, transform=transform)
+        return ImageFolder(path, transform=transform, loader=loader)
     except FileNotFoundError as e:  # torchvision's words for a class folder without images
         raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
     except PermissionError as e:
@@ -146,9 +201,9 @@ class FlatValFolder(ImageFolder):
     loading are ImageFolder's.
     """
 
-    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None):
+    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=default_loader):
         self.wnid_of, self.train_classes = wnid_of, classes
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=loader)
 
     def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
         return self.train_classes, {wnid: i for i, wnid in enumerate(self.train_classes)}
@@ -223,7 +278,7 @@ def by_image_id(images: List[str], wnid_of_id: Dict[str, str], source: str) -> D
     return {name: wnid_of_id[os.path.splitext(name)[0]] for name in images}
 
 
-def imagenet_val_as_downloaded(data_path: str, images: List[str], transform) -> FlatValFolder:
+def imagenet_val_as_downloaded(data_path: str, images: List[str], transform, loader) -> FlatValFolder:
     """The flat val/ ``images`` labelled by the devkit or Kaggle's CSV, with the class indices of train/."""
     try:
         train_classes = find_classes(os.path.join(data_path, 'train'))[0]
@@ -235,52 +290,52 @@ def imagenet_val_as_downloaded(data_path: str, images: List[str], transform) -> 
     if unknown:
         raise UserError(f'{source} labels val/ images with {len(unknown)} classes that have no train/ folder '
                         f'(e.g. {unknown[0]}): train/ must hold the class folders named by WordNet id (n01440764 ...)')
-    return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform)
+    return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform, loader=loader)
 
 
-def _cifar(cls, args, is_train: bool, transform):
+def _cifar(cls, data_path: str, is_train: bool, transform):
     try:
-        return cls(args.data_path, train=is_train, transform=transform, download=True)
+        return cls(data_path, train=is_train, transform=transform, download=True)
     except Exception as e:  # no network, unwritable folder, corrupt archive
-        raise UserError(f'{cls.__name__} not found under --data-path {args.data_path} and could not be '
+        raise UserError(f'{cls.__name__} not found under --data-path {data_path} and could not be '
                         f'downloaded ({e}): put the extracted python version there') from None
 
 
-def build_dataset(is_train: bool, args) -> Tuple[object, int]:
-    """The ``--data-set`` split with its transform, and the number of classes."""
-    transform = build_transform(is_train, args)
-    if not os.path.isdir(args.data_path) and args.data_set in ('IMNET', 'INAT', 'INAT19'):
-        raise UserError(f'--data-path {args.data_path} is not a directory: point it at the dataset root')
+def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) -> Tuple[Dataset, int]:
+    """The ``settings.data_set`` split, read and transformed by ``pipeline``, and its number of classes."""
+    data_set, data_path, transform = settings.data_set, settings.data_path, pipeline.transform
+    if not os.path.isdir(data_path) and data_set in ('IMNET', 'INAT', 'INAT19'):
+        raise UserError(f'--data-path {data_path} is not a directory: point it at the dataset root')
 
-    if args.data_set in ('CIFAR', 'CIFAR100'):
-        dataset, nb_classes = _cifar(datasets.CIFAR100, args, is_train, transform), 100
-    elif args.data_set == 'CIFAR10':
-        dataset, nb_classes = _cifar(datasets.CIFAR10, args, is_train, transform), 10
-    elif args.data_set == 'IMNET':
-        val_dir = os.path.join(args.data_path, 'val')
+    if data_set in ('CIFAR', 'CIFAR100'):
+        dataset, nb_classes = _cifar(datasets.CIFAR100, data_path, is_train, transform), 100
+    elif data_set == 'CIFAR10':
+        dataset, nb_classes = _cifar(datasets.CIFAR10, data_path, is_train, transform), 10
+    elif data_set == 'IMNET':
+        val_dir = os.path.join(data_path, 'val')
         val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
         if val_images:  # ImageNet as downloaded
-            dataset = imagenet_val_as_downloaded(args.data_path, val_images, transform)
+            dataset = imagenet_val_as_downloaded(data_path, val_images, transform, pipeline.open_image)
         else:
-            dataset = _image_folder(args.data_path, 'train' if is_train else 'val', transform)
+            dataset = _image_folder(data_path, 'train' if is_train else 'val', transform, pipeline.open_image)
         nb_classes = len(dataset.classes)
-    elif args.data_set in ('INAT', 'INAT19'):
-        year = 2018 if args.data_set == 'INAT' else 2019
+    elif data_set in ('INAT', 'INAT19'):
+        year = 2018 if data_set == 'INAT' else 2019
         try:
-            dataset = INatDataset(args.data_path, train=is_train, year=year,
-                                  category=args.inat_category, transform=transform)
+            dataset = INatDataset(data_path, train=is_train, year=year, category=settings.inat_category,
+                                  transform=transform, loader=pipeline.open_image)
         except (OSError, KeyError, ValueError) as e:
-            raise UserError(f'cannot read the iNaturalist {year} annotations under {args.data_path}: {e}') from None
+            raise UserError(f'cannot read the iNaturalist {year} annotations under {data_path}: {e}') from None
         nb_classes = dataset.nb_classes
-    elif args.data_set == 'DIGITS' or args.data_set in DIGITS_SUBSETS:  # embedded: --data-path is not read
-        dataset = DigitsDataset(is_train, args.input_size, transform, DIGITS_SUBSETS.get(args.data_set))
+    elif data_set == 'DIGITS' or data_set in DIGITS_SUBSETS:  # embedded: --data-path is not read
+        dataset = DigitsDataset(is_train, settings.transform.input_size, transform, DIGITS_SUBSETS.get(data_set))
         nb_classes = 10
     else:
-        raise UserError(f'unknown --data-set {args.data_set}: choose one of {", ".join(DATA_SETS)}')
+        raise UserError(f'unknown --data-set {data_set}: choose one of {", ".join(DATA_SETS)}')
 
-    if getattr(args, 'nb_classes', None) and args.nb_classes != nb_classes:
-        raise UserError(f'--nb-classes {args.nb_classes} disagrees with the {nb_classes} classes found in '
-                        f'{args.data_set} at {args.data_path}: fix or drop --nb-classes')
+    if settings.nb_classes and settings.nb_classes != nb_classes:
+        raise UserError(f'--nb-classes {settings.nb_classes} disagrees with the {nb_classes} classes found in '
+                        f'{data_set} at {data_path}: fix or drop --nb-classes')
     return dataset, nb_classes
 
 
@@ -343,56 +398,63 @@ class ThreeAugment:
         return self.transform(img)
 
 
-def build_train_transform(args):
-    """timm's DeiT train pipeline: RandomResizedCrop, flip, RandAugment, jitter, random erasing.
+def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, transforms.Compose, transforms.Compose]:
+    """timm's DeiT train pipeline in timm's three stages: crop and flip; RandAugment and jitter;
+    tensor, normalisation and random erasing.
 
     Inputs of 32 px or less replace RandomResizedCrop by a padded RandomCrop, as the original: 4
-    pixels at 32 px (CIFAR), in proportion below (2 pixels at 16 px; 4 pixels are a quarter of a
-    16 px image, and a convnet on DIGITS then learns 4x slower). Handwritten digits are not
-    mirror-symmetric, so DIGITS is not flipped.
+    pixels at 32 px (CIFAR), in proportion below (2 pixels at 16 px: a 4-pixel pad, a quarter of a
+    16 px image, slows a convnet's learning on DIGITS).
     """
-    transform = create_transform(
-        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-        auto_augment=args.aa if args.aa and args.aa.lower() != 'none' else None,
-        interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, hflip=0.0 if args.data_set.startswith('DIGITS') else 0.5)
-    if args.input_size <= 32:
-        padding = max(1, args.input_size // 8)
-        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=padding, pad_if_needed=True)
-    return transform
+    geometry, pixels, tensor = create_transform(
+        input_size=settings.input_size, is_training=True, color_jitter=settings.color_jitter,
+        auto_augment=settings.auto_augment, interpolation=settings.interpolation, re_prob=settings.reprob,
+        re_mode=settings.remode, re_count=settings.recount, hflip=settings.hflip, separate=True)
+    if settings.input_size <= 32:
+        padding = max(1, settings.input_size // 8)
+        geometry.transforms[0] = transforms.RandomCrop(settings.input_size, padding=padding, pad_if_needed=True)
+    return geometry, pixels, tensor
 
 
-def build_transform(is_train: bool, args):
-    """The train or eval transform for ``args`` (the original DeiT signature)."""
-    if is_train and getattr(args, 'ThreeAugment', False):
-        return ThreeAugment(args.input_size, args.color_jitter, simple_crop=args.src)
+def build_transform(is_train: bool, settings: TransformSettings):
+    """The reference train or eval transform (timm's and torchvision's): a PIL image in, a normalised tensor out."""
+    if not is_train:
+        return EvalTransform(settings.input_size, settings.eval_crop_ratio)
+    if settings.three_augment:
+        return ThreeAugment(settings.input_size, settings.color_jitter, simple_crop=settings.simple_crop)
+    return transforms.Compose([step for stage in timm_train_stages(settings) for step in stage.transforms])
+
+
+def build_pipeline(is_train: bool, settings: TransformSettings) -> Pipeline:
+    """The split's pipeline: --fast-data's where it implements the reference transform, else the reference."""
+    if not settings.fast:
+        return Pipeline(build_transform(is_train, settings))
     if is_train:
-        return build_train_transform(args)
-    return EvalTransform(args.input_size, args.eval_crop_ratio)
+        return fast_train_pipeline(settings)
+    if settings.input_size <= 32:  # evaluated without resizing: nothing for the fast path to do
+        return Pipeline(build_transform(False, settings))
+    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, BatchStage())
+
+
+def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
+    """timm's train stages with the crop and the PIL steps on the fast path (fast_data.py: the same
+    draws, decoding only what the crop needs) and the tensor stage per batch, where the fast path
+    implements timm's crop; the reference otherwise."""
+    if settings.three_augment:
+        return Pipeline(build_transform(True, settings))
+    geometry, pixels, tensor = timm_train_stages(settings)
+    crop = geometry.transforms[0]
+    if not FastTrainTransform.implements(crop):  # the padded crop of small inputs, a filter torch's resize lacks
+        return Pipeline(transforms.Compose(geometry.transforms + pixels.transforms + tensor.transforms))
+    erasing = RandomErasing(settings.reprob, mode=settings.remode, max_count=settings.recount,
+                            device='cpu') if settings.reprob > 0 else None  # timm's tensor stage erases so
+    return Pipeline(FastTrainTransform(crop, geometry.transforms[1:] + pixels.transforms), open_lazily,
+                    BatchStage(erasing=erasing))
 
 
 # What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and
 # what its header check raises for a decompression bomb (more pixels than twice Image.MAX_IMAGE_PIXELS).
 UNREADABLE_IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Run the block, then restore the python/numpy/torch-CPU random generators to their state before it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def seed_rng(seed: int) -> None:
-    """Seed the python/numpy/torch-CPU random generators (what a sample's augmentation draws from)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.default_generator.manual_seed(seed)
 
 
 class RobustSamples(Dataset):
@@ -420,8 +482,8 @@ class RobustSamples(Dataset):
 
     def __getitems__(self, keys: list) -> list:
         """A batch's samples (the DataLoader's batched fetch): the generators' state is saved and
-        restored once per batch, not per sample (numpy's alone costs 75 us, 3% of a fast-path image)."""
-        with preserved_rng():
+        restored once per batch, not per sample (saving numpy's state is not free)."""
+        with preserved_cpu_generators():
             return [self._sample(key) for key in keys]
 
     def check_readable(self, split: str, samples: int = 8) -> None:
@@ -430,7 +492,7 @@ class RobustSamples(Dataset):
         count = len(self.dataset)
         indices = sorted({i * (count - 1) // max(samples - 1, 1) for i in range(min(samples, count))})
         errors = []
-        with preserved_rng():
+        with preserved_cpu_generators():
             for index in indices:
                 image, _, unreadable = self._sample(index, retry=False)
                 if image is not None:
@@ -444,7 +506,7 @@ class RobustSamples(Dataset):
         """Item ``key`` with its augmentation seeded, or the next readable one; leaves the generators seeded."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            seed_rng(seed)
+            seed_cpu_generators(seed)
         unreadable: List[str] = []
         for attempt in range(len(self.dataset)):
             i = (index + attempt) % len(self.dataset)

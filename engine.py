@@ -6,8 +6,8 @@ import torch
 from timm.data import Mixup
 
 from losses import CoSubLoss, DistillationLoss
-from samplers import sample_seed
-from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank, seed_everything
+from seeding import Stream, seed_everything, stream_seed
+from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
 
 
 class NonFiniteLossError(RuntimeError):
@@ -16,10 +16,6 @@ class NonFiniteLossError(RuntimeError):
 
 class UnreadableDataError(UserError):
     """An image could not be decoded and --strict-data asks to fail instead of skipping it."""
-
-
-# Distinguishes the per-step random stream from the per-sample augmentation streams.
-STEP_STREAM = 1
 
 
 class FiniteLossGuard:
@@ -150,7 +146,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         if bad_paths and getattr(args, 'strict_data', False):
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
-        seed_everything(sample_seed(seed, rank, epoch, micro, STEP_STREAM))
+        seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:

@@ -21,6 +21,7 @@ import torch
 
 import models  # noqa: F401  (registers our models, whose default input size load_hint reads)
 import utils
+import weights
 from utils import UserError
 
 
@@ -29,9 +30,9 @@ def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch
     if ema:
         if not isinstance(checkpoint, dict) or not checkpoint.get('model_ema'):
             raise UserError(f'{path} holds no EMA weights (trained with --no-model-ema?): export without --ema')
-        state = utils.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{path} (EMA)')
+        state = weights.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{path} (EMA)')
     else:
-        state = utils.model_state_from_checkpoint(checkpoint, path)
+        state = weights.model_state_from_checkpoint(checkpoint, path)
     # safetensors refuses non-contiguous tensors and tensors that share memory (views, tied weights):
     # every tensor gets its own contiguous copy.
     return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in state.items()}
@@ -68,7 +69,7 @@ def export(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, st
     """Write the checkpoint's weights to ``output``; returns the metadata written."""
     if not output.endswith('.safetensors'):
         raise UserError(f'-o {output}: the name must end in .safetensors (timm picks the format by suffix)')
-    checkpoint = utils.load_checkpoint(checkpoint_path)
+    checkpoint = weights.load_checkpoint(checkpoint_path)
     state = weights_to_export(checkpoint, checkpoint_path, ema)
     metadata = export_metadata(checkpoint, state, ema)
     try:

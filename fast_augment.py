@@ -3,17 +3,17 @@
 The draws stay timm's: a RandAugment here is timm's own ``RandAugment`` class holding copies of
 timm's ``AugmentOp`` objects (probability, magnitude noise, level-to-argument functions), each with
 its image function swapped for one below, so the same random streams pick the same ops with the same
-arguments as timm's pipeline. Only the pixel work changes, because PIL's is slow at 224 px (one
-thread): its affine resampling takes 2.5 ms per rotate / shear / translate against 0.8 ms for
-OpenCV's warp, and its Sharpness filter 1.0 ms against 0.15 ms.
+arguments as timm's pipeline. Only the pixel work changes, to OpenCV's kernels, faster than PIL's
+affine resampling (rotate, shear, translate) and Sharpness filter (benchmark.py --breakdown times
+the stages).
 
 Equal to PIL's output: the table ops (AutoContrast, Equalize, Invert, Posterize, Solarize,
 SolarizeAdd). Within two grey levels: Brightness, Color, Contrast, Sharpness (OpenCV rounds where
 PIL truncates, and has its own fixed-point grey weights). Geometric ops map every output pixel to
 the same source point as PIL (the same matrix, the same fill colour) but interpolate with OpenCV's
 bicubic kernel (a = -0.75; PIL's affine resampling uses a = -1, slightly sharper), and blend the fill
-into the outermost source pixels where PIL cuts to it: a mean difference under one grey level, 1% of
-the pixels (the edges) more than 8 apart.
+into the outermost source pixels where PIL cuts to it: a small mean difference, with the edges'
+pixels further apart (tests/test_performance.py bounds both).
 """
 import copy
 import random

@@ -5,17 +5,19 @@ Per image, in the data-loader workers:
   the JPEG is decoded by OpenCV straight into an array, at a reduced DCT scale when the box still
   has at least the output's pixels at that scale (grey and CMYK JPEGs: by PIL, with ``draft``);
 - the crop is resized by torch's antialiased uint8 kernel, PIL's filters within one grey level of
-  PIL's output and several times faster than PIL's resampling;
+  PIL's output and faster than PIL's resampling;
 - flip and RandAugment draw as timm's objects do and compute on the array (fast_augment.py);
 - the result ships as a uint8 HWC tensor: no per-image float conversion, a quarter of the bytes.
-Per batch, on the training device (``DeviceBatches``): conversion to float and normalisation in
-place (channels_last layout, which the NHWC batch already has), and random erasing drawn from a
-generator seeded by (seed, rank, epoch, step), so that a resumed run erases exactly the same.
+Per batch, on the training device (``DeviceBatches`` running a ``BatchStage``): conversion to float
+and normalisation in place (channels_last layout, which the NHWC batch already has), and random
+erasing drawn from a generator seeded by (seed, rank, epoch, step), so that a resumed run erases
+exactly the same. datasets.build_pipeline decides where this path stands for the reference.
 """
 import io
 import math
 import random
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -24,14 +26,12 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from fast_augment import array_step
-from samplers import sample_seed
+from seeding import Stream, stream_generators
 
-# Distinguishes the per-step erasing stream from the per-sample and per-step streams (engine.STEP_STREAM).
-ERASE_STREAM = 2
 Box = Tuple[float, float, float, float]
 # The filters of timm's crop that torch's antialiased uint8 resize implements as PIL does.
 RESIZE_MODES = {transforms.InterpolationMode.BILINEAR: 'bilinear', transforms.InterpolationMode.BICUBIC: 'bicubic'}
@@ -54,7 +54,7 @@ READ_FLAGS = {s: reduced | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION 
 def jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int]]:
     """(width, height, components) from a JPEG's frame header; None where there is none of HUFFMAN_FRAMES.
 
-    Read here because PIL's JPEG opener parses every marker segment in Python: 0.05 ms of a 2 ms image.
+    Read here because PIL's JPEG opener parses every marker segment in Python.
     """
     if not data.startswith(b'\xff\xd8'):
         return None
@@ -105,8 +105,8 @@ def decode(img: Union[JpegFile, Image.Image], region: Box, out_size: Tuple[int, 
     JPEGs are decoded at DCT scale 1/s (s in 2, 4, 8) when ``region`` (left, top, right, bottom) still
     spans at least ``out_size`` (w, h) pixels at that scale: no resolution is lost for the output.
     Colour JPEGs are decoded by OpenCV straight into an array: PIL's pixels (the same libjpeg-turbo
-    decoder and settings, also at reduced scale) without PIL's copy out of its own image memory, and
-    a little sooner than torchvision's decoder (1.07 against 1.11 ms at 500x375), which 0.29 deprecated.
+    decoder and settings, also at reduced scale) without PIL's copy out of its own image memory
+    (torchvision's decoder is deprecated).
     """
     shrink = min((region[2] - region[0]) / out_size[0], (region[3] - region[1]) / out_size[1])
     if isinstance(img, JpegFile):
@@ -134,7 +134,7 @@ def resize(pixels: torch.Tensor, size: Tuple[int, int], mode: str = 'bicubic') -
     """PIL's antialiased resize on uint8 NCHW images, to ``size`` (h, w).
 
     torch's uint8 kernel implements PIL's filters (outputs within a grey level or two of PIL's) and
-    is up to 4x faster than PIL's resampling on large crops.
+    is faster than PIL's resampling on large crops.
     """
     return F.interpolate(pixels, size=size, mode=mode, antialias=True)
 
@@ -144,38 +144,27 @@ def to_hwc(pixels: torch.Tensor) -> torch.Tensor:
     return pixels[0].permute(1, 2, 0)
 
 
-def split_reference(reference: transforms.Compose):
-    """(RandomResizedCrop, the PIL steps after it, Normalize, RandomErasing or None) of timm's pipeline."""
-    steps = list(reference.transforms)
-    if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
-        return None
-    modes = steps[0].interpolation if isinstance(steps[0].interpolation, (tuple, list)) else [steps[0].interpolation]
-    if not all(mode in RESIZE_MODES for mode in modes):
-        return None
-    tensor_at = next((i for i, t in enumerate(steps) if isinstance(t, (MaybeToTensor, transforms.ToTensor))), None)
-    if tensor_at is None or tensor_at + 1 >= len(steps) or not isinstance(steps[tensor_at + 1], transforms.Normalize):
-        return None
-    tail = steps[tensor_at + 2:]
-    if len(tail) > 1 or (tail and not isinstance(tail[0], RandomErasing)):
-        return None
-    return steps[0], steps[1:tensor_at], steps[tensor_at + 1], (tail[0] if tail else None)
-
-
 class FastTrainTransform:
-    """timm's DeiT train transform up to the uint8 image: same crop, flip and RandAugment draws.
+    """timm's DeiT train transform up to the uint8 image: timm's ``crop`` followed by its PIL
+    ``pil_steps`` (flip, RandAugment, jitter), with the same draws.
 
     The crop box is drawn by timm's own ``get_params`` on the full-size image, so box and scale
     statistics are those of the reference by construction; flip and RandAugment make timm's draws
     (fast_augment.py). Decoding, resizing and the augmentations' pixel work change.
     """
 
-    def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence,
-                 normalize: transforms.Normalize, erasing: Optional[RandomErasing] = None):
+    def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence):
         self.crop = crop
         self.steps = [array_step(step) for step in pil_steps]
         self.out_size = (crop.size[1], crop.size[0])  # PIL (w, h)
-        self.mean, self.std = tuple(normalize.mean), tuple(normalize.std)  # applied per batch
-        self.erasing = erasing
+
+    @staticmethod
+    def implements(crop: Callable) -> bool:
+        """Whether this transform can stand for ``crop``: timm's RandomResizedCrop, with filters torch's resize has."""
+        if not isinstance(crop, RandomResizedCropAndInterpolation):
+            return False
+        modes = crop.interpolation if isinstance(crop.interpolation, (tuple, list)) else [crop.interpolation]
+        return all(mode in RESIZE_MODES for mode in modes)
 
     def crop_box(self, size: Tuple[int, int]) -> Tuple[Tuple[int, int, int, int], str]:
         """The RandomResizedCrop box (left, top, right, bottom) for an image of ``size`` (w, h), and the filter."""
@@ -198,9 +187,8 @@ class FastTrainTransform:
 
 
 class FastEvalTransform:
-    """Resize the shorter side to ``input_size / crop_ratio`` (bicubic) and center crop ``input_size``."""
-
-    mean, std, erasing = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None  # as datasets.EvalTransform
+    """Resize the shorter side to ``input_size / crop_ratio`` (bicubic) and center crop ``input_size``:
+    datasets.EvalTransform up to the uint8 image."""
 
     def __init__(self, input_size: int, crop_ratio: float = 0.875):
         self.size = input_size
@@ -221,25 +209,13 @@ class FastEvalTransform:
         return to_hwc(resize(pixels, (new_h, new_w))[..., top:bottom, left:right])
 
 
-FastTransform = Union[FastTrainTransform, FastEvalTransform]
-
-
-def speed_up(dataset, is_train: bool, args) -> Optional[FastTransform]:
-    """Switch ``dataset`` (built by datasets.build_dataset) to the fast transform when its transform is
-    the standard DeiT one, and return that transform (None: left as it was). The dataset then
-    yields uint8 HWC images, to be normalised per batch by ``DeviceBatches``."""
-    if is_train:
-        parts = split_reference(dataset.transform) if isinstance(dataset.transform, transforms.Compose) else None
-        if parts is None:  # ThreeAugment, the padded crop of <= 32 px inputs, a filter torch lacks, ...
-            return None
-        dataset.transform = FastTrainTransform(*parts)
-    else:
-        if args.input_size <= 32:  # evaluated without resizing
-            return None
-        dataset.transform = FastEvalTransform(args.input_size, args.eval_crop_ratio)
-    if hasattr(dataset, 'loader'):  # ImageFolder / iNaturalist: decode in the transform, after draft
-        dataset.loader = open_lazily
-    return dataset.transform
+@dataclass(frozen=True)
+class BatchStage:
+    """What the fast path leaves to each batch, on the training device: normalisation by ``mean`` and
+    ``std`` (timm's ImageNet constants, as the reference transforms), then ``erasing`` (training)."""
+    mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    erasing: Optional[RandomErasing] = None
 
 
 def erase_(images: torch.Tensor, erasing: RandomErasing, rng: random.Random,
@@ -277,7 +253,7 @@ def _erasing_pixels(erasing: RandomErasing, shape, like: torch.Tensor, generator
 
 
 class DeviceBatches:
-    """A DataLoader of uint8 NHWC batches seen as normalised float NCHW batches on ``device``.
+    """A DataLoader of uint8 NHWC batches seen as normalised float NCHW batches on ``device``: ``stage`` run per batch.
 
     Normalisation is one multiply and one add per element; the result keeps the NHWC memory layout
     (``channels_last``), which convolutions prefer. Random erasing (training) draws from generators
@@ -286,12 +262,13 @@ class DeviceBatches:
     Exposes ``sampler`` and ``len()`` like the wrapped loader.
     """
 
-    def __init__(self, loader, transform: FastTransform, device: torch.device, seed: int = 0, rank: int = 0):
+    def __init__(self, loader, stage: BatchStage, device: torch.device, seed: int = 0, rank: int = 0):
         self.loader = loader
         self.device = device
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in transform.std], device=device)
-        self.shift = torch.tensor([-m / s for m, s in zip(transform.mean, transform.std)], device=device)
-        self.erasing = transform.erasing
+        mean, std = torch.tensor(stage.mean), torch.tensor(stage.std)  # float32, as torchvision's Normalize
+        self.scale = (1.0 / (255.0 * std)).to(device)
+        self.shift = (-mean / std).to(device)
+        self.erasing = stage.erasing
         self.seed, self.rank = seed, rank
 
     @property
@@ -306,15 +283,13 @@ class DeviceBatches:
         images = images.to(self.device, non_blocking=True)
         n, h, w, c = images.shape
         # The per-channel constants repeated along a row: broadcasting over an inner dimension of
-        # w * 3 elements instead of 3 lets the CPU kernels vectorise (20x faster at 224 px).
+        # w * 3 elements instead of 3 lets the CPU kernels vectorise.
         rows = images.reshape(n, h, w * c).float().mul_(self.scale.repeat(w)).add_(self.shift.repeat(w))
         return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def erase(self, images: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
-        seed = sample_seed(self.seed, self.rank, epoch, step, ERASE_STREAM)
-        generator = torch.Generator(device=images.device)
-        generator.manual_seed(seed)
-        return erase_(images, self.erasing, random.Random(seed), generator)
+        rng, generator = stream_generators(self.seed, self.rank, epoch, step, Stream.ERASE, images.device)
+        return erase_(images, self.erasing, rng, generator)
 
     def __iter__(self):
         sampler = self.loader.sampler

@@ -17,6 +17,7 @@ import torch
 
 import models  # registers our models in timm's registry
 import utils
+import weights
 
 dependencies = ['torch', 'timm']
 
@@ -37,12 +38,12 @@ def _load_official_weights(model: torch.nn.Module, name: str) -> None:
     if not url:
         raise utils.UserError(f'{name} has no official weights (no url in its pretrained config): '
                               'use pretrained=False')
-    state = utils.model_state_from_checkpoint(utils.load_checkpoint(url), url)
+    state = weights.model_state_from_checkpoint(weights.load_checkpoint(url), url)
     if isinstance(model, _vit.VisionTransformer):
         # DeiT III's original key names (blocks.N.gamma_1, parallel blocks' attn1 ...) renamed, then
         # timm's own filter for DeiT weights resizes pos_embed to an img_size other than the weights' own.
-        state = _vit.checkpoint_filter_fn(utils.timm_key_names(state, model), model)
-    utils.load_state_checked(model, state, url)
+        state = _vit.checkpoint_filter_fn(weights.timm_key_names(state, model), model)
+    weights.load_state_checked(model, state, url)
 
 
 def _entrypoint(name: str) -> _abc.Callable[..., torch.nn.Module]:

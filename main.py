@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import time
 from pathlib import Path
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import timm
@@ -37,15 +36,18 @@ import checkpoint
 import config
 import fast_data
 import models  # noqa: F401  (registers our students in timm's registry)
+import seeding
 import speedups
 import utils
-from datasets import DATA_SETS, INAT_CATEGORIES, RobustSamples, build_dataset, check_same_classes, collate_skipping
+import weights
+from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
+                      check_same_classes, collate_skipping)
 from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
 from precision import dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
 from teacher import prepare_teacher
-from utils import UserError, seed_everything
+from utils import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -354,12 +356,12 @@ def samples_per_step(args) -> int:
 
 def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     """Train and val loaders with their samplers (repeated augmentation, sharded eval)."""
-    dataset_train, nb_classes = build_dataset(is_train=True, args=args)
-    dataset_val, _ = build_dataset(is_train=False, args=args)
+    settings = DataSettings.from_args(args)
+    pipeline_train, pipeline_val = build_pipeline(True, settings.transform), build_pipeline(False, settings.transform)
+    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
+    dataset_val, _ = build_dataset(False, settings, pipeline_val)
     check_same_classes(dataset_train, dataset_val)
     world, rank = utils.get_world_size(), utils.get_rank()
-    fast_train = args.fast_data and fast_data.speed_up(dataset_train, True, args)
-    fast_val = args.fast_data and fast_data.speed_up(dataset_val, False, args)
     samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
     if not args.eval:
         samples_train.check_readable('training')
@@ -380,17 +382,18 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
                    collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
-                   generator=torch.Generator().manual_seed(args.seed))
+                   generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
         workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     loader_train = DataLoader(samples_train, sampler=sampler_train,
                               batch_size=args.batch_size, drop_last=True, **workers)
     loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
                             batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
-    if fast_train:
-        loader_train = fast_data.DeviceBatches(loader_train, fast_train, args.device, seed=args.seed, rank=rank)
-    if fast_val:
-        loader_val = fast_data.DeviceBatches(loader_val, fast_val, args.device)
+    if pipeline_train.batch:
+        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
+                                               rank=rank)
+    if pipeline_val.batch:
+        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
     if len(loader_train) == 0 and not args.eval:
         raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
                         f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
@@ -459,14 +462,14 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
 
 def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
     """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
-    state = utils.model_state_from_checkpoint(utils.load_checkpoint(path), path)
+    state = weights.model_state_from_checkpoint(weights.load_checkpoint(path), path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
     for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
         print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
         del state[k]
-    utils.interpolate_pos_embed(state, model)
-    message = utils.load_state_checked(model, state, f'--finetune {path}', strict=False)
+    weights.interpolate_pos_embed(state, model)
+    message = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)
     print(f'Fine-tuning from {path}: {message}')
 
 
@@ -489,9 +492,9 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
         return None
     print(f'Creating teacher model: {args.teacher_model}')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = utils.model_state_from_checkpoint(utils.load_checkpoint(args.teacher_path), args.teacher_path)
-    utils.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                             f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
+    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype_of(args))
 
 
@@ -517,124 +520,6 @@ def build_criterion(args, teacher: Optional[torch.nn.Module]) -> torch.nn.Module
         base = torch.nn.CrossEntropyLoss()
     return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
                             distillation_token=args.distillation_token)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def plain_args(args) -> dict:
-    """The arguments as plain data, so that checkpoints load with torch.load(weights_only=True)."""
-    return {k: (v if v is None or isinstance(v, (bool, int, float, str, list, tuple)) else str(v))
-            for k, v in vars(args).items()}
-
-
-def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
-    """The first optimizer step to train, in this run's step size, of the epoch a step checkpoint stopped in.
-
-    The checkpoint records how many samples of its epoch each process had trained: another step size
-    (--batch-size x --grad-accum-steps) continues at that very sample if it is a step boundary, else is
-    refused. Another number of processes deals the epoch's samples differently, so it cannot continue
-    mid-epoch at all.
-    """
-    saved = ckpt.get('args') or {}
-    saved_batch, saved_world = saved.get('batch_size', batch_size), saved.get('world_size', world_size)
-    saved_accum = saved.get('grad_accum_steps', 1)
-    epoch = ckpt['epoch']
-    position = (ckpt.get('sampler') or {}).get('start_index', ckpt['step'] * saved_batch * saved_accum)
-    if saved_world != world_size:
-        raise UserError(f'--resume {path} stopped in the middle of epoch {epoch} with {saved_world} processes: '
-                        f'resume it with {saved_world} processes, or resume from an epoch-end checkpoint '
-                        f'(checkpoint.pth)')
-    step_samples = batch_size * accum_steps
-    if position % step_samples:
-        raise UserError(f'--resume {path} stopped after sample {position} of epoch {epoch} (per process), not a '
-                        f'step boundary with --batch-size {batch_size} --grad-accum-steps {accum_steps}: resume '
-                        f'with --batch-size {saved_batch} --grad-accum-steps {saved_accum}')
-    if (batch_size, accum_steps) != (saved_batch, saved_accum):
-        print(f'note: --batch-size {batch_size} --grad-accum-steps {accum_steps} (the checkpoint used '
-              f'{saved_batch} x {saved_accum}): epoch {epoch} continues at sample {position}, '
-              f'step {position // step_samples}')
-    return position // step_samples
-
-
-@dataclass
-class TrainingState:
-    """What a checkpoint saves and restores: the objects being trained and where the run stands."""
-    model: torch.nn.Module  # without the DDP wrapper: official key names
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    loss_scaler: LossScaler
-    model_ema: Optional[ModelEmaV3]
-    max_accuracy: float = 0.0
-    start_epoch: int = 0
-    start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
-    metrics_state: Optional[dict] = None  # that partial epoch's running averages
-
-    def payload(self, args, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
-        """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
-        what an exact mid-epoch resume needs. ``steps_done`` is None for an epoch-end checkpoint."""
-        return {
-            'model': self.model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'lr_scheduler': self.lr_scheduler.state_dict(),
-            'epoch': epoch,
-            'step': steps_done,
-            'model_ema': self.model_ema.module.state_dict() if self.model_ema is not None else None,
-            'scaler': self.loss_scaler.state_dict(),
-            'args': plain_args(args),
-            'max_accuracy': self.max_accuracy,
-            'train_metrics': metrics,
-            'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * samples_per_step(args)},
-            'rng': checkpoint.capture_rng_state(),
-        }
-
-    def resume(self, args) -> None:
-        """Restore --resume: weights only with --eval, else everything, continuing where it stopped."""
-        ckpt = utils.load_checkpoint(args.resume)
-        utils.load_state_checked(self.model, utils.model_state_from_checkpoint(ckpt, args.resume),
-                                 f'--resume {args.resume}')
-        print(f'Resumed model weights from {args.resume}')
-        if args.eval or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
-            return
-        saved_opt = (ckpt.get('args') or {}).get('opt', args.opt)
-        if saved_opt != args.opt:
-            raise UserError(f'--resume {args.resume} was trained with --opt {saved_opt}: resume with the same '
-                            f'--opt, or start from its weights with --finetune')
-        self.optimizer.load_state_dict(ckpt['optimizer'])
-        self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        note_other_total_batch(ckpt.get('args') or {}, args.batch_size, utils.get_world_size(), args.lr,
-                               self.lr_scheduler.base_values[0], args.resume)
-        self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
-        if self.model_ema is not None and ckpt.get('model_ema'):
-            utils.load_state_checked(self.model_ema.module, ckpt['model_ema'], f'--resume {args.resume} (EMA)')
-        self.max_accuracy = float(ckpt.get('max_accuracy', 0.0))
-        if ckpt.get('step') is None:  # an epoch-end checkpoint (also every official one)
-            self.start_epoch, self.start_step = ckpt['epoch'] + 1, 0
-        else:
-            self.start_epoch = ckpt['epoch']
-            self.start_step = step_to_resume_at(ckpt, args.resume, args.batch_size, args.grad_accum_steps,
-                                                utils.get_world_size())
-            self.metrics_state = ckpt.get('train_metrics')
-        if ckpt.get('rng'):
-            checkpoint.restore_rng_state(ckpt['rng'])
-        args.start_epoch = self.start_epoch
-        self.lr_scheduler.step(self.start_epoch)
-
-    def save(self, path: str, args, epoch: int) -> None:
-        utils.save_on_master(self.payload(args, epoch), path)
-
-
-def note_other_total_batch(saved_args: dict, batch_size: int, world_size: int, scaled_lr: float,
-                           resumed_lr: float, path: str) -> None:
-    """One line when a run resumes with another total batch than it was trained with: the restored
-    schedule keeps the learning rate scaled for the old total batch."""
-    old_batch, old_world = saved_args.get('batch_size', batch_size), saved_args.get('world_size', world_size)
-    if (old_batch, old_world) == (batch_size, world_size):
-        return
-    print(f'note: {path} was trained with {old_world} processes x batch {old_batch}, this run has {world_size} x '
-          f'{batch_size}: the learning-rate schedule continues as saved (lr {resumed_lr:.3g}, not the '
-          f'{scaled_lr:.3g} of this total batch); --finetune starts a new schedule from its weights')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +598,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     amp_dtype = amp_dtype_of(args)
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
-    seed_everything(args.seed)
+    seeding.seed_everything(args.seed)
     set_determinism(args)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
@@ -757,10 +642,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = build_criterion(args, teacher)
-    state = TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                          start_epoch=args.start_epoch)
+    state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
     if args.resume:
-        state.resume(args)
+        state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
+                     accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
@@ -778,7 +664,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
-        args.output_dir, payload=lambda epoch, steps, metrics: state.payload(args, epoch, steps, metrics),
+        args.output_dir, payload=state.payload,
         every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
         keep_last=args.keep_last, signals=signals, device=device)
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -813,9 +699,9 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
             if output_dir:
-                state.save(str(output_dir / 'checkpoint.pth'), args, epoch)
+                state.save(str(output_dir / 'checkpoint.pth'), epoch)
                 if is_best:
-                    state.save(str(output_dir / 'best_checkpoint.pth'), args, epoch)
+                    state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
     finally:
         epoch_log.close()

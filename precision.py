@@ -1,8 +1,8 @@
 """The precision a run computes in: bf16 autocast where the device runs it natively and faster, fp16 with
 loss scaling on a GPU without bf16, fp32 elsewhere or with --no-amp.
 
-A CPU's flags do not say whether bf16 pays: AVX512-BF16 on one CPU runs a bf16 matmul 4x as fast as
-fp32, on another (no AMX) slower. So on a CPU the choice is measured: a short bf16-vs-fp32 matmul
+A CPU's flags do not say whether bf16 pays: with AVX512-BF16 a bf16 matmul runs several times as fast
+as fp32 on one CPU and slower on another (no AMX). So on a CPU the choice is measured: a short bf16-vs-fp32 matmul
 probe, cached per machine (CPU model and flags, torch version, threads) under ~/.cache/deit.
 """
 import hashlib

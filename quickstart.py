@@ -69,12 +69,17 @@ def run_stage(stage: Stage, out: Path, threads: int, progress: bool = True) -> d
     return {**log[-1], 'seconds': time.time() - start}
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The quickstart's own flags; the flags it does not know go to main.py."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog='Other flags are main.py flags for all three runs, e.g. --epochs 1.')
     parser.add_argument('--output', default=str(REPO / 'output' / 'quickstart'), help='where the three runs go')
     parser.add_argument('--threads', type=int, default=2, help='CPU threads of each run (OMP_NUM_THREADS)')
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args, extra = get_args_parser().parse_known_args(argv)
     output = Path(args.output)
 
     start = time.time()

@@ -5,10 +5,11 @@ torch and timm have no sampler that keeps the copies of an image in the same glo
 import math
 from typing import Iterator, List
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from seeding import epoch_order_generator, sample_seed
 
 
 class RASampler(Sampler):
@@ -51,9 +52,7 @@ class RASampler(Sampler):
 
     def _indices(self) -> List[int]:
         if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.dataset), generator=g).tolist()
+            order = torch.randperm(len(self.dataset), generator=epoch_order_generator(self.seed, self.epoch)).tolist()
         else:
             order = list(range(len(self.dataset)))
         repeated = [i for i in order for _ in range(self.num_repeats)]
@@ -110,8 +109,3 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return max(self._end() - self.start, 0)
-
-
-def sample_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (SeedSequence hashing, stable across runs)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)

@@ -1,5 +1,5 @@
-"""Distributed setup, progress logging and checkpoint I/O shared by the training entry points."""
-import argparse
+"""Generic helpers of the training entry points: user errors, distributed setup, progress logging,
+atomic file writes. Checkpoints are checkpoint.py's, reading weights weights.py's."""
 import builtins
 import contextlib
 import csv
@@ -8,22 +8,15 @@ import errno
 import io
 import json
 import os
-import pickle
-import random
-import re
 import sys
 import time
-import zipfile
 from collections import defaultdict
-from pathlib import Path, PosixPath, PurePath
+from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer, checkpoint_filter_fn
 
 
 class UserError(Exception):
@@ -86,13 +79,6 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
 def resolve_device(requested: str) -> torch.device:
     """The requested device, or the CPU with one warning line when CUDA is asked for but absent."""
     device = torch.device(requested)
@@ -132,11 +118,44 @@ def init_distributed_mode(args) -> None:
         backend = 'gloo'
     print(f'| distributed init (rank {args.rank}, world {args.world_size}, {backend}): {args.dist_url}',
           flush=True)
-    # device_id binds NCCL to this rank's GPU at once (no guessing, eager connection setup)
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
-                            rank=args.rank, device_id=device_id, timeout=DIST_TIMEOUT)
-    dist.barrier()
+    join_process_group(backend, args.rank, args.world_size, device_id, args.dist_url)
     setup_for_distributed(args.rank == 0)
+
+
+# How many process groups this torchrun job has formed, counted in its agent's store (join_process_group).
+FORMED_GROUPS_KEY = 'deit/formed_groups'
+
+
+def torchrun_agent_store() -> Optional[dist.TCPStore]:
+    """The store that torchrun's agent serves to its workers (TORCHELASTIC_USE_AGENT_STORE), else None."""
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return None
+    return dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False,
+                         timeout=DIST_TIMEOUT)
+
+
+def join_process_group(backend: str, rank: int, world_size: int, device_id: Optional[torch.device],
+                       dist_url: str) -> None:
+    """init_process_group, then a barrier: every rank is connected when this returns.
+
+    Under torchrun the group forms in the agent's store under a prefix of this attempt: the agent keeps one
+    store for the whole job and the workers it restarts (--max-restarts) join it again, where among the
+    keys of the attempt before a new rank finds a dead rank's address, then fails or hangs connecting.
+    The prefix is the number of groups formed so far: the same on every rank and node (unlike
+    TORCHELASTIC_RESTART_COUNT, counted per node), raised once this group has formed, so before any
+    worker of a next attempt starts.
+    """
+    agent = torchrun_agent_store() if dist_url == 'env://' else None
+    if agent is None:
+        rendezvous = {'init_method': dist_url}
+    else:
+        rendezvous = {'store': dist.PrefixStore(f'deit/attempt{agent.add(FORMED_GROUPS_KEY, 0)}', agent)}
+    # device_id binds NCCL to this rank's GPU at once (no guessing, eager connection setup)
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank, device_id=device_id,
+                            timeout=DIST_TIMEOUT, **rendezvous)
+    dist.barrier()
+    if agent is not None and rank == 0:
+        agent.add(FORMED_GROUPS_KEY, 1)
 
 
 def leave_distributed() -> None:
@@ -338,7 +357,7 @@ class EpochLog:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint I/O
+# Files
 # ---------------------------------------------------------------------------------------------
 
 def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
@@ -372,200 +391,16 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> None:
             os.remove(tmp)
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save ``obj`` to ``path`` atomically (see write_atomic)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
 def write_text_atomic(path, text: str) -> None:
     """Replace a small text file atomically (see write_atomic)."""
     write_atomic(path, lambda f: f.write(text.encode()))
-
-
-def save_on_master(obj, path: str) -> None:
-    if is_main_process():
-        save_atomic(obj, path)
 
 
 def is_url(path: str) -> bool:
     return urlparse(path).scheme in ('http', 'https')
 
 
-# The only classes besides tensors and containers that a checkpoint of the original
-# facebookresearch/deit main.py holds: its `args` (a Namespace; under its submitit launcher
-# `output_dir` and `job_dir` are Paths). Both are plain data: building them runs no user code.
-ORIGINAL_SCRIPT_GLOBALS = [argparse.Namespace, PosixPath,
-                           (PosixPath, 'pathlib._local.PosixPath')]  # the name Python >= 3.13 writes
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint file or URL as plain data (``weights_only=True``: no pickled code runs).
-
-    Files written by the original DeiT scripts load too: their ``args`` Namespace becomes a dict.
-    URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
-    torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
-    """
-    local = path
-    if is_url(path):
-        url = urlparse(path)
-        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
-            raise UserError(f'refusing to download {path} over plain http: use an https URL')
-        try:
-            local = download_once(path)
-        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
-            raise UserError(f'could not download {path}: {first_line(e)}') from None
-    elif not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist: check the path')
-    damage = checkpoint_damage(local)
-    if damage:
-        raise UserError(f'cannot read checkpoint {path}: {damage}')
-    try:
-        with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
-            checkpoint = torch.load(local, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: the file would run code
-        found = re.search(r'GLOBAL [\w.]+', str(e))
-        culprit = found.group(0) if found else 'an unsupported object'
-        raise UserError(f'refusing to load {path}: it holds pickled code ({culprit}), not plain weights; '
-                        're-save it as plain tensors') from None
-    except Exception as e:  # not a torch file, an unreadable record, ...
-        raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
-    return with_plain_args(checkpoint, path)
-
-
 def first_line(error: Exception) -> str:
     """An exception's first line, or its type's name when it has no message."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def download_once(url: str) -> str:
-    """The torch.hub cache's copy of ``url``, downloaded on first use as torch.hub.load_state_dict_from_url
-    does (atomically, a ``name-<sha256 prefix>.pth`` file name hash-checked); the path, so that the
-    file is checked and loaded like a local one."""
-    name = os.path.basename(urlparse(url).path)
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
-    if not os.path.exists(cached):
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        prefix = torch.hub.HASH_REGEX.search(name)
-        torch.hub.download_url_to_file(url, cached, hash_prefix=prefix.group(1) if prefix else None, progress=False)
-    return cached
-
-
-def with_plain_args(checkpoint, path: str):
-    """A checkpoint of the original main.py with its ``args`` Namespace as a dict of plain values."""
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get('args'), argparse.Namespace)):
-        return checkpoint
-    print(f'{path}: a checkpoint of the original facebookresearch/deit main.py (its args read as plain data)')
-    args = {k: str(v) if isinstance(v, PurePath) else v for k, v in vars(checkpoint['args']).items()}
-    return {**checkpoint, 'args': args}
-
-
-def checkpoint_damage(path: str) -> str:
-    """What makes ``path`` no checkpoint torch.load should read ('' if nothing): torch.load reads a zip
-    archive without checking its CRCs (a flipped bit loads silently), and reads any file as a pickle."""
-    try:
-        with open(path, 'rb') as f:
-            first = f.read(1)
-        if not zipfile.is_zipfile(path):  # legacy torch files and plain pickles start with PROTO (0x80)
-            return '' if first == b'\x80' else 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as e:
-        return f'damaged archive ({e})'
-    return f'damaged: {bad} fails its CRC check (a corrupted or truncated copy)' if bad else ''
-
-
-def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:
-    """The model weights of an official-format checkpoint ({'model': ...}) or of a bare state dict."""
-    if not isinstance(checkpoint, dict):
-        raise UserError(f'{path} is not a checkpoint: expected a dict, found {type(checkpoint).__name__}')
-    state = checkpoint.get('model', checkpoint)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} holds no model weights: expected {{'model': state_dict}} or a state_dict")
-    return state
-
-
-def interpolate_pos_embed(checkpoint_model: dict, model: torch.nn.Module) -> None:
-    """Resize ``checkpoint_model['pos_embed']`` in place to the patch grid of ``model``.
-
-    The leading class/distillation tokens are kept as they are; the grid part is resampled
-    bicubically (as the original DeiT fine-tuning code does), e.g. 14x14 (224 px) -> 24x24 (384 px).
-    """
-    if 'pos_embed' not in checkpoint_model or not hasattr(model, 'patch_embed'):
-        return
-    old = checkpoint_model['pos_embed']
-    num_prefix = model.pos_embed.shape[-2] - model.patch_embed.num_patches
-    old_grid = int((old.shape[-2] - num_prefix) ** 0.5)
-    new_grid = model.patch_embed.grid_size
-    if (old_grid, old_grid) == tuple(new_grid):
-        return
-    print(f'Position embedding interpolated from {old_grid}x{old_grid} to {new_grid[0]}x{new_grid[1]}')
-    checkpoint_model['pos_embed'] = resample_abs_pos_embed(
-        old, new_size=list(new_grid), old_size=[old_grid, old_grid], num_prefix_tokens=num_prefix,
-        interpolation='bicubic', antialias=False)
-
-
-def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = True) -> str:
-    """Missing/unexpected keys and shape clashes between ``state`` and ``model`` ('' if it fits)."""
-    own = model.state_dict()
-    problems = []
-    shapes = [f'{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-              for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if shapes:
-        problems.append(f'shapes differ: {", ".join(shapes[:4])}' + (' ...' if len(shapes) > 4 else ''))
-    if strict:
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if missing:
-            problems.append(f'missing keys: {", ".join(missing[:4])}' + (' ...' if len(missing) > 4 else ''))
-        if unexpected:
-            problems.append(f'unexpected keys: {", ".join(unexpected[:4])}'
-                            + (' ...' if len(unexpected) > 4 else ''))
-    return '; '.join(problems)
-
-
-# The original DeiT III code (models_v2.py) names the two branches of its parallel blocks norm1/norm11,
-# attn/attn1, gamma_1/gamma_1_1 (and norm2/norm21, mlp/mlp1, gamma_2/gamma_2_1); timm's
-# ParallelThingsBlock keeps them in attns.N / ffns.N, and timm has no converter for these keys.
-_PARALLEL_BLOCK_KEYS = {
-    'norm1': 'attns.0.norm', 'attn': 'attns.0.attn', 'gamma_1': 'attns.0.ls.gamma',
-    'norm11': 'attns.1.norm', 'attn1': 'attns.1.attn', 'gamma_1_1': 'attns.1.ls.gamma',
-    'norm2': 'ffns.0.norm', 'mlp': 'ffns.0.mlp', 'gamma_2': 'ffns.0.ls.gamma',
-    'norm21': 'ffns.1.norm', 'mlp1': 'ffns.1.mlp', 'gamma_2_1': 'ffns.1.ls.gamma',
-}
-_BLOCK_KEY = re.compile(r'^(blocks\.\d+\.)([^.]+)(.*)$')  # block prefix, its child's name, the rest
-_LAYER_SCALE_KEY = re.compile(r'^blocks\.\d+\.gamma_\d$')
-
-
-def timm_key_names(state: dict, model: torch.nn.Module) -> dict:
-    """``state`` with the key names of the original DeiT III code (``blocks.N.gamma_1``, parallel blocks'
-    ``attn1``, ``norm11`` ...) renamed to those of ``model``, a timm ViT; any other state is returned as is."""
-    if not isinstance(model, VisionTransformer):  # e.g. CaiT, whose own keys are gamma_1 / gamma_2
-        return state
-    if any(isinstance(block, ParallelThingsBlock) for block in model.blocks):
-        renamed = {}
-        for key, value in state.items():
-            match = _BLOCK_KEY.match(key)
-            if match and match.group(2) in _PARALLEL_BLOCK_KEYS:
-                key = match.group(1) + _PARALLEL_BLOCK_KEYS[match.group(2)] + match.group(3)
-            renamed[key] = value
-        return renamed
-    layer_scale = {k: v for k, v in state.items() if _LAYER_SCALE_KEY.match(k)}
-    if not layer_scale:
-        return state
-    # timm's own DeiT III conversion (gamma_N -> lsN.gamma), given only these keys so that it
-    # resamples nothing: position embeddings are resized by interpolate_pos_embed, as the original does.
-    others = {k: v for k, v in state.items() if k not in layer_scale}
-    return {**others, **checkpoint_filter_fn(layer_scale, model, adapt_layer_scale=True)}
-
-
-def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True):
-    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line.
-
-    A state in the original DeiT III key layout is renamed first (timm_key_names).
-    """
-    state = timm_key_names(state, model)
-    problems = describe_state_mismatch(model, state, strict)
-    if problems:
-        raise UserError(f'{source} does not fit the model: {problems}')
-    return model.load_state_dict(state, strict=strict)

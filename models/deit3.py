@@ -5,7 +5,7 @@ timm's ``ParallelThingsBlock`` (as timm's ``vit_*_18x2_224``), with the original
 position embedding on the patches only (timm's ``no_embed_class``), qkv bias, LayerNorm eps 1e-6,
 LayerScale initialised at 1e-4 in the ``_LS`` models (none in the others), and the same drop-path
 rate in every block. Checkpoints written by the original (``gamma_1``, ``attn1``, ``norm11`` ...)
-load through ``utils.load_state_checked``, which renames their keys (``utils.timm_key_names``).
+load through ``weights.load_state_checked``, which renames their keys (``weights.timm_key_names``).
 """
 from functools import partial
 

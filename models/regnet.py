@@ -1,10 +1,9 @@
 """A RegNetY convnet teacher for tiny inputs (16-32 px), e.g. for the DIGITS quickstart.
 
 timm's RegNetY-200MF (regnety_002) downsamples by 32: a 16 px image is 1x1 from its third stage
-on, and on DIGITS it learned next to nothing (~30% top-1 after 5 epochs; 88% with output stride
-8). This one keeps RegNetY's design (grouped 3x3 bottlenecks with squeeze-excitation, four
-stages) at a size for tiny images: stage widths 16-32-64-128, output stride 8 (stages 3-4 dilated
-instead of strided), 0.1 M parameters. On DIGITS it reaches ~99% top-1 in 15 CPU epochs.
+on, too little for it to learn DIGITS (docs/quickstart.md). This one keeps RegNetY's design
+(grouped 3x3 bottlenecks with squeeze-excitation, four stages) at a size for tiny images: stage
+widths 16-32-64-128, output stride 8 (stages 3-4 dilated instead of strided), 0.1 M parameters.
 """
 from dataclasses import replace
 

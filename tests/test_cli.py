@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import FAST, assert_one_line_error, run_cli, run_main
-from utils import UserError, load_checkpoint
+from utils import UserError
+from weights import load_checkpoint
 
 
 def test_missing_data_path(tmp_path):

@@ -10,13 +10,23 @@ from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from torchvision import transforms
 
 import main
-from datasets import DigitsDataset, INatDataset, RobustSamples, build_dataset, build_transform, check_same_classes
+from datasets import (DataSettings, DigitsDataset, INatDataset, RobustSamples, build_dataset, build_pipeline,
+                      build_transform, check_same_classes)
 from imagefolder import make_imagefolder, make_imagenet_as_downloaded
 from utils import UserError
 
 
 def parse(*argv):
     return main.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def settings(*argv) -> DataSettings:
+    return DataSettings.from_args(parse(*argv))
+
+
+def build_split(is_train: bool, data: DataSettings):
+    """(dataset, number of classes) of a split, with the pipeline main.py gives it."""
+    return build_dataset(is_train, data, build_pipeline(is_train, data.transform))
 
 
 def test_posterize_at_magnitude_10_gives_black_instead_of_crashing():
@@ -62,14 +72,14 @@ def test_robust_samples_seed_each_sample_and_restore_the_generators_once_per_bat
 
 
 def test_train_transform_small_input_uses_padded_random_crop():
-    t = build_transform(True, parse('--input-size', 32))
+    t = build_transform(True, settings('--input-size', 32).transform)
     assert isinstance(t.transforms[0], transforms.RandomCrop) and t.transforms[0].padding == 4
     out = t(Image.new('RGB', (32, 32)))
     assert out.shape == (3, 32, 32)
 
 
 def test_train_transform_large_input_is_timms_deit_pipeline():
-    t = build_transform(True, parse('--input-size', 64))
+    t = build_transform(True, settings('--input-size', 64).transform)
     names = [type(x).__name__ for x in t.transforms]
     assert names[0] == 'RandomResizedCropAndInterpolation' and 'RandAugment' in names
     assert 'RandomErasing' in names
@@ -77,7 +87,7 @@ def test_train_transform_large_input_is_timms_deit_pipeline():
 
 
 def test_eval_transform_resizes_by_crop_ratio_then_center_crops():
-    t = build_transform(False, parse('--input-size', 224, '--eval-crop-ratio', 0.875))
+    t = build_transform(False, settings('--input-size', 224, '--eval-crop-ratio', 0.875).transform)
     resize = t.transform.transforms[0]
     assert resize.size == 256 and resize.interpolation == transforms.InterpolationMode.BICUBIC
     assert t(Image.new('RGB', (500, 375))).shape == (3, 224, 224)
@@ -85,18 +95,18 @@ def test_eval_transform_resizes_by_crop_ratio_then_center_crops():
 
 def test_imagefolder_class_count_comes_from_the_folders(tmp_path):
     root = make_imagefolder(tmp_path, num_classes=4, train_per_class=2, val_per_class=1)
-    dataset, nb_classes = build_dataset(True, parse('--data-path', root, '--input-size', 32))
+    dataset, nb_classes = build_split(True, settings('--data-path', root, '--input-size', 32))
     assert nb_classes == 4 and len(dataset) == 8
     with pytest.raises(UserError, match='--nb-classes 5 disagrees with the 4 classes'):
-        build_dataset(True, parse('--data-path', root, '--input-size', 32, '--nb-classes', 5))
+        build_split(True, settings('--data-path', root, '--input-size', 32, '--nb-classes', 5))
 
 
 def test_train_and_val_with_different_classes_is_an_error(tmp_path):
     root = make_imagefolder(tmp_path, num_classes=3, train_per_class=2, val_per_class=1)
     (root / 'val' / 'class_2').rename(root / 'val' / 'class_x')
-    args = parse('--data-path', root, '--input-size', 32)
+    data = settings('--data-path', root, '--input-size', 32)
     with pytest.raises(UserError, match='different class folders'):
-        check_same_classes(build_dataset(True, args)[0], build_dataset(False, args)[0])
+        check_same_classes(build_split(True, data)[0], build_split(False, data)[0])
 
 
 def test_inat_json_layout(tmp_path):
@@ -112,9 +122,9 @@ def test_inat_json_layout(tmp_path):
             annotations.append({'id': n, 'image_id': n, 'category_id': cid})
         (tmp_path / f'{split}2019.json').write_text(json.dumps({'images': images, 'annotations': annotations}))
 
-    args = parse('--data-path', tmp_path, '--data-set', 'INAT19', '--input-size', 32, '--inat-category', 'genus')
-    train, nb_classes = build_dataset(True, args)
-    val, _ = build_dataset(False, args)
+    data = settings('--data-path', tmp_path, '--data-set', 'INAT19', '--input-size', 32, '--inat-category', 'genus')
+    train, nb_classes = build_split(True, data)
+    val, _ = build_split(False, data)
     assert nb_classes == 2 and len(train) == 5 and len(val) == 2
     assert [t for _, t in val.samples] == [0, 1]  # species 1 -> genus0, species 2 -> genus1
     image, target = train[4]
@@ -134,16 +144,16 @@ def test_cifar_alias_is_cifar100(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvd.CIFAR100, '__init__', fake('CIFAR100'))
     monkeypatch.setattr(tvd.CIFAR10, '__init__', fake('CIFAR10'))
-    assert build_dataset(True, parse('--data-set', 'CIFAR', '--data-path', tmp_path, '--input-size', 32))[1] == 100
+    assert build_split(True, settings('--data-set', 'CIFAR', '--data-path', tmp_path, '--input-size', 32))[1] == 100
     assert 'CIFAR100' in seen
-    assert build_dataset(False, parse('--data-set', 'CIFAR10', '--data-path', tmp_path, '--input-size', 32))[1] == 10
+    assert build_split(False, settings('--data-set', 'CIFAR10', '--data-path', tmp_path, '--input-size', 32))[1] == 10
     assert seen['CIFAR10'] == (str(tmp_path), False, True)
 
 
 @pytest.mark.parametrize('src', [False, True])
 def test_three_augment_pipeline(src):
     argv = ['--input-size', 48, '--ThreeAugment'] + (['--src'] if src else [])
-    t = build_transform(True, parse(*argv))
+    t = build_transform(True, settings(*argv).transform)
     names = [type(x).__name__ for x in t.transform.transforms]
     assert names[0] == ('Resize' if src else 'RandomResizedCrop') and 'RandomChoice' in names
     assert 'ColorJitter' in names
@@ -157,8 +167,8 @@ def test_three_augment_pipeline(src):
 
 
 def test_digits_is_embedded_with_a_fixed_stratified_split(tmp_path):
-    args = parse('--data-set', 'DIGITS', '--input-size', 16, '--data-path', tmp_path / 'absent')
-    (train, nb_classes), (val, _) = build_dataset(True, args), build_dataset(False, args)
+    data = settings('--data-set', 'DIGITS', '--input-size', 16, '--data-path', tmp_path / 'absent')
+    (train, nb_classes), (val, _) = build_split(True, data), build_split(False, data)
     assert nb_classes == 10 and (len(train), len(val)) == (1437, 360)
     assert set(train.indices).isdisjoint(val.indices) and len(set(train.indices) | set(val.indices)) == 1797
     assert val.indices[:4] == [21, 24, 28, 34] and DigitsDataset(False).indices == val.indices  # the same everywhere
@@ -168,12 +178,13 @@ def test_digits_is_embedded_with_a_fixed_stratified_split(tmp_path):
 
 
 def test_digits_100_keeps_ten_training_images_per_class_and_the_same_val_split(tmp_path):
-    args = parse('--data-set', 'DIGITS-100', '--input-size', 16, '--data-path', tmp_path / 'absent')
-    (train, nb_classes), (val, _) = build_dataset(True, args), build_dataset(False, args)
+    data = settings('--data-set', 'DIGITS-100', '--input-size', 16, '--data-path', tmp_path / 'absent')
+    (train, nb_classes), (val, _) = build_split(True, data), build_split(False, data)
     assert nb_classes == 10 and Counter(train.targets) == {digit: 10 for digit in range(10)}
     assert set(train.indices) < set(DigitsDataset(True).indices) and val.indices == DigitsDataset(False).indices
     assert DigitsDataset(True, train_images=100).indices == train.indices  # fixed: the same on every run
-    assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in build_transform(True, args).transforms)
+    train_steps = build_transform(True, data.transform).transforms
+    assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in train_steps)
 
 
 def test_digits_images_are_the_scikit_learn_pixels_as_rgb():
@@ -187,7 +198,7 @@ def test_digits_images_are_the_scikit_learn_pixels_as_rgb():
 
 
 def test_digits_are_not_flipped_and_small_inputs_pad_in_proportion():
-    digits = build_transform(True, parse('--data-set', 'DIGITS', '--input-size', 16, '--aa', 'none'))
+    digits = build_transform(True, settings('--data-set', 'DIGITS', '--input-size', 16, '--aa', 'none').transform)
     assert not any(isinstance(t, transforms.RandomHorizontalFlip) for t in digits.transforms)
     assert digits.transforms[0].padding == 2
 
@@ -197,8 +208,8 @@ def test_imagenet_as_downloaded_flat_val_is_labelled_by_its_ground_truth(tmp_pat
     truth = make_imagenet_as_downloaded(tmp_path, ground_truth)
     args = parse('--data-path', tmp_path, '--input-size', 32, '--batch-size', 2, '--num_workers', 0)
     args.device = torch.device('cpu')
-    val, nb_classes = build_dataset(is_train=False, args=args)
-    train, _ = build_dataset(is_train=True, args=args)
+    val, nb_classes = build_split(False, DataSettings.from_args(args))
+    train, _ = build_split(True, DataSettings.from_args(args))
     check_same_classes(train, val)
     assert nb_classes == 3 and val.classes == train.classes == ['n01440764', 'n01440765', 'n01440766']
     assert [(p.split('/')[-1], val.classes[label]) for p, label in val.samples] == sorted(truth.items())
@@ -209,11 +220,11 @@ def test_imagenet_as_downloaded_flat_val_is_labelled_by_its_ground_truth(tmp_pat
 
 
 def test_imagenet_as_downloaded_missing_or_inconsistent_ground_truth_is_one_clear_line(tmp_path):
-    args = parse('--data-path', tmp_path, '--input-size', 32)
+    data = settings('--data-path', tmp_path, '--input-size', 32)
 
     def error() -> str:
         with pytest.raises(UserError) as e:
-            build_dataset(is_train=False, args=args)
+            build_split(False, data)
         assert '\n' not in str(e.value)
         return str(e.value)
 

@@ -8,10 +8,12 @@ import torch
 from timm.layers import DropPath
 from timm.models.vision_transformer import ParallelThingsBlock
 
+import checkpoint
 import config
 import main
 import models  # noqa: F401
 import utils
+import weights
 from conftest import FAST, REPO, run_cli
 from engine import LossScaler, train_one_epoch
 from losses import CoSubLoss
@@ -115,7 +117,7 @@ def test_original_key_layout_loads_strictly_with_the_same_weights(name):
     source, target = small(name, seed=1), small(name, seed=2)
     original = original_layout(source.state_dict())
     assert set(original) != set(target.state_dict())  # the test really renames
-    utils.load_state_checked(target, original, 'original.pth')
+    weights.load_state_checked(target, original, 'original.pth')
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
 
@@ -124,7 +126,7 @@ def test_cait_keys_named_gamma_are_left_alone():
     cait = timm.create_model('cait_xxs24_224', img_size=32, num_classes=3, depth=2)
     state = cait.state_dict()
     assert any('.gamma_1' in k for k in state)
-    assert utils.timm_key_names(state, cait) is state
+    assert weights.timm_key_names(state, cait) is state
 
 
 def test_finetune_from_the_original_layout_at_another_input_size_interpolates_pos_embed(tmp_path):
@@ -152,8 +154,10 @@ def test_resume_of_an_original_layout_checkpoint_restores_model_and_ema(tmp_path
     ema = timm.utils.ModelEmaV3(model)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler, _ = timm.scheduler.create_scheduler(args, optimizer)
-    state = main.TrainingState(model, optimizer, scheduler, main.LossScaler(False, 'cpu'), ema)
-    state.resume(args)
+    state = checkpoint.TrainingState(model, optimizer, scheduler, main.LossScaler(False, 'cpu'), ema,
+                                     config.plain_args(args), main.samples_per_step(args))
+    state.resume(args.resume, weights_only=False, opt=args.opt, batch_size=args.batch_size,
+                 accum_steps=args.grad_accum_steps, world_size=1, scaled_lr=args.lr)
     assert state.start_epoch == 5
     assert torch.equal(model.blocks[1].ls2.gamma, source.blocks[1].ls2.gamma)
     assert torch.equal(ema.module.blocks[1].ls1.gamma, ema_source.blocks[1].ls1.gamma)

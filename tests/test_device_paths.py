@@ -19,7 +19,7 @@ def test_fp16_resume_from_a_checkpoint_without_loss_scale_state_starts_at_the_in
 
 
 def test_a_checkpoint_with_more_cuda_rng_states_than_visible_gpus_resumes(monkeypatch):
-    import checkpoint
+    import seeding
 
     def set_cuda_state(new_state, device='cuda'):  # torch's own check: the device index must exist
         index = device if isinstance(device, int) else torch.device(device).index
@@ -28,11 +28,11 @@ def test_a_checkpoint_with_more_cuda_rng_states_than_visible_gpus_resumes(monkey
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda.random, 'set_rng_state', set_cuda_state)
 
-    saved = checkpoint.capture_rng_state()
+    saved = seeding.capture_rng_state()
     assert 'cuda' not in saved  # redundant: every step reseeds every device
     expected = torch.rand(3)
     from_8_gpus = {**saved, 'cuda': [torch.zeros(16, dtype=torch.uint8)] * 8}  # an older 8-GPU checkpoint
-    checkpoint.restore_rng_state(from_8_gpus)
+    seeding.restore_rng_state(from_8_gpus)
     assert torch.equal(torch.rand(3), expected)
 
 

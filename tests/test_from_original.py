@@ -17,10 +17,13 @@ from timm.optim import create_optimizer
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEma, get_state_dict
 
+import checkpoint
+import config
 import main
 from conftest import FAST, REPO, run_cli, run_main
 from engine import LossScaler
-from utils import UserError, load_checkpoint
+from utils import UserError
+from weights import load_checkpoint
 
 MODEL = 'test_vit'  # a 0.3 M-parameter ViT, built for 32 px as main.py builds it
 # What timm's NativeScaler (a CUDA GradScaler) saves after some fp16 steps.
@@ -146,10 +149,13 @@ def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_s
     lr_scheduler, _ = create_scheduler(args, optimizer)
     scaler = LossScaler(enabled=True, device_type='cpu')  # what fp16 training on CUDA uses
     ema = timm.utils.ModelEmaV3(model)
-    state = main.TrainingState(model, optimizer, lr_scheduler, scaler, ema)
-    state.resume(args)
+    state = checkpoint.TrainingState(model, optimizer, lr_scheduler, scaler, ema, config.plain_args(args),
+                                     main.samples_per_step(args))
+    state.resume(args.resume, weights_only=False, opt=args.opt, batch_size=args.batch_size,
+                 accum_steps=args.grad_accum_steps, world_size=1, scaled_lr=args.lr)
 
-    assert (state.start_epoch, state.start_step, args.start_epoch) == (1, 0, 1)
+    assert (state.start_epoch, state.start_step) == (1, 0)
+    assert args.start_epoch == 0  # the command line's value: the run reads where to start from the state
     for ours, theirs in ((model, payload['model']), (ema.module, payload['model_ema'])):
         assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.items())
     assert not torch.equal(payload['model_ema']['head.weight'], payload['model']['head.weight'])  # two weights

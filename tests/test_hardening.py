@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import utils
+import weights
 
 
 def save_position(path, epoch, step=None):
@@ -200,7 +201,7 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_prev
     import errno
     import pytest
     path = tmp_path / 'checkpoint.pth'
-    utils.save_atomic({'model': {'w': torch.zeros(3)}}, str(path))
+    checkpoint.save_atomic({'model': {'w': torch.zeros(3)}}, str(path))
 
     class FullDisk:
         """A file that the OS stops accepting after a few bytes."""
@@ -221,9 +222,9 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_file_and_keeps_the_prev
 
     monkeypatch.setattr(utils, 'open', lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
     with pytest.raises(utils.SaveError, match=f'cannot write {path}: No space left on device \\(ENOSPC\\)'):
-        utils.save_atomic({'model': {'w': torch.ones(3)}}, str(path))
+        checkpoint.save_atomic({'model': {'w': torch.ones(3)}}, str(path))
     monkeypatch.undo()
-    assert torch.equal(utils.load_checkpoint(str(path))['model']['w'], torch.zeros(3))
+    assert torch.equal(weights.load_checkpoint(str(path))['model']['w'], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth']
 
     read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -287,7 +288,7 @@ def test_impossible_numbers_are_refused_before_any_data_is_read():
 
 def test_resuming_mid_epoch_with_another_batch_size_continues_at_the_same_sample_or_is_refused():
     import pytest
-    from main import step_to_resume_at
+    from checkpoint import step_to_resume_at
     ckpt = {'epoch': 4, 'step': 3, 'args': {'batch_size': 8, 'world_size': 1},
             'sampler': {'epoch': 4, 'start_index': 24}}
     assert step_to_resume_at(ckpt, 'c.pth', batch_size=8, accum_steps=1, world_size=1) == 3
@@ -308,12 +309,12 @@ def test_a_bit_flipped_or_non_checkpoint_file_is_refused_with_one_line(tmp_path)
     data[data.index(torch.arange(1000, dtype=torch.float32).numpy().tobytes()[400:408]) + 3] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(utils.UserError, match='fails its CRC check'):
-        utils.load_checkpoint(str(path))
+        weights.load_checkpoint(str(path))
     assert not checkpoint.is_readable_checkpoint(str(path))
     text = tmp_path / 'teacher.txt'
     text.write_text('cat /etc/passwd\n')
     with pytest.raises(utils.UserError, match='not a PyTorch checkpoint'):
-        utils.load_checkpoint(str(text))
+        weights.load_checkpoint(str(text))
 
 
 def test_unreadable_images_are_counted_once_and_resuming_a_finished_run_says_so(tmp_path):
@@ -358,8 +359,7 @@ def test_sigterm_while_starting_exits_with_its_line(tmp_path, delay):
 # ---------------------------------------------------------------------------------------------
 
 def test_a_torchrun_restart_continues_the_run_instead_of_starting_it_again(tmp_path, monkeypatch, capsys):
-    # In-process: on this CPU-only machine gloo fails to re-form its process group after a torchrun restart
-    # (connectFullMesh: connection refused), so the restarted workers never reach this point here.
+    # The cases a real restart below does not reach: no checkpoint yet, and a --resume on the command line.
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
     assert checkpoint.resume_source('', str(tmp_path)) == ''  # restarted before any checkpoint: a fresh start
     assert checkpoint.resume_source('start.pth', str(tmp_path)) == 'start.pth'
@@ -369,6 +369,26 @@ def test_a_torchrun_restart_continues_the_run_instead_of_starting_it_again(tmp_p
     assert 'torchrun restart 1: continuing the run from' in capsys.readouterr().out
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '0')  # the first attempt: the command line as given
     assert checkpoint.resume_source('start.pth', str(tmp_path)) == 'start.pth'
+
+
+def test_a_torchrun_restart_after_a_killed_rank_resumes_and_ends_with_the_uninterrupted_weights(imagefolder,
+                                                                                                tmp_path):
+    # elastic_worker.py's watchdog ends a hung worker (with its traceback) well within the subprocess timeout
+    import sys
+    from conftest import FAST, run_main
+    from test_resilience import assert_same_tensors
+    flags = ['--data-path', imagefolder, '--model', 'test_vit', *FAST, '--batch-size', '4', '--epochs', '2',
+             '--deterministic', '--save-interval-steps', '1']
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    killed = run_main(*flags, '--output_dir', tmp_path / 'killed',
+                      launcher=(*torchrun, '--max-restarts=1', 'tests/elastic_worker.py'), timeout=900)
+    assert 'torchrun restart 1: continuing the run from' in killed.stdout
+    assert 'Continuing at epoch 0 step' in killed.stdout
+    run_main(*flags, '--output_dir', tmp_path / 'whole', launcher=(*torchrun, 'main.py'), timeout=300)
+    ours, ref = (torch.load(tmp_path / run / 'checkpoint.pth', weights_only=True) for run in ('killed', 'whole'))
+    assert ours['epoch'] == ref['epoch'] == 1
+    for key in ('model', 'optimizer'):
+        assert_same_tensors(ours[key], ref[key], key)
 
 
 def two_ranks(scenario, out):
@@ -383,6 +403,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_pat
     results = two_ranks('nan', tmp_path)
     assert results == ['non-finite loss in epoch 0 at step 2: lower --lr, set --clip-grad, or check the data; no '
                        'checkpoint holds its weights (--resume auto continues from the last finite one)'] * 2
+
+
+def test_a_torchrun_restart_counted_on_one_node_only_resumes_every_rank_from_the_same_checkpoint(tmp_path):
+    torch.save({'model': {}, 'epoch': 0, 'step': 3}, tmp_path / 'checkpoint-e0-s3.pth')
+    assert two_ranks('restart', tmp_path) == [str(tmp_path / 'checkpoint-e0-s3.pth')] * 2
 
 
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_within_a_few_steps(tmp_path):

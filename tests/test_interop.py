@@ -1,4 +1,4 @@
-"""Curves as pictures, torch.hub entry points and safetensors export (issue 8, items 3-5)."""
+"""Curves as pictures, torch.hub entry points and safetensors export."""
 import hashlib
 import json
 from pathlib import Path

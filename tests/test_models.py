@@ -4,7 +4,7 @@ import torch
 
 import main
 import models  # noqa: F401
-from utils import interpolate_pos_embed
+from weights import interpolate_pos_embed
 
 OFFICIAL_KEYS = {'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weight', 'patch_embed.proj.bias',
                  'blocks.0.attn.qkv.weight', 'blocks.11.mlp.fc2.bias', 'norm.weight', 'norm.bias',

@@ -26,9 +26,10 @@ import fast_data
 import main
 import speedups
 from conftest import FAST, run_cli, twin_vits_and_batches
-from datasets import UNREADABLE_IMAGE_ERRORS, build_transform, preserved_rng, seed_rng
+from datasets import UNREADABLE_IMAGE_ERRORS, DataSettings, TransformSettings, build_pipeline, build_transform
 from engine import LossScaler, train_one_epoch
 from losses import DistillationLoss
+from seeding import preserved_cpu_generators, seed_cpu_generators
 from teacher import fold_batchnorm, prepare_teacher
 
 
@@ -36,11 +37,15 @@ def parse(*argv):
     return main.get_args_parser().parse_args([str(a) for a in argv])
 
 
+def transform_settings(*argv) -> TransformSettings:
+    return DataSettings.from_args(parse(*argv)).transform
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """The generators seeded as RobustSamples seeds a sample, restored after the block."""
-    with preserved_rng():
-        seed_rng(seed)
+    with preserved_cpu_generators():
+        seed_cpu_generators(seed)
         yield
 
 
@@ -70,9 +75,9 @@ def reference_uint8(transform, img) -> torch.Tensor:
 def test_fast_train_crops_match_the_reference_sample_by_sample_and_in_distribution(tmp_path, monkeypatch):
     width, height = 640, 480  # at 112 px, crops of >= 224 px are decoded at half or quarter scale
     path = ramp_jpeg(tmp_path / 'ramp.jpg', width, height)
-    args = parse('--input-size', 112, '--aa', 'none', '--reprob', 0, '--color-jitter', 0)
-    reference = build_transform(True, args)
-    fast = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
+    settings = transform_settings('--input-size', 112, '--aa', 'none', '--reprob', 0, '--color-jitter', 0)
+    reference = build_transform(True, settings)
+    fast = build_pipeline(True, settings).transform
     factors = []
     decode = fast_data.decode
     monkeypatch.setattr(fast_data, 'decode', lambda *a: (lambda out: factors.append(out[1]) or out)(decode(*a)))
@@ -101,8 +106,8 @@ def test_fast_eval_is_resize_then_center_crop(tmp_path, size):
     rng = np.random.default_rng(0)
     path = tmp_path / 'photo.jpg'
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).resize(size).save(path)
-    args = parse('--input-size', 224)
-    expected = reference_uint8(build_transform(False, args).transform, Image.open(path).convert('RGB'))
+    settings = transform_settings('--input-size', 224)
+    expected = reference_uint8(build_transform(False, settings).transform, Image.open(path).convert('RGB'))
     ours = fast_data.FastEvalTransform(224)(fast_data.open_lazily(path)).float()
     assert ours.shape == (224, 224, 3)
     if max(size) < 1000:  # full-scale decoding: the same pixels (rounding of the float box aside)
@@ -193,9 +198,9 @@ def test_fast_train_transform_makes_timms_flip_and_randaugment_draws(tmp_path):
     """Sample by sample, the same seed picks the same crop, flip, ops and magnitudes as timm's pipeline."""
     path = tmp_path / 'photo.jpg'
     Image.fromarray(photo_like(0, 320)).save(path, quality=95)
-    args = parse('--input-size', 96, '--reprob', 0)  # timm's default policy, rand-m9-mstd0.5-inc1
-    reference = build_transform(True, args)
-    fast = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
+    settings = transform_settings('--input-size', 96, '--reprob', 0)  # timm's default policy, rand-m9-mstd0.5-inc1
+    reference = build_transform(True, settings)
+    fast = build_pipeline(True, settings).transform
     draws = {'reference': [], 'fast': []}
 
     def record(log, op):
@@ -221,9 +226,10 @@ def test_fast_train_transform_makes_timms_flip_and_randaugment_draws(tmp_path):
 def test_a_step_without_an_array_version_runs_on_pil(tmp_path):
     path = tmp_path / 'photo.jpg'
     Image.fromarray(photo_like(1, 320)).save(path, quality=95)
-    args = parse('--input-size', 96, '--reprob', 0, '--aa', 'none', '--color-jitter', 0.4)  # timm's ColorJitter
-    reference = build_transform(True, args)
-    fast = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
+    # without RandAugment timm adds ColorJitter, a step without an array version
+    settings = transform_settings('--input-size', 96, '--reprob', 0, '--aa', 'none', '--color-jitter', 0.4)
+    reference = build_transform(True, settings)
+    fast = build_pipeline(True, settings).transform
     assert [type(step).__name__ for step in fast.steps] == ['HorizontalFlip', 'OnPIL']
     for k in range(5):
         with seeded(k):
@@ -234,14 +240,13 @@ def test_a_step_without_an_array_version_runs_on_pil(tmp_path):
 
 
 def test_device_batches_normalise_like_totensor_normalize_and_keep_channels_last():
-    args = parse('--input-size', 48, '--reprob', 0)
-    transform = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
+    stage = build_pipeline(True, transform_settings('--input-size', 48, '--reprob', 0)).batch
     images = torch.randint(0, 256, (4, 48, 48, 3), dtype=torch.uint8)
     loader = torch.utils.data.DataLoader([(img, 0, []) for img in images], batch_size=4,
                                          collate_fn=lambda b: (torch.stack([x[0] for x in b]), torch.tensor([0] * 4), []))
-    batch = next(iter(fast_data.DeviceBatches(loader, transform, torch.device('cpu'))))[0]
-    reference = torch.stack([(img.permute(2, 0, 1) / 255 - torch.tensor(transform.mean)[:, None, None])
-                             / torch.tensor(transform.std)[:, None, None] for img in images])
+    batch = next(iter(fast_data.DeviceBatches(loader, stage, torch.device('cpu'))))[0]
+    reference = torch.stack([(img.permute(2, 0, 1) / 255 - torch.tensor(stage.mean)[:, None, None])
+                             / torch.tensor(stage.std)[:, None, None] for img in images])
     assert torch.allclose(batch, reference, atol=1e-5)
     assert batch.is_contiguous(memory_format=torch.channels_last)
 
@@ -268,8 +273,7 @@ class _Sampler(list):
 
 
 def test_batch_erasing_is_the_same_for_a_resumed_step():
-    args = parse('--input-size', 40, '--reprob', 1.0)
-    transform = fast_data.FastTrainTransform(*fast_data.split_reference(build_transform(True, args)))
+    stage = build_pipeline(True, transform_settings('--input-size', 40, '--reprob', 1.0)).batch
     data = torch.full((12, 40, 40, 3), 128, dtype=torch.uint8)
     sampler = _Sampler(range(12))
 
@@ -277,11 +281,40 @@ def test_batch_erasing_is_the_same_for_a_resumed_step():
         sampler.start = start
         loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler,
                                              collate_fn=lambda b: (torch.stack(b), torch.zeros(4), []))
-        return [b[0] for b in fast_data.DeviceBatches(loader, transform, torch.device('cpu'), seed=5)]
+        return [b[0] for b in fast_data.DeviceBatches(loader, stage, torch.device('cpu'), seed=5)]
 
     whole, resumed = batches(0), batches(8)
     assert torch.equal(whole[2], resumed[0])  # step 2 erased the same, resumed or not
     assert not torch.equal(whole[0], whole[1])  # and each step differently
+
+
+@pytest.mark.parametrize('argv, fast_train, fast_eval', [
+    ((), True, True),
+    (('--train-interpolation', 'random'), True, True),  # bilinear or bicubic per image: both in torch's resize
+    (('--train-interpolation', 'nearest'), False, True),  # a filter torch's uint8 resize does not do as PIL
+    (('--ThreeAugment',), False, True),
+    (('--input-size', 32), False, False),  # the padded crop; evaluated without resizing
+    (('--no-fast-data',), False, False),
+])
+def test_the_fast_pipeline_stands_in_only_where_it_implements_the_reference(argv, fast_train, fast_eval):
+    settings = transform_settings('--input-size', 64, *argv)
+    for is_train, fast, fast_type in ((True, fast_train, fast_data.FastTrainTransform),
+                                      (False, fast_eval, fast_data.FastEvalTransform)):
+        pipeline = build_pipeline(is_train, settings)
+        assert isinstance(pipeline.transform, fast_type) == fast and (pipeline.batch is not None) == fast
+        assert (pipeline.open_image is fast_data.open_lazily) == fast  # only the fast path decodes in its transform
+        if not fast:  # the reference itself
+            assert type(pipeline.transform) is type(build_transform(is_train, settings))
+
+
+def test_the_fast_batch_stage_erases_as_the_reference_and_normalises_with_its_constants():
+    settings = transform_settings('--input-size', 64, '--reprob', 0.5, '--remode', 'const', '--recount', 3)
+    reference = build_transform(True, settings).transforms
+    stage = build_pipeline(True, settings).batch
+    normalize = next(t for t in reference if type(t).__name__ == 'Normalize')
+    assert torch.equal(torch.tensor(stage.mean), normalize.mean) and torch.equal(torch.tensor(stage.std), normalize.std)
+    assert vars(stage.erasing) == vars(next(t for t in reference if isinstance(t, RandomErasing)))
+    assert build_pipeline(True, transform_settings('--input-size', 64, '--reprob', 0)).batch.erasing is None
 
 
 def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):

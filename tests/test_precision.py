@@ -1,5 +1,5 @@
 """The precision a run picks (precision.py): bf16 where it is native and faster, fp16 on a GPU without bf16,
-fp32 elsewhere and with --no-amp, exactly today's fp32 path."""
+fp32 elsewhere and with --no-amp."""
 import re
 
 import pytest

@@ -14,7 +14,8 @@ import torch
 
 from checkpoint import STEP_CHECKPOINT, find_newest_checkpoint, remove_stale_temporaries
 from conftest import FAST, REPO, assert_one_line_error, run_cli
-from utils import UserError, load_checkpoint
+from utils import UserError
+from weights import load_checkpoint
 
 # A 0.3 M-parameter ViT: checkpoints of a few MB, so that writing one every step stays cheap.
 TINY = ['--model', 'test_vit', *FAST, '--num_workers', '2', '--lr', '2e-3']
@@ -81,15 +82,15 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
 KILL_MID_WRITE = '''
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})
-import utils
-utils.save_atomic({{'model': {{'w': torch.zeros(3)}}}}, {path!r})
+import checkpoint
+checkpoint.save_atomic({{'model': {{'w': torch.zeros(3)}}}}, {path!r})
 real_save = torch.save
 def dying_save(obj, f):
     f.write(b'PK\\x03\\x04 half a checkpoint')
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
-utils.save_atomic({{'model': {{'w': torch.ones(3)}}}}, {path!r})
+checkpoint.save_atomic({{'model': {{'w': torch.ones(3)}}}}, {path!r})
 '''
 
 

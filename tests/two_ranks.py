@@ -1,9 +1,11 @@
 """Run under torch.distributed.run (gloo, CPU) by test_hardening: what each rank sees, written as JSON.
 
-Usage: two_ranks.py SCENARIO OUT_DIR. Scenarios: ``nan`` (a non-finite loss on rank 1 only) and
-``signal`` (a stop signal received by rank 1 only).
+Usage: two_ranks.py SCENARIO OUT_DIR. Scenarios: ``nan`` (a non-finite loss on rank 1 only),
+``signal`` (a stop signal received by rank 1 only) and ``restart`` (only rank 1's torchrun agent counts a
+restart, as on a node restarted because another node failed).
 """
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,10 +49,18 @@ def signal_on_rank_one(rank: int) -> str:
     return 'finished'
 
 
+def restart_seen_by_rank_one(rank: int, out: Path) -> str:
+    os.environ['TORCHELASTIC_RESTART_COUNT'] = str(rank)
+    return checkpoint.resume_source('', str(out))
+
+
 if __name__ == '__main__':
     scenario, out = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group('gloo')
     rank = dist.get_rank()
-    result = {'nan': nan_on_rank_one, 'signal': signal_on_rank_one}[scenario](rank)
+    if scenario == 'restart':
+        result = restart_seen_by_rank_one(rank, out)
+    else:
+        result = {'nan': nan_on_rank_one, 'signal': signal_on_rank_one}[scenario](rank)
     (out / f'rank{rank}.json').write_text(json.dumps(result))
     dist.destroy_process_group()

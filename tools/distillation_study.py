@@ -1,7 +1,6 @@
 """Does distillation help a DeiT student on DIGITS? The pre-registered study of docs/distillation-study.md.
 
-    python -m tools.distillation_study   # 49 runs, two at a time (~30 min on 2 idle cores, by the
-                                         # protocol's estimate); output/distillation-study/
+    python -m tools.distillation_study   # 49 runs, two at a time; output/distillation-study/
 
 Stage 1 searches three settings (100 or 300 labelled images, the teacher's augmentation)
 with seeds 0-2: per seed a teacher, the plain student and the DeiT⚗ student (distillation token).
@@ -265,7 +264,8 @@ def seed_list(text: str) -> List[int]:
     return [int(s) for s in text.split(',')]
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
+    """The study's own flags; the flags it does not know go to every main.py run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog='Other flags are main.py flags for every run, e.g. --epochs 1. '
                                             'The defaults are the protocol of docs/distillation-study.md.')
@@ -275,6 +275,11 @@ def main(argv=None) -> int:
     parser.add_argument('--settings', default=','.join(SEARCH), help='stage 1 settings, comma-separated')
     parser.add_argument('--search-seeds', type=seed_list, default=list(SEARCH_SEEDS))
     parser.add_argument('--confirm-seeds', type=seed_list, default=list(CONFIRM_SEEDS))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
     args, extra = parser.parse_known_args(argv)
     output = Path(args.output)
     names = args.settings.split(',')

@@ -7,6 +7,7 @@ The teacher is built as main.py builds it (BatchNorm folded, channels_last), onc
 under autocast in --amp-dtype; both label every validation image (main.py's eval transform), and
 the line printed is the share of images on which the two argmaxes agree, with each one's top-1.
 """
+import argparse
 import sys
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import main
 import utils
-from datasets import build_dataset
+from datasets import DataSettings, Pipeline, build_dataset, build_transform
 
 
 @torch.inference_mode()
@@ -22,14 +23,19 @@ def hard_labels(teacher: torch.nn.Module, loader, device: torch.device) -> torch
     return torch.cat([teacher(images.to(device)).argmax(dim=1).cpu() for images, _ in loader])
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser('python -m tools.teacher_agreement', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   parents=[main.get_args_parser()])
+
+
 def cli(argv=None) -> int:
-    parser = main.get_args_parser()
-    parser.prog, parser.description = 'python -m tools.teacher_agreement', __doc__
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     args.device = utils.resolve_device(args.device)
     if args.distillation_type == 'none':
         args.distillation_type = 'hard'  # only so that build_teacher builds one
-    dataset, nb_classes = build_dataset(False, args)
+    settings = DataSettings.from_args(args)
+    dataset, nb_classes = build_dataset(False, settings, Pipeline(build_transform(False, settings.transform)))
     targets = torch.tensor([target for _, target in dataset.samples])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers or 0)
     labels = {}
