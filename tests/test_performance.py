@@ -317,11 +317,18 @@ def test_the_fast_batch_stage_erases_as_the_reference_and_normalises_with_its_co
     assert build_pipeline(True, transform_settings('--input-size', 64, '--reprob', 0)).batch.erasing is None
 
 
-def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):
+def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path, monkeypatch):
+    normalised = []  # (loader, shape) of each batch that the fast path's batch stage received
+    normalise = fast_data.DeviceBatches.normalise
+    monkeypatch.setattr(fast_data.DeviceBatches, 'normalise',
+                        lambda loader, images: normalised.append((id(loader), tuple(images.shape))) or
+                        normalise(loader, images))
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
                    '--output_dir', tmp_path, *FAST, '--input-size', '48', '--num_workers', '1')
     assert '(24 images, both head)' in proc.stdout
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] > 0
+    assert len({loader for loader, _ in normalised}) == 2  # training and validation both took the fast path
+    assert normalised[0][1] == (12, 48, 48, 3)  # uint8 NHWC crops from the fast transform
 
 
 def random_batchnorm(model):

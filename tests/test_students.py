@@ -70,7 +70,8 @@ def test_mobile_former_refuses_img_size_so_that_main_falls_back():
         timm.create_model('mobile_former_52m', img_size=224)
 
 
-def test_hard_distillation_into_a_distilled_convit(imagefolder, teacher_checkpoint, tmp_path):
+def test_main_trains_a_distilled_convit_with_a_teacher_at_the_runs_input_size(imagefolder, teacher_checkpoint,
+                                                                                tmp_path):
     # timm's ConViT takes img_size, so main.py builds it for 32 px: 2x2 patches of 16, seconds on a CPU
     run_cli('--data-path', imagefolder, '--model', 'convit_tiny_distilled', '--epochs', '1',
             '--distillation-type', 'hard', '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint,
