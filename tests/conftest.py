@@ -91,7 +91,7 @@ def twin_vits_and_batches(steps: int):
 @pytest.fixture(scope='session', autouse=True)
 def one_torch_thread():
     """One intra-op thread in this process, as run_main gives each run: on 2 busy shared cores a second
-    thread mostly waits for a core (small models' steps ran an order of magnitude slower with two)."""
+    thread mostly waits for a core, and small models' steps ran many times slower with two."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
