@@ -61,7 +61,7 @@ import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
 from datasets import (DataSettings, Pipeline, RobustSamples, TransformSettings, build_pipeline, build_transform,
                       collate_skipping)
-from engine import LossScaler, evaluate, train_one_epoch
+from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
 from precision import Precision, dtype_flag, resolve_precision
@@ -328,11 +328,10 @@ def create(name: str, args) -> torch.nn.Module:
         return timm.create_model(name, num_classes=1000)
 
 
-def engine_args(amp_dtype: Optional[torch.dtype]) -> Namespace:
-    """What train_one_epoch reads from main.py's arguments: autocast to ``amp_dtype`` (None: fp32), no
-    mixup, progress only at the ends."""
-    return Namespace(amp=amp_dtype is not None, amp_dtype=dtype_flag(amp_dtype), bce_loss=False,
-                     print_freq=10 ** 6, seed=0, strict_data=False)
+def engine_options(amp_dtype: Optional[torch.dtype]) -> TrainOptions:
+    """train_one_epoch's steps as main.py runs them: autocast to ``amp_dtype`` (None: fp32), progress
+    only at the ends."""
+    return TrainOptions(amp_dtype=amp_dtype, print_freq=10 ** 6)
 
 
 def plain_step(model, optimizer, batches, teacher=None) -> Callable[[], None]:
@@ -362,7 +361,7 @@ def project_step(model, optimizer, batches, teacher=None,
     def run():
         with contextlib.redirect_stdout(io.StringIO()):
             train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, scaler,
-                            args=engine_args(amp_dtype))
+                            engine_options(amp_dtype))
     return run
 
 

@@ -1,11 +1,12 @@
 """One training epoch and one evaluation pass."""
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from timm.data import Mixup
 
-from losses import CoSubLoss, DistillationLoss
+from losses import Criterion
 from seeding import Stream, seed_everything, stream_seed
 from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
 
@@ -48,8 +49,6 @@ class LossScaler:
     timm's NativeScaler always scales the loss; bf16 and fp32 need no scaling, so this wraps a
     GradScaler that is a pass-through when disabled.
     """
-    state_dict_key = 'scaler'
-
     def __init__(self, enabled: bool, device_type: str = 'cuda'):
         self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
 
@@ -81,13 +80,6 @@ class LossScaler:
         self._scaler.load_state_dict(state_dict)
 
 
-def amp_dtype_of(args) -> Optional[torch.dtype]:
-    """The autocast dtype that --amp / --amp-dtype ask for, None for full precision."""
-    if not getattr(args, 'amp', False):
-        return None
-    return getattr(torch, getattr(args, 'amp_dtype', 'float16'))
-
-
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     """Mixed-precision context for ``device``, or a no-op when ``amp_dtype`` is None."""
     if amp_dtype is None:
@@ -108,14 +100,25 @@ def split_batch(batch):
     return batch[0], batch[1], (batch[2] if len(batch) > 2 else [])
 
 
-def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_loader, optimizer,
-                    device: torch.device, epoch: int, loss_scaler: LossScaler, max_norm: float = 0,
-                    model_ema=None, mixup_fn: Optional[Mixup] = None, set_training_mode: bool = True,
-                    args=None, start_step: int = 0, checkpointer=None, metrics_state: Optional[dict] = None
-                    ) -> dict:
+@dataclass(frozen=True)
+class TrainOptions:
+    """How train_one_epoch runs its steps (main.py fills it from the command line)."""
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None: fp32 without autocast
+    accum_steps: int = 1  # micro-batches per optimizer step (--grad-accum-steps)
+    clip_grad: Optional[float] = None  # gradient norm clip
+    print_freq: int = 10  # micro-batches between progress lines
+    seed: int = 0  # with the rank, epoch and micro-batch: seeds each micro-batch's randomness
+    strict_data: bool = False  # fail on an unreadable image instead of skipping it
+    set_training_mode: bool = True  # False (--no-train-mode): the model steps in eval mode
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, optimizer,
+                    device: torch.device, epoch: int, loss_scaler: LossScaler,
+                    options: TrainOptions = TrainOptions(), model_ema=None, mixup_fn: Optional[Mixup] = None,
+                    start_step: int = 0, checkpointer=None, metrics_state: Optional[dict] = None) -> dict:
     """Train for one epoch (from optimizer step ``start_step`` when resuming); returns the epoch's averages.
 
-    A step is ``args.grad_accum_steps`` (K) micro-batches of the loader: each one's loss / K is
+    A step is ``options.accum_steps`` (K) micro-batches of the loader: each one's loss / K is
     backpropagated into the same gradients (under DDP synchronised on the last one only), then one
     optimizer step with clipping, loss scaling and the EMA update. The loader yields whole steps
     (main.build_data drops an epoch's partial last step). Every micro-batch draws its randomness
@@ -123,12 +126,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
     resumed at any step continues exactly as an uninterrupted one.
     ``checkpointer.after_step`` may write a step checkpoint or stop the run after any optimizer step.
     """
-    model.train(set_training_mode)
-    amp_dtype = amp_dtype_of(args)
-    bce_loss = getattr(args, 'bce_loss', False)
-    print_freq = getattr(args, 'print_freq', 10)
-    accum_steps = getattr(args, 'grad_accum_steps', 1)
-    seed, rank = getattr(args, 'seed', 0), get_rank()
+    model.train(options.set_training_mode)
+    accum_steps, print_freq = options.accum_steps, options.print_freq
+    seed, rank = options.seed, get_rank()
     metric_logger = MetricLogger()
     if metrics_state:
         metric_logger.load_state_dict(metrics_state)
@@ -143,7 +143,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         updating = phase == accum_steps - 1
         samples, targets, bad_paths = split_batch(batch)
         unreadable.update(dict.fromkeys(bad_paths))
-        if bad_paths and getattr(args, 'strict_data', False):
+        if bad_paths and options.strict_data:
             raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
                                       'or drop --strict-data to skip such images')
         seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
@@ -151,18 +151,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: DistillationLoss, data_lo
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        if isinstance(criterion, CoSubLoss):
-            samples = criterion.duplicate(samples)
-        if bce_loss:
-            targets = targets.gt(0.0).type(targets.dtype)
 
         if phase == 0:
             optimizer.zero_grad(set_to_none=True)
         with gradient_sync(model, updating):
-            with autocast(device, amp_dtype):
-                outputs = model(samples)
+            with autocast(device, options.amp_dtype):
+                outputs = model(criterion.model_inputs(samples))
                 loss = criterion(samples, outputs, targets)
-            loss_scaler(loss / accum_steps, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+            loss_scaler(loss / accum_steps, optimizer, clip_grad=options.clip_grad, parameters=model.parameters(),
                         need_update=updating)
         if updating and model_ema is not None:
             model_ema.update(model)

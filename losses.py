@@ -1,11 +1,63 @@
-"""Knowledge distillation through the distillation token (DeiT, section 4)."""
+"""Every training criterion: built by ``build_criterion`` from the command line, checked by ``check_loss_flags``.
+
+A criterion is called as ``criterion(inputs, outputs, labels)`` on the batch after mixup, with the model's
+outputs for ``criterion.model_inputs(inputs)`` (the batch itself, or what the loss needs the model to see,
+e.g. the batch twice for --cosub). To add a loss: subclass ``Criterion`` here (or pass a plain
+``loss(outputs, labels)`` as the base of ``DistillationLoss``), add its flag to main.get_args_parser,
+its choice to ``build_criterion`` and any flag it cannot combine with to ``check_loss_flags``.
+"""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from utils import UserError
 
 DISTILLATION_TYPES = ('none', 'soft', 'hard')
 
 
-class DistillationLoss(torch.nn.Module):
+def check_loss_flags(bce_loss: bool, cosub: bool, mixup: bool, distillation_type: str) -> None:
+    """Refuse loss flags that cannot work together (``mixup``: mixup or cutmix is on)."""
+    if bce_loss and not mixup:
+        raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
+    if cosub and not mixup:
+        raise UserError('--cosub learns from soft targets (binary cross-entropy): enable --mixup or --cutmix')
+    if cosub and distillation_type != 'none':
+        raise UserError('--cosub trains without a teacher: drop --distillation-type or --cosub')
+
+
+def build_criterion(cosub: bool, bce_loss: bool, mixup: bool, smoothing: float,
+                    teacher: Optional[torch.nn.Module], distillation_type: str, alpha: float, tau: float,
+                    distillation_token: bool) -> 'Criterion':
+    """The criterion of the command line, as the original DeiT builds it.
+
+    --bce-loss, like the original, trains on mixed targets binarised (every class present in the mix
+    counts 1), also under --cosub; without mixup the labels are smoothed by the loss itself.
+    """
+    if cosub:
+        return CoSubLoss(binary_labels=bce_loss)  # the original ignores the other loss settings with --cosub
+    if bce_loss:
+        base = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)
+    elif mixup:
+        base = SoftTargetCrossEntropy()  # targets are already smoothed by Mixup
+    elif smoothing > 0:
+        base = LabelSmoothingCrossEntropy(smoothing=smoothing)
+    else:
+        base = torch.nn.CrossEntropyLoss()
+    return DistillationLoss(base, teacher, distillation_type, alpha, tau, distillation_token=distillation_token)
+
+
+class Criterion(torch.nn.Module):
+    """What engine.train_one_epoch calls: ``forward(inputs, outputs, labels)`` returns the scalar loss of
+    the model's ``outputs`` for ``model_inputs(inputs)``."""
+
+    def model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The batch the model runs on: ``inputs`` unless the loss needs more."""
+        return inputs
+
+
+class DistillationLoss(Criterion):
     """``(1 - alpha) * base(cls logits, labels) + alpha * distillation(dist logits, teacher)``.
 
     With ``distillation_token=False`` (a model without distillation head) the distillation term
@@ -58,27 +110,31 @@ class DistillationLoss(torch.nn.Module):
         return base_loss * (1 - self.alpha) + distillation_loss * self.alpha
 
 
-class CoSubLoss(torch.nn.Module):
+class CoSubLoss(Criterion):
     """Co-training with sub-models (DeiT III, ``--cosub``): binary cross-entropy, four terms.
 
-    The batch goes through the model twice (``duplicate``), so the two halves of ``outputs`` are
+    The batch goes through the model twice (``model_inputs``), so the two halves of ``outputs`` are
     two sub-models of the same network (independent drop-path masks) on the same images. Each half
     learns from the labels and from the other half's sigmoid predictions, taken as fixed targets:
 
         loss = (BCE(a, y) + BCE(b, y) + BCE(a, sigmoid(b)) + BCE(b, sigmoid(a))) / 4
+
+    With ``binary_labels`` (--bce-loss) the labels' mixed targets are binarised first, as the original does.
     """
 
-    def __init__(self):
+    def __init__(self, binary_labels: bool = False):
         super().__init__()
         self.bce = torch.nn.BCEWithLogitsLoss()
+        self.binary_labels = binary_labels
 
-    @staticmethod
-    def duplicate(samples: torch.Tensor) -> torch.Tensor:
-        """The batch that the model sees: ``samples`` twice, one after the other."""
-        return torch.cat((samples, samples), dim=0)
+    def model_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` twice, one after the other."""
+        return torch.cat((inputs, inputs), dim=0)
 
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``outputs``: logits of the duplicated batch; ``labels``: soft targets of one copy."""
+        if self.binary_labels:
+            labels = labels.gt(0.0).type(labels.dtype)
         first, second = outputs.chunk(2, dim=0)
         return 0.25 * (self.bce(first, labels) + self.bce(second, labels)
                        + self.bce(first, second.detach().sigmoid()) + self.bce(second, first.detach().sigmoid()))

@@ -1,6 +1,9 @@
 """Train, evaluate, resume and fine-tune DeiT: the command line of the original DeiT scripts.
 
-Reads like a table of contents: parse, build data, build models, build optimisation, loop.
+Reads like a table of contents of a run (train): parse the flags (get_args_parser), check them
+(validate_args), resolve what they leave to this machine (resolve_args), then build the data, the models
+and the optimisation, and loop over the epochs. Datasets live in datasets.py, students in models/,
+criteria in losses.py, the training step in engine.py, checkpoints in checkpoint.py.
 """
 import os
 import signal
@@ -25,7 +28,6 @@ from typing import Optional, Tuple
 import timm
 import torch
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
@@ -42,9 +44,9 @@ import utils
 import weights
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
                       check_same_classes, collate_skipping)
-from engine import LossScaler, NonFiniteLossError, amp_dtype_of, evaluate, train_one_epoch
-from losses import DISTILLATION_TYPES, CoSubLoss, DistillationLoss
-from precision import dtype_flag, resolve_precision
+from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
+from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
+from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
 from teacher import prepare_teacher
 from utils import UserError
@@ -224,15 +226,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks and resolution of the flags
+# ---------------------------------------------------------------------------------------------
+
 def validate_args(args) -> None:
-    """Catch impossible settings before any data is read or any model is built."""
+    """Catch impossible settings before any data is read or any model is built (checks only: changes nothing)."""
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'input_size', 'print_freq', 'keep_last'):
         if getattr(args, name) <= 0:
             raise UserError(f'--{name.replace("_", "-")} must be positive, got {getattr(args, name)}')
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
     for name in ('num_workers', 'save_interval_steps', 'save_interval_minutes', 'start_epoch'):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:  # --num_workers None: the default
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
     for name in ('lr', 'min_lr', 'warmup_lr', 'weight_decay', 'drop', 'drop_path', 'smoothing', 'reprob'):
         if getattr(args, name) < 0:
@@ -254,12 +258,7 @@ def validate_args(args) -> None:
             enable_grad_checkpointing(timm.create_model(args.model, num_classes=2), args.model)
     if args.src and not args.ThreeAugment:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
-    if args.bce_loss and not mixup_active(args):
-        raise UserError('--bce-loss needs soft targets: enable --mixup or --cutmix')
-    if args.cosub and not mixup_active(args):
-        raise UserError('--cosub learns from soft targets (binary cross-entropy): enable --mixup or --cutmix')
-    if args.cosub and args.distillation_type != 'none':
-        raise UserError('--cosub trains without a teacher: drop --distillation-type or --cosub')
+    check_loss_flags(args.bce_loss, args.cosub, mixup_active(args), args.distillation_type)
     if mixup_active(args) and args.batch_size % 2 and not args.eval:
         raise UserError(f'--batch-size {args.batch_size} must be even with mixup/cutmix (they pair the images of '
                         f'a batch): use an even --batch-size, or --mixup 0 --cutmix 0')
@@ -272,13 +271,56 @@ def validate_args(args) -> None:
         path = getattr(args, name)
         if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
             raise UserError(f'--{name} {path} does not exist: check the path')
-    if args.output_dir:
-        try:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f'cannot create --output_dir {args.output_dir}: {e.strerror}') from None
-        if not os.access(args.output_dir, os.W_OK):
-            raise UserError(f'--output_dir {args.output_dir} is not writable: choose another directory')
+
+
+def resolve_args(args) -> Optional[torch.dtype]:
+    """Settle, once and before anything is built, what the flags leave to this machine and launch:
+    --num_workers, --device, the processes (torchrun, Slurm: rank, world_size, gpu), --amp / --amp-dtype,
+    --tensorboard, --resume (auto, or the newest checkpoint after a torchrun restart) and --lr (scaled to
+    the effective batch unless --unscale-lr).
+
+    The resolved values stay in ``args`` (one record: what print(args), args.yaml and every checkpoint
+    show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
+    (None: fp32). Only --nb-classes (from the data) and --start_epoch (from the resumed checkpoint) are
+    filled later, where they become known.
+    """
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    args.device = utils.resolve_device(args.device)
+    utils.init_distributed_mode(args)
+    precision = choose_precision(args.amp, args.amp_dtype, args.device, args.distributed)
+    args.amp, args.amp_dtype = precision.dtype is not None, dtype_flag(precision.dtype)  # repeatable from args.yaml
+    print(f'precision: student {precision.name} ({precision.reason})')
+    if args.distillation_type != 'none':
+        print(f'precision: teacher {precision.name} (the student\'s)')
+    if args.tensorboard is None:
+        args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
+    args.resume = checkpoint.resume_source(args.resume, args.output_dir)
+    if not args.unscale_lr:
+        args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
+    return precision.dtype
+
+
+def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
+                     distributed: bool) -> Precision:
+    """The precision of --amp / --amp-dtype (precision.py: explicit flags, else what this device runs
+    fastest). Under DDP every rank takes rank 0's choice: a CPU probe could differ."""
+    chosen = resolve_precision(amp, amp_dtype, device)
+    if distributed:
+        shared = [chosen]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        chosen = shared[0]
+    return chosen
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create --output_dir (with its parents) and make sure this run can write there."""
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'cannot create --output_dir {output_dir}: {e.strerror}') from None
+    if not os.access(output_dir, os.W_OK):
+        raise UserError(f'--output_dir {output_dir} is not writable: choose another directory')
 
 
 def default_num_workers() -> int:
@@ -413,6 +455,29 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # Models
 # ---------------------------------------------------------------------------------------------
 
+def build_student(args, nb_classes: int, device: torch.device
+                  ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
+    """The student as it trains (under DDP, compiled with --compile), the same module without those
+    wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
+    print(f'Creating model: {args.model}')
+    model = build_model(args, nb_classes)
+    if args.finetune:
+        load_finetune_weights(model, args.finetune)
+    if args.attn_only:
+        train_attention_only(model)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    if args.distributed:
+        model = distributed_model(model, device, args.gpu)
+    if args.compile:
+        model = speedups.compile_or_eager(model, 'student')
+    return model, model_without_ddp, model_ema
+
+
 def build_model(args, nb_classes: int) -> torch.nn.Module:
     """The student, for --input-size where the architecture takes an image size."""
     kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
@@ -485,7 +550,8 @@ def train_attention_only(model: torch.nn.Module) -> None:
         model.pos_embed.requires_grad = True
 
 
-def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch.nn.Module]:
+def build_teacher(args, nb_classes: int, device: torch.device,
+                  amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
     """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
     inference-only module (teacher.py: BatchNorm folded, channels_last) in the student's precision."""
     if args.distillation_type == 'none':
@@ -495,8 +561,12 @@ def build_teacher(args, nb_classes: int, device: torch.device) -> Optional[torch
     state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
     weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                                f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype_of(args))
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
 
 def optimizer_name(opt: str) -> str:
     """timm's optimizer for --opt: the original's 'fusedlamb' (apex's FusedLAMB, CUDA only) is timm's LAMB,
@@ -507,19 +577,18 @@ def optimizer_name(opt: str) -> str:
     return opt
 
 
-def build_criterion(args, teacher: Optional[torch.nn.Module]) -> torch.nn.Module:
-    if args.cosub:
-        return CoSubLoss()  # the original ignores the other loss settings with --cosub
-    if args.bce_loss:
-        base = torch.nn.BCEWithLogitsLoss()
-    elif mixup_active(args):
-        base = SoftTargetCrossEntropy()  # targets are already smoothed by Mixup
-    elif args.smoothing > 0:
-        base = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        base = torch.nn.CrossEntropyLoss()
-    return DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau,
-                            distillation_token=args.distillation_token)
+def criterion_of(args, teacher: Optional[torch.nn.Module]) -> Criterion:
+    """losses.build_criterion for the loss flags."""
+    return build_criterion(args.cosub, args.bce_loss, mixup_active(args), args.smoothing, teacher,
+                           args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                           args.distillation_token)
+
+
+def train_options(args, amp_dtype: Optional[torch.dtype]) -> TrainOptions:
+    """How engine.train_one_epoch runs each step, from the flags."""
+    return TrainOptions(amp_dtype=amp_dtype, accum_steps=args.grad_accum_steps, clip_grad=args.clip_grad,
+                        print_freq=args.print_freq, seed=args.seed, strict_data=args.strict_data,
+                        set_training_mode=args.train_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,13 +611,13 @@ def on_device(module: torch.nn.Module, device: torch.device):
         module.to(home)
 
 
-def set_determinism(args) -> None:
+def set_determinism(deterministic: bool, device: torch.device) -> None:
     """--deterministic: the same command gives bit-identical weights; otherwise favour speed."""
-    if args.deterministic:
+    if deterministic:
         os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    elif args.device.type == 'cuda':
+    elif device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
 
 
@@ -563,20 +632,6 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def choose_precision(args) -> None:
-    """Settle --amp / --amp-dtype (precision.py: explicit flags, else what this device runs fastest) and
-    say so in the run's first lines. Under DDP every rank takes rank 0's choice: a CPU probe could differ."""
-    chosen = resolve_precision(args.amp, args.amp_dtype, args.device)
-    if args.distributed:
-        shared = [chosen]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        chosen = shared[0]
-    args.amp, args.amp_dtype = chosen.dtype is not None, dtype_flag(chosen.dtype)
-    print(f'precision: student {chosen.name} ({chosen.reason})')
-    if args.distillation_type != 'none':
-        print(f'precision: teacher {chosen.name} (the student\'s)')
-
-
 def main(args) -> None:
     signals = checkpoint.StopSignals()
     signals.install()  # first: a stop signal while starting ends the run at once, with its line
@@ -589,59 +644,39 @@ def main(args) -> None:
 
 def train(args, signals: checkpoint.StopSignals) -> None:
     validate_args(args)
-    args.device = utils.resolve_device(args.device)
-    utils.init_distributed_mode(args)
+    if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
+        prepare_output_dir(args.output_dir)
+    amp_dtype = resolve_args(args)
     device = args.device
-    choose_precision(args)
-    if args.tensorboard is None:
-        args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
-    amp_dtype = amp_dtype_of(args)
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
     seeding.seed_everything(args.seed)
-    set_determinism(args)
+    set_determinism(args.deterministic, device)
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
-    args.resume = checkpoint.resume_source(args.resume, args.output_dir)
     print(args)
 
     # Data
     loader_train, loader_val, nb_classes = build_data(args)
-    args.nb_classes = nb_classes
+    args.nb_classes = nb_classes  # recorded with the run: known once the data is read
     mixup_fn = build_mixup(args, nb_classes)
 
     # Models
-    print(f'Creating model: {args.model}')
-    model = build_model(args, nb_classes)
-    if args.finetune:
-        load_finetune_weights(model, args.finetune)
-    if args.attn_only:
-        train_attention_only(model)
-    model.to(device)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
-    if args.distributed:
-        model = distributed_model(model, device, args.gpu)
+    model, model_without_ddp, model_ema = build_student(args, nb_classes, device)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
-    if args.compile:
-        model = speedups.compile_or_eager(model, 'student')
-    teacher = build_teacher(args, nb_classes, device)
+    teacher = build_teacher(args, nb_classes, device, amp_dtype)
 
     # Optimisation
-    if not args.unscale_lr:
-        args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     opt = optimizer_name(args.opt)
     optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
                                     **speedups.optimizer_kwargs(device, opt))
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
-    criterion = build_criterion(args, teacher)
+    criterion = criterion_of(args, teacher)
+    options = train_options(args, amp_dtype)
     state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
                                      config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
     if args.resume:
@@ -679,9 +714,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
             loader_train.sampler.set_epoch(epoch)  # reshuffle per epoch, the same way on every rank
             loader_train.sampler.skip(start_step * samples_per_step(args))
             train_stats = train_one_epoch(
-                model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args.clip_grad, model_ema,
-                mixup_fn, set_training_mode=args.train_mode, args=args, start_step=start_step,
-                checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
+                model, criterion, loader_train, optimizer, device, epoch, loss_scaler, options, model_ema, mixup_fn,
+                start_step=start_step, checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
             lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
 
             test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)

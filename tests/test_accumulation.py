@@ -17,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import main
 from conftest import FAST, assert_one_line_error, run_cli, run_main
-from engine import LossScaler, train_one_epoch
+from engine import LossScaler, TrainOptions, train_one_epoch
 from imagefolder import make_imagefolder
 from losses import DistillationLoss
 from test_resilience import assert_same_tensors, popen_main, progress
@@ -120,11 +120,10 @@ def test_ddp_synchronises_gradients_only_on_the_last_micro_batch_of_a_step(tmp_p
         calls = []
         model.register_comm_hook(calls, counting_allreduce_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        args = main.get_args_parser().parse_args(['--grad-accum-steps', '4', '--print-freq', '100', '--no-amp'])
         batches = [(torch.randn(2, 4), torch.randint(0, 3, (2,)), []) for _ in range(8)]
         criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
         train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
-                        args=args)
+                        TrainOptions(accum_steps=4, print_freq=100))
         assert len(calls) == 2  # 8 micro-batches, 2 optimizer steps: one bucket synced per step
     finally:
         torch.distributed.destroy_process_group()

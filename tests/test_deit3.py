@@ -15,7 +15,7 @@ import models  # noqa: F401
 import utils
 import weights
 from conftest import FAST, REPO, run_cli
-from engine import LossScaler, train_one_epoch
+from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import CoSubLoss
 
 
@@ -229,15 +229,13 @@ class Recorder(torch.nn.Module):
 
 
 def test_cosub_training_step_runs_the_batch_twice_and_takes_the_four_term_loss():
-    args = main.get_args_parser().parse_args(['--cosub', '--print-freq', '1'])
-    args.amp = False
     torch.manual_seed(0)
     model = Recorder()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randn(4, 3, 4, 4)
     targets = torch.softmax(torch.randn(4, 3), dim=1)  # soft targets, as after Mixup
     stats = train_one_epoch(model, CoSubLoss(), [(images, targets, [])], torch.optim.SGD(model.parameters(), lr=0.0),
-                            torch.device('cpu'), 0, LossScaler(False, 'cpu'), args=args)
+                            torch.device('cpu'), 0, LossScaler(False, 'cpu'), TrainOptions(print_freq=1))
     assert torch.equal(model.seen, torch.cat((images, images)))
     model.load_state_dict(before)
     logits = model(images)

@@ -1,4 +1,4 @@
-"""README.md and docs/*.md stay true to the code: every command they give parses with the current command
+"""README.md, CONTRIBUTING.md and docs/*.md stay true to the code: every command they give parses with the current command
 line (nothing runs), every relative link and #anchor resolves, every `module.name` they cite exists."""
 import argparse
 import importlib
@@ -17,7 +17,7 @@ import run_with_submitit
 from conftest import REPO
 from tools import distillation_study, gpu_check, plot, teacher_agreement
 
-DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
+DOCS = [REPO / 'README.md', REPO / 'CONTRIBUTING.md', *sorted((REPO / 'docs').glob('*.md'))]
 FENCED = re.compile(r'```(\w*)\n(.*?)```', re.S)
 # Programs whose commands are not the project's.
 NOT_OURS = ('pip', 'pytest', 'tensorboard')

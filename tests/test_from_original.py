@@ -297,7 +297,7 @@ def train_one_epoch_on_each_rank(output_dir: str) -> None:
     """Under torchrun: one epoch of engine.train_one_epoch at lr 0 on data of this rank only; writes the
     returned averages and this rank's own mean loss (the model does not move: computed beforehand)."""
     import torch.distributed as dist
-    from engine import train_one_epoch
+    from engine import TrainOptions, train_one_epoch
     from losses import DistillationLoss
     dist.init_process_group('gloo')
     rank = dist.get_rank()
@@ -311,7 +311,7 @@ def train_one_epoch_on_each_rank(output_dir: str) -> None:
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
     stats = train_one_epoch(model, criterion, batches, torch.optim.SGD(model.parameters(), lr=0.0),
                             torch.device('cpu'), 0, LossScaler(enabled=False, device_type='cpu'),
-                            args=argparse.Namespace(print_freq=100, seed=0))
+                            TrainOptions(print_freq=100))
     Path(output_dir, f'rank{rank}.json').write_text(json.dumps({'own': own, 'logged': stats['loss']}))
     dist.destroy_process_group()
 

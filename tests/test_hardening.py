@@ -50,9 +50,8 @@ def test_resuming_says_which_log_records_it_drops(tmp_path, capsys):
 
 
 def test_a_non_finite_loss_reaches_no_checkpoint_and_names_its_step(tmp_path):
-    from types import SimpleNamespace
     import pytest
-    from engine import LossScaler, NonFiniteLossError, train_one_epoch
+    from engine import LossScaler, NonFiniteLossError, TrainOptions, train_one_epoch
     from losses import DistillationLoss
 
     torch.manual_seed(0)
@@ -65,7 +64,7 @@ def test_a_non_finite_loss_reaches_no_checkpoint_and_names_its_step(tmp_path):
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     with pytest.raises(NonFiniteLossError, match='non-finite loss in epoch 0 at step 2'):
         train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
-                        args=SimpleNamespace(print_freq=100, seed=0), checkpointer=checkpointer)
+                        TrainOptions(print_freq=100), checkpointer=checkpointer)
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ['checkpoint-e0000-s000001.pth', 'checkpoint-e0000-s000002.pth']
     for name in saved:

@@ -27,7 +27,7 @@ import main
 import speedups
 from conftest import FAST, run_cli, twin_vits_and_batches
 from datasets import UNREADABLE_IMAGE_ERRORS, DataSettings, TransformSettings, build_pipeline, build_transform
-from engine import LossScaler, train_one_epoch
+from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
 from seeding import preserved_cpu_generators, seed_cpu_generators
 from teacher import fold_batchnorm, prepare_teacher
@@ -385,13 +385,11 @@ def test_inference_teacher_output_enters_the_soft_distillation_loss():
 
 def run_steps(model, optimizer, batches):
     """Losses of engine.train_one_epoch, one step per batch (progress printing at every step)."""
-    args = parse('--print-freq', 1, '--seed', 0)
-    args.amp = False
     losses = []
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
     for step, batch in enumerate(batches):
         stats = train_one_epoch(model, criterion, [batch], optimizer, torch.device('cpu'), 0,
-                                LossScaler(False, 'cpu'), args=args, start_step=step)
+                                LossScaler(False, 'cpu'), TrainOptions(print_freq=1, seed=0), start_step=step)
         losses.append(stats['loss'])
     return losses
 

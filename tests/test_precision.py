@@ -9,7 +9,7 @@ import yaml
 import main
 import precision
 from conftest import FAST, run_cli, twin_vits_and_batches
-from engine import LossScaler, train_one_epoch
+from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
 from precision import resolve_precision
 
@@ -67,9 +67,8 @@ def test_the_probe_measures_a_positive_speedup():
 
 def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast(monkeypatch):
     args = main.get_args_parser().parse_args(['--no-amp', '--device', 'cpu', '--print-freq', '1'])
-    args.device, args.distributed = CPU, False
-    main.choose_precision(args)
-    assert args.amp is False
+    chosen = main.choose_precision(args.amp, args.amp_dtype, CPU, distributed=False)
+    assert chosen.dtype is None
     monkeypatch.setattr(torch, 'autocast', fails)
     reference, model, batches = twin_vits_and_batches(steps=3)
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-3)
@@ -79,7 +78,7 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
         plain.step()
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0)
     train_one_epoch(model, criterion, batches, torch.optim.AdamW(model.parameters(), lr=1e-3), CPU, 0,
-                    LossScaler(False, 'cpu'), args=args)
+                    LossScaler(False, 'cpu'), TrainOptions(amp_dtype=chosen.dtype, print_freq=args.print_freq))
     for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(ours, theirs), name
 

@@ -9,14 +9,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
-from engine import LossScaler, NonFiniteLossError, train_one_epoch  # noqa: E402
+from engine import LossScaler, NonFiniteLossError, TrainOptions, train_one_epoch  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
 
 
@@ -30,7 +29,7 @@ def nan_on_rank_one(rank: int) -> str:
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
     try:
         train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
-                        args=SimpleNamespace(print_freq=4, seed=0))
+                        TrainOptions(print_freq=4))
     except NonFiniteLossError as e:
         return str(e)
     return 'finished'

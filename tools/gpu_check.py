@@ -335,7 +335,7 @@ def bench_config(precision: str, compiled: bool, tf32: bool, steps: int = 30, wa
     from timm.optim import create_optimizer_v2
     import main
     import speedups
-    from benchmark import engine_args
+    from benchmark import engine_options
     from engine import LossScaler, train_one_epoch
     from losses import DistillationLoss
     device = torch.device('cuda')
@@ -350,13 +350,13 @@ def bench_config(precision: str, compiled: bool, tf32: bool, steps: int = 30, wa
     criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.5, 1.0, distillation_token=False)
     batch = (torch.randn(BENCH_BATCH, 3, 224, 224, device=device),
              torch.randint(0, 1000, (BENCH_BATCH,), device=device))
-    args = engine_args(getattr(torch, precision) if amp else None)
+    options = engine_options(getattr(torch, precision) if amp else None)
     with contextlib.redirect_stdout(io.StringIO()):
-        train_one_epoch(model, criterion, [batch] * warmup, optimizer, device, 0, scaler, args=args)
+        train_one_epoch(model, criterion, [batch] * warmup, optimizer, device, 0, scaler, options)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        stats = train_one_epoch(model, criterion, [batch] * steps, optimizer, device, 0, scaler, args=args)
+        stats = train_one_epoch(model, criterion, [batch] * steps, optimizer, device, 0, scaler, options)
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     name = {'float16': 'fp16', 'bfloat16': 'bf16', 'float32': 'fp32 TF32' if tf32 else 'fp32 (no TF32)'}[precision]

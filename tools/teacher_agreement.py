@@ -38,15 +38,15 @@ def cli(argv=None) -> int:
     dataset, nb_classes = build_dataset(False, settings, Pipeline(build_transform(False, settings.transform)))
     targets = torch.tensor([target for _, target in dataset.samples])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers or 0)
+    amp_dtype = args.amp_dtype or 'bfloat16'
     labels = {}
     for amp in (False, True):
-        args.amp = amp
-        args.amp_dtype = args.amp_dtype or 'bfloat16'
-        labels[amp] = hard_labels(main.build_teacher(args, nb_classes, args.device), loader, args.device)
+        teacher = main.build_teacher(args, nb_classes, args.device, getattr(torch, amp_dtype) if amp else None)
+        labels[amp] = hard_labels(teacher, loader, args.device)
     agree = labels[True].eq(labels[False]).float().mean().item()
     top1 = {amp: 100 * labels[amp].eq(targets).float().mean().item() for amp in labels}
-    print(f'{args.teacher_model}: {args.amp_dtype} hard labels equal the fp32 ones on {100 * agree:.2f}% of '
-          f'{len(targets)} validation images (top-1: fp32 {top1[False]:.2f}%, {args.amp_dtype} {top1[True]:.2f}%)')
+    print(f'{args.teacher_model}: {amp_dtype} hard labels equal the fp32 ones on {100 * agree:.2f}% of '
+          f'{len(targets)} validation images (top-1: fp32 {top1[False]:.2f}%, {amp_dtype} {top1[True]:.2f}%)')
     return 0
 
 
