@@ -7,56 +7,57 @@ from functools import partial
 import pytest
 import torch
 
-import main
-from conftest import FAST, run_main
+from conftest import FAST, assert_one_line_error, run_cli, run_main
 from utils import UserError
 from weights import load_checkpoint
 
 
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
-
-
 def test_missing_data_path(tmp_path):
-    proc = run_main('--data-path', tmp_path / 'nope', '--model', 'deit_tiny_patch4_32', *FAST, check=False)
+    proc = run_cli('--data-path', tmp_path / 'nope', '--model', 'deit_tiny_patch4_32', *FAST, check=False)
     assert_one_line_error(proc, 'nope', 'is not a directory')
 
 
 @pytest.mark.parametrize('flag,value', [('--batch-size', '0'), ('--epochs', '0'), ('--lr', '-1')])
 def test_impossible_numbers(imagefolder, flag, value):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, flag, value, check=False)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, flag, value, check=False)
     assert_one_line_error(proc, flag)
 
 
 def test_unknown_model_and_missing_teacher(imagefolder, tmp_path):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch99', *FAST, check=False)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch99', *FAST, check=False)
     assert_one_line_error(proc, 'unknown --model deit_tiny_patch99')
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_distilled_patch4_32', *FAST,
-                    '--distillation-type', 'hard', '--teacher-path', tmp_path / 'teacher.pth', check=False)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_distilled_patch4_32', *FAST,
+                   '--distillation-type', 'hard', '--teacher-path', tmp_path / 'teacher.pth', check=False)
     assert_one_line_error(proc, '--teacher-path', 'does not exist')
 
 
 def test_distillation_needs_a_distilled_student(imagefolder, teacher_checkpoint):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--distillation-type',
-                    'hard', '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint, check=False)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--distillation-type',
+                   'hard', '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint, check=False)
     assert_one_line_error(proc, 'no distillation head', '_distilled_')
 
 
 def test_foreign_checkpoint_names_the_mismatch(imagefolder, teacher_checkpoint):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--eval',
-                    '--resume', teacher_checkpoint, check=False)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--eval',
+                   '--resume', teacher_checkpoint, check=False)
     assert_one_line_error(proc, 'does not fit the model', 'missing keys')
 
 
-def test_device_falls_back_to_cpu_with_one_warning():
+def test_a_script_error_is_the_same_line_from_a_real_process(tmp_path):
+    """The in-process checks above stand for main.py: its own process prints the same line and exit code."""
+    args = ('--data-path', tmp_path / 'nope', '--model', 'deit_tiny_patch4_32', *FAST)
+    assert assert_one_line_error(run_main(*args, check=False), 'nope', 'is not a directory') == \
+        assert_one_line_error(run_cli(*args, check=False))
+
+
+def test_device_falls_back_to_cpu_with_one_warning(imagefolder):
     if torch.cuda.is_available():
         pytest.skip('CUDA is present: there is nothing to fall back from')
-    from utils import resolve_device
-    assert resolve_device('cuda') == torch.device('cpu')
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--eval', *FAST, '--device', 'cuda')
+    printed = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in printed if line.startswith('warning:') and 'cuda' in line] == [
+        'warning: --device cuda requested but CUDA is not available; using the CPU']
+    assert '* Acc@1' in proc.stdout  # and the evaluation ran, on the CPU
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import main
 import models  # noqa: F401
 import utils
 import weights
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, run_cli
 from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import CoSubLoss
 
@@ -170,8 +170,8 @@ def test_eval_of_an_original_layout_checkpoint_gives_the_same_accuracy(imagefold
     torch.save({'model': original_layout(source.state_dict())}, original)
     lines = []
     for path in (ours, original):
-        out = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--eval', '--resume', path,
-                       *FAST).stdout
+        out = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--eval', '--resume', path,
+                      *FAST).stdout
         lines.append([line for line in out.splitlines() if line.startswith('* Acc@1')])
     assert lines[0] and lines[0] == lines[1]
 
@@ -278,9 +278,9 @@ def test_a_deit3_run_with_cosub_attn_only_fusedlamb_and_distributed_trains_only_
     source = small('deit_tiny_patch16_LS', seed=1, depth=12)
     original = tmp_path / 'original.pth'
     torch.save({'model': original_layout(source.state_dict())}, original)
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--finetune', original,
-                    '--attn-only', '--cosub', '--opt', 'fusedlamb', '--distributed', '--epochs', '1',
-                    '--lr', '1e-2', '--no-model-ema', '--output_dir', tmp_path / 'out', *FAST)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch16_LS', '--finetune', original,
+                   '--attn-only', '--cosub', '--opt', 'fusedlamb', '--distributed', '--epochs', '1',
+                   '--lr', '1e-2', '--no-model-ema', '--output_dir', tmp_path / 'out', *FAST)
     assert proc.stdout.count("--opt fusedlamb: timm's LAMB") == 1 and 'Not using distributed mode' in proc.stdout
     trained = torch.load(tmp_path / 'out' / 'checkpoint.pth', weights_only=True)['model']
     trainable = attention_only_names(source)

@@ -20,18 +20,15 @@ from timm.utils import ModelEma, get_state_dict
 import checkpoint
 import config
 import main
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, run_cli, run_main
 from engine import LossScaler
 from utils import UserError
 from weights import load_checkpoint
 
-MODEL = 'deit_tiny_patch4_32'
+MODEL = 'test_vit'  # a 0.3 M-parameter ViT, built for 32 px as main.py builds it
 # What timm's NativeScaler (a CUDA GradScaler) saves after some fp16 steps.
 CUDA_SCALER_STATE = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000,
                      '_growth_tracker': 7}
-
-
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def original_args(**values) -> argparse.Namespace:
@@ -77,7 +74,7 @@ def pickled_globals(path: Path) -> set:
 def original_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp('original') / 'checkpoint.pth'
     torch.manual_seed(0)
-    payload = save_original_checkpoint(path, timm.create_model(MODEL, num_classes=3), 0,
+    payload = save_original_checkpoint(path, timm.create_model(MODEL, num_classes=3, img_size=32), 0,
                                        original_args(model=MODEL, epochs=3, warmup_epochs=1))
     return path, payload
 
@@ -137,8 +134,8 @@ def test_eval_of_an_original_checkpoint_by_url_prints_what_a_native_one_prints(
     native = tmp_path / 'native.pth'
     torch.save({'model': payload['model']}, native)
     common = ['--data-path', imagefolder, '--model', MODEL, '--eval', *FAST]
-    ours = run_main(*common, '--resume', native)
-    theirs = run_main(*common, '--resume', f'{base}/original.pth', env={'TORCH_HOME': str(tmp_path / 'hub')})
+    ours = run_cli(*common, '--resume', native)
+    theirs = run_cli(*common, '--resume', f'{base}/original.pth')  # weights_server's fresh torch.hub cache
     assert theirs.stdout.count(ORIGINAL_LINE) == 1
     assert printed_eval(theirs.stdout) == printed_eval(ours.stdout)
 
@@ -147,7 +144,7 @@ def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_s
     path, payload = original_checkpoint
     args = main.get_args_parser().parse_args(['--model', MODEL, '--epochs', '3', '--warmup-epochs', '1',
                                               '--resume', str(path)])
-    model = timm.create_model(MODEL, num_classes=3)
+    model = timm.create_model(MODEL, num_classes=3, img_size=32)
     optimizer = create_optimizer(args, model)
     lr_scheduler, _ = create_scheduler(args, optimizer)
     scaler = LossScaler(enabled=True, device_type='cpu')  # what fp16 training on CUDA uses
@@ -173,8 +170,8 @@ def test_resume_of_an_original_checkpoint_restores_optimizer_scheduler_ema_and_s
 
 def test_resume_run_of_an_original_checkpoint_continues_at_the_next_epoch(original_checkpoint, imagefolder, tmp_path):
     path, _ = original_checkpoint
-    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--epochs', '2', '--resume', path,
-                    '--output_dir', tmp_path, *FAST)
+    proc = run_cli('--data-path', imagefolder, '--model', MODEL, '--epochs', '2', '--resume', path,
+                   '--output_dir', tmp_path, *FAST)
     assert proc.stdout.count(ORIGINAL_LINE) == 1
     assert 'Continuing at epoch 1 step 0' in proc.stdout
     assert [row['epoch'] for row in read_log(tmp_path)] == [1]
@@ -189,13 +186,12 @@ def test_finetune_and_teacher_from_original_checkpoints_at_another_input_size(
     torch.manual_seed(0)
     save_original_checkpoint(folder / 'teacher.pth', timm.create_model('regnety_002', num_classes=3), 2,
                              original_args(model='regnety_002'))
-    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--finetune', path, '--epochs', '1',
-                    '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
-                    '--teacher-path', f'{base}/teacher.pth', '--output_dir', tmp_path, *FAST[2:],
-                    '--input-size', '48', env={'TORCH_HOME': str(tmp_path / 'hub')})
+    proc = run_cli('--data-path', imagefolder, '--model', MODEL, '--finetune', path, '--epochs', '1',
+                   '--distillation-type', 'soft', '--no-distillation-token', '--teacher-model', 'regnety_002',
+                   '--teacher-path', f'{base}/teacher.pth', '--output_dir', tmp_path, *FAST, '--input-size', '48')
     assert proc.stdout.count(ORIGINAL_LINE) == 2
-    assert 'Position embedding interpolated from 8x8 to 12x12' in proc.stdout
-    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 145, 192)
+    assert 'Position embedding interpolated from 2x2 to 3x3' in proc.stdout
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']['pos_embed'].shape == (1, 1 + 9, 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +221,7 @@ def test_the_default_schedule_has_no_cooldown_and_an_explicit_one_still_runs():
 def test_epochs_n_trains_n_epochs_with_the_schedules_lr_of_each_epoch(imagefolder, tmp_path):
     cut = FAST.index('--cooldown-epochs')
     default_cooldown = FAST[:cut] + FAST[cut + 2:]
-    proc = run_main('--data-path', imagefolder, '--model', MODEL, '--epochs', '3', '--lr', '1e-3', '--no-model-ema',
+    proc = run_cli('--data-path', imagefolder, '--model', MODEL, '--epochs', '3', '--lr', '1e-3', '--no-model-ema',
                     '--output_dir', tmp_path, *default_cooldown, '--warmup-epochs', '1')
     assert 'Start training for 3 epochs\n' in proc.stdout
     log = read_log(tmp_path)
@@ -276,17 +272,18 @@ def test_distil_on_your_own_data_with_the_readme_commands(imagefolder, tmp_path)
     """README "Distil on your own data" at small scale: its two commands, with small models standing in
     for RegNetY-16GF and DeiT-S, each started from weights of another class count."""
     torch.manual_seed(0)
-    for name, model in (('regnety', 'regnety_002'), ('deit', 'deit_tiny_distilled_patch4_32')):
+    for name, model in (('regnety', 'regnety_002'), ('deit', 'deit_micro_distilled_patch4_16')):
         torch.save({'model': timm.create_model(model, num_classes=7).state_dict()}, tmp_path / f'{name}.pth')
     small = ['--epochs', '1', *FAST]
-    teacher = run_main('--config', 'configs/regnety_160_finetune.yaml', '--data-path', imagefolder,
-                       '--output_dir', tmp_path / 'teacher', '--model', 'regnety_002',
-                       '--finetune', tmp_path / 'regnety.pth', *small)
+    teacher = run_cli('--config', 'configs/regnety_160_finetune.yaml', '--data-path', imagefolder,
+                      '--output_dir', tmp_path / 'teacher', '--model', 'regnety_002',
+                      '--finetune', tmp_path / 'regnety.pth', *small)
     assert 'Removing key head.fc.weight' in teacher.stdout
-    student = run_main('--config', 'configs/deit_small_distilled_patch16_224.yaml',
-                       '--finetune', tmp_path / 'deit.pth', '--teacher-path', tmp_path / 'teacher' / 'checkpoint.pth',
-                       '--data-path', imagefolder, '--output_dir', tmp_path / 'student',
-                       '--model', 'deit_tiny_distilled_patch4_32', '--teacher-model', 'regnety_002', *small)
+    student = run_cli('--config', 'configs/deit_small_distilled_patch16_224.yaml',
+                      '--finetune', tmp_path / 'deit.pth', '--teacher-path', tmp_path / 'teacher' / 'checkpoint.pth',
+                      '--data-path', imagefolder, '--output_dir', tmp_path / 'student',
+                      '--model', 'deit_micro_distilled_patch4_16', '--teacher-model', 'regnety_002', *small,
+                      '--input-size', '16')
     assert 'Removing key head_dist.weight' in student.stdout
     log = read_log(tmp_path / 'student')
     assert [row['epoch'] for row in log] == [0] and 'test_acc1_dist' in log[0]

@@ -1,7 +1,6 @@
 """Curves as pictures, torch.hub entry points and safetensors export."""
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +12,18 @@ import export
 import hubconf
 import models  # noqa: F401  (registers our students in timm's registry)
 import utils
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, run_cli
 from tools import plot
 
-MODEL = 'deit_tiny_distilled_patch4_32'
-
-
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
+MODEL = 'deit_micro_distilled_patch4_16'  # a distilled DeiT at 16 px: a run of seconds
 
 
 @pytest.fixture(scope='module')
 def real_run(imagefolder, tmp_path_factory):
     """One epoch of main.py with an EMA that moves (decay 0.9) away from the trained weights."""
     out = tmp_path_factory.mktemp('run')
-    run_main('--data-path', imagefolder, '--model', MODEL, '--lr', '2e-3', '--epochs', '1',
-             '--model-ema-decay', '0.9', '--output_dir', out, *FAST)
+    run_cli('--data-path', imagefolder, '--model', MODEL, '--lr', '2e-3', '--epochs', '1',
+            '--model-ema-decay', '0.9', '--output_dir', out, *FAST, '--input-size', '16')
     return out
 
 
@@ -51,8 +47,7 @@ def test_plot_draws_two_runs_into_a_png_of_the_expected_size(real_run, tmp_path)
     synthetic = tmp_path / 'synthetic'
     write_synthetic_log(synthetic)
     png = tmp_path / 'curves.png'
-    run_main('-m', 'tools.plot', real_run, synthetic, '-o', png, '--title', 'two runs', '--dpi', '80',
-             launcher=(sys.executable,))
+    assert plot.cli([str(real_run), str(synthetic), '-o', str(png), '--title', 'two runs', '--dpi', '80']) == 0
     with Image.open(png) as image:
         assert image.format == 'PNG'
         assert image.size == (round(plot.FIGSIZE[0] * 80), round(plot.FIGSIZE[1] * 80))
@@ -188,7 +183,7 @@ def test_exported_safetensors_load_into_timm_with_the_checkpoints_logits(real_ru
     # the documented call: num_classes in the overlay, so that timm keeps the exported head
     loaded = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=str(output), num_classes=3))
     reference = timm.create_model(MODEL, num_classes=3)
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randn(4, 3, 16, 16)
     reference.load_state_dict(checkpoint['model_ema' if ema else 'model'])
     assert torch.equal(eval_logits(loaded, images), eval_logits(reference, images))
     reference.load_state_dict(checkpoint['model' if ema else 'model_ema'])
@@ -196,7 +191,7 @@ def test_exported_safetensors_load_into_timm_with_the_checkpoints_logits(real_ru
 
     from safetensors import safe_open
     with safe_open(str(output), 'pt') as f:
-        assert f.metadata() == {'format': 'pt', 'model': MODEL, 'num_classes': '3', 'input_size': '32',
+        assert f.metadata() == {'format': 'pt', 'model': MODEL, 'num_classes': '3', 'input_size': '16',
                                 'weights': 'ema' if ema else 'model'}
     assert [p.name for p in tmp_path.iterdir()] == ['model.safetensors']  # no temporary left behind
 

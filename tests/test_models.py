@@ -1,5 +1,3 @@
-import argparse
-
 import pytest
 import timm
 import torch
@@ -13,11 +11,9 @@ OFFICIAL_KEYS = {'cls_token', 'dist_token', 'pos_embed', 'patch_embed.proj.weigh
                  'head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias'}
 
 
-def args_for(model, distillation='none', input_size=224, nb_classes=1000):
-    parser = main.get_args_parser()
-    args = parser.parse_args(['--model', model, '--input-size', str(input_size),
-                              '--distillation-type', distillation, '--drop-path', '0.1'])
-    return args
+def args_for(model, distillation='none', input_size=224):
+    return main.get_args_parser().parse_args(['--model', model, '--input-size', str(input_size),
+                                              '--distillation-type', distillation, '--drop-path', '0.1'])
 
 
 @pytest.mark.parametrize('name', ['deit_tiny_patch4_32', 'deit_tiny_distilled_patch4_32'])
@@ -90,11 +86,12 @@ def test_pos_embed_interpolation_is_identity_at_equal_size():
 
 
 def test_pos_embed_interpolation_224_to_384():
-    src = timm.create_model('deit_base_distilled_patch16_224')
-    dst = timm.create_model('deit_base_distilled_patch16_384')
+    src = timm.create_model('deit_tiny_distilled_patch16_224')  # DeiT-B's 14x14 -> 24x24 grid, at the tiny width
+    dst = timm.create_model('deit_tiny_distilled_patch16_224', img_size=384)
     state = src.state_dict()
     interpolate_pos_embed(state, dst)
-    assert state['pos_embed'].shape == (1, 2 + 24 * 24, 768)
+    assert state['pos_embed'].shape == (1, 2 + 24 * 24, 192)
+    dst.load_state_dict(state, strict=True)
 
 
 def test_progress_is_a_live_line_on_a_terminal_and_plain_lines_in_logs(monkeypatch, capsys):

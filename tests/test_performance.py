@@ -9,8 +9,6 @@ import json
 import random
 import re
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -27,7 +25,7 @@ import fast_augment
 import fast_data
 import main
 import speedups
-from conftest import FAST, REPO, run_main
+from conftest import FAST, run_cli, twin_vits_and_batches
 from datasets import UNREADABLE_IMAGE_ERRORS, DataSettings, TransformSettings, build_pipeline, build_transform
 from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
@@ -319,11 +317,18 @@ def test_the_fast_batch_stage_erases_as_the_reference_and_normalises_with_its_co
     assert build_pipeline(True, transform_settings('--input-size', 64, '--reprob', 0)).batch.erasing is None
 
 
-def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path):
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--epochs', '1', '--no-model-ema',
-                    '--output_dir', tmp_path, *FAST, '--input-size', '40', '--num_workers', '1')
+def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path, monkeypatch):
+    normalised = []  # (loader, shape) of each batch that the fast path's batch stage received
+    normalise = fast_data.DeviceBatches.normalise
+    monkeypatch.setattr(fast_data.DeviceBatches, 'normalise',
+                        lambda loader, images: normalised.append((id(loader), tuple(images.shape))) or
+                        normalise(loader, images))
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
+                   '--output_dir', tmp_path, *FAST, '--input-size', '48', '--num_workers', '1')
     assert '(24 images, both head)' in proc.stdout
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] > 0
+    assert len({loader for loader, _ in normalised}) == 2  # training and validation both took the fast path
+    assert normalised[0][1] == (12, 48, 48, 3)  # uint8 NHWC crops from the fast transform
 
 
 def random_batchnorm(model):
@@ -391,12 +396,7 @@ def run_steps(model, optimizer, batches):
 
 @pytest.mark.parametrize('compiled', [False, True])
 def test_optimised_training_step_gives_the_same_loss_curve(monkeypatch, compiled):
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
-               for _ in range(4)]
-    torch.manual_seed(0)
-    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
-    model = copy.deepcopy(reference)
+    reference, model, batches = twin_vits_and_batches(steps=4)
     plain = create_optimizer_v2(reference, 'adamw', lr=1e-3, weight_decay=0.05, foreach=False)
     fused = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05,
                                 **speedups.optimizer_kwargs(torch.device('cpu')))
@@ -419,12 +419,19 @@ def test_compile_falls_back_to_eager_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().out.count('\n') == 1
 
 
-def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path):
-    out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, 'benchmark.py', '--quick', '--breakdown', '--amp-dtype', 'bfloat16',
-                           '--json', str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+def run_benchmark(out, capsys, *argv) -> tuple:
+    """benchmark.py's cli in this process (its memory probes start processes of their own), its JSON report
+    written to ``out``: the report and what it printed. Its allocator setting is put back afterwards."""
+    try:
+        assert benchmark.cli([*argv, '--json', str(out)]) == 0
+    finally:
+        speedups.keep_freed_memory(False)
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path, capsys):
+    report, stdout = run_benchmark(tmp_path / 'bench.json', capsys, '--quick', '--breakdown', '--amp-dtype',
+                                   'bfloat16')
     names = [r['name'] for r in report['rows']]
     assert [n.split(':')[0] for n in names] == ['data', 'data', 'train step', 'distill step', 'eval',
                                                 'teacher forward']
@@ -434,7 +441,7 @@ def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path):
     assert train['ours_of_limit'] == pytest.approx(train['ours'] * train['gflop_per_image'] / train['bf16_matmul_gflops'])
     assert train['baseline_of_limit'] == pytest.approx(train['baseline'] * train['gflop_per_image'] /
                                                        train['matmul_gflops'])
-    assert 'ratio' in proc.stdout and re.search(r'matmul \(2048\^2, \d threads\): fp32 \d+ GFLOP/s, bf16 \d+', proc.stdout)
+    assert 'ratio' in stdout and re.search(r'matmul \(2048\^2, \d threads\): fp32 \d+ GFLOP/s, bf16 \d+', stdout)
 
     # Every stage was reached where the pipeline calls it, and the stages (disjoint calls) fit in the pass.
     stages = report['breakdown']['train pipeline']
@@ -450,7 +457,7 @@ def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path):
     assert all(step['share'][group] > 0 for group in ('matmul', 'attention', 'elementwise', 'casts', 'optimizer'))
     assert sum(step['share'].values()) == pytest.approx(1)
     assert step['gflops']['matmul'] > 0 and step['gflops']['attention'] > 0
-    assert proc.stdout.count('at most') == 3
+    assert stdout.count('at most') == 3
 
 
 def test_benchmark_counts_the_attention_kernels_flops():
@@ -462,12 +469,10 @@ def test_benchmark_counts_the_attention_kernels_flops():
     assert backward == 5 * forward // 2
 
 
-def test_benchmark_memory_section_shows_what_grad_checkpointing_saves(tmp_path):
-    out = tmp_path / 'bench.json'
-    proc = subprocess.run([sys.executable, 'benchmark.py', '--sections', 'memory', '--model', 'deit_tiny_patch4_32',
-                           '--input-size', '32', '--batch-size', '16', '--json', str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    memory = json.loads(out.read_text())['memory']
+def test_benchmark_memory_section_shows_what_grad_checkpointing_saves(tmp_path, capsys):
+    report, stdout = run_benchmark(tmp_path / 'bench.json', capsys, '--sections', 'memory', '--model',
+                                   'deit_tiny_patch4_32', '--input-size', '32', '--batch-size', '16',
+                                   '--amp-dtype', 'float32')  # no precision probe: nothing here runs in it
+    memory = report['memory']
     assert memory['plain'] > 0 and memory['checkpointing'] < 0.6 * memory['plain']
-    assert 'with --grad-checkpointing' in proc.stdout
+    assert 'with --grad-checkpointing' in stdout

@@ -1,16 +1,14 @@
 """The precision a run picks (precision.py): bf16 where it is native and faster, fp16 on a GPU without bf16,
 fp32 elsewhere and with --no-amp."""
-import copy
 import re
 
 import pytest
-import timm
 import torch
 import yaml
 
 import main
 import precision
-from conftest import FAST, run_main
+from conftest import FAST, run_cli, twin_vits_and_batches
 from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
 from precision import resolve_precision
@@ -72,12 +70,7 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
     chosen = main.choose_precision(args.amp, args.amp_dtype, CPU, distributed=False)
     assert chosen.dtype is None
     monkeypatch.setattr(torch, 'autocast', fails)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g), [])
-               for _ in range(3)]
-    torch.manual_seed(0)
-    reference = timm.create_model('test_vit', num_classes=10, img_size=32)
-    model = copy.deepcopy(reference)
+    reference, model, batches = twin_vits_and_batches(steps=3)
     plain = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     for images, targets, _ in batches:  # the fp32 step written out
         plain.zero_grad(set_to_none=True)
@@ -90,12 +83,14 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
         assert torch.equal(ours, theirs), name
 
 
-def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefolder, teacher_checkpoint, tmp_path):
+def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefolder, teacher_checkpoint, tmp_path,
+                                                                        monkeypatch):
     default = [flag for flag in FAST if flag != '--no-amp']
     out = tmp_path / 'run'
-    proc = run_main('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
-                    '--distillation-type', 'hard', '--no-distillation-token', '--teacher-model', 'regnety_002',
-                    '--teacher-path', teacher_checkpoint, '--output_dir', out, *default, env={'XDG_CACHE_HOME': str(tmp_path)})
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))  # the probe runs: no answer cached
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
+                   '--distillation-type', 'hard', '--no-distillation-token', '--teacher-model', 'regnety_002',
+                   '--teacher-path', teacher_checkpoint, '--output_dir', out, *default)
     student, teacher = [line for line in proc.stdout.splitlines()[:3] if line.startswith('precision:')]
     match = re.fullmatch(r'precision: student (fp32|bf16) \(default: a bf16 matmul runs .*\)', student)
     assert match, student

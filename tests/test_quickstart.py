@@ -1,20 +1,28 @@
 """quickstart.py end to end on DIGITS, one epoch per run (the real one takes minutes); args.yaml."""
-import sys
+import argparse
+import io
+from contextlib import redirect_stdout
 
 import pytest
 import yaml
 
 import config
 import main
-from conftest import run_main
+import quickstart as quickstart_py
+from conftest import run_cli
+
+
+SMALL = ['--epochs', '1', '--batch-size', '100', '--data-set', 'DIGITS-100']
 
 
 @pytest.fixture(scope='module')
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp('quickstart')
-    proc = run_main('--output', out, '--threads', '1', '--epochs', '1', '--batch-size', '128',
-                    launcher=(sys.executable, 'quickstart.py'))
-    return out, proc.stdout
+    printed = io.StringIO()
+    with redirect_stdout(printed):  # its three runs are main.py processes of their own
+        # main.py flags after its own reach every run: one epoch on DIGITS' 100-image training split
+        assert quickstart_py.main(['--output', str(out), '--threads', '1', *SMALL]) == 0
+    return out, printed.getvalue()
 
 
 def read_args(path):
@@ -30,12 +38,21 @@ def test_teacher_then_distilled_and_plain_students_and_a_table(quickstart):
     assert 'The distillation study (python -m tools.distillation_study): DeiT⚗ (both heads) - plain: ' in stdout
 
     teacher, distilled, plain = (read_args(out / run / 'args.yaml') for run in ('teacher', 'distilled', 'plain'))
-    assert teacher['model'] == 'regnety_tiny_os8' and teacher['data_set'] == 'DIGITS'
+    assert teacher['model'] == 'regnety_tiny_os8'
+    assert all(run['data_set'] == 'DIGITS-100' and run['epochs'] == 1 for run in (teacher, distilled, plain))
     assert distilled['distillation_type'] == 'hard' and plain['distillation_type'] == 'none'
     assert distilled['teacher_path'] == str(out / 'teacher' / 'checkpoint.pth')
     assert (distilled['model'], plain['model']) == ('deit_micro_distilled_patch4_16', 'deit_micro_patch4_16')
     different = {k for k in plain if plain[k] != distilled[k]}
     assert different == {'model', 'distillation_type', 'teacher_model', 'teacher_path', 'output_dir'}  # same budget
+
+
+def test_without_flags_every_run_trains_on_digits(tmp_path):
+    parser = main.get_args_parser()
+    runs = {stage.name: config.parse_args(argparse.ArgumentParser(parents=[parser]), stage.argv)
+            for stage in quickstart_py.stages(tmp_path, [])}
+    assert list(runs) == ['teacher', 'distilled', 'plain']
+    assert all(args.data_set == 'DIGITS' for args in runs.values())
 
 
 def test_args_yaml_is_a_valid_config_and_is_rewritten_on_resume(quickstart):
@@ -46,18 +63,18 @@ def test_args_yaml_is_a_valid_config_and_is_rewritten_on_resume(quickstart):
     parser = main.get_args_parser()
     assert config.load_config(str(teacher / 'args.yaml'), parser) == saved
 
-    proc = run_main('--config', teacher / 'args.yaml', '--epochs', 2, '--resume', teacher / 'checkpoint.pth')
+    proc = run_cli('--config', teacher / 'args.yaml', '--epochs', 2, '--resume', teacher / 'checkpoint.pth')
     assert 'Continuing at epoch 1' in proc.stdout
     resumed = read_args(teacher / 'args.yaml')
     assert (resumed['epochs'], resumed['resume']) == (2, str(teacher / 'checkpoint.pth'))
 
 
 def test_a_bad_flag_stops_it_with_main_pys_error_line(tmp_path):
-    proc = run_main('--output', tmp_path, '--epochs', 'x', launcher=(sys.executable, 'quickstart.py'), check=False)
-    assert proc.returncode == 1
-    first, second = proc.stderr.strip().splitlines()
+    with pytest.raises(SystemExit) as stop:  # the message of sys.exit: one stderr line, exit code 1
+        quickstart_py.main(['--output', str(tmp_path), '--epochs', 'x'])
+    first, second = stop.value.code.strip().splitlines()
     assert first.endswith("error: argument --epochs: invalid int value: 'x'")
-    assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in proc.stderr
+    assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in stop.value.code
 
 
 # The distillation study (tools/distillation_study.py): its statistics from known values, its plan,

@@ -1,7 +1,6 @@
 """Never lose a run: kills, signals, interrupted writes, corrupt inputs and hostile checkpoints."""
 import json
 import os
-import pickle
 import random
 import re
 import signal
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import STEP_CHECKPOINT, find_newest_checkpoint, remove_stale_temporaries
-from conftest import FAST, REPO, run_main
+from conftest import FAST, REPO, assert_one_line_error, run_cli
 from utils import UserError
 from weights import load_checkpoint
 
@@ -53,7 +52,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
     common = ['--data-path', imagefolder, *TINY, *precision, '--epochs', '3', '--deterministic',
               '--save-interval-steps', '1']
     reference = tmp_path / 'reference'
-    run_main(*common, '--output_dir', reference)
+    run_cli(*common, '--output_dir', reference)
 
     run = tmp_path / 'killed'
     rng = random.Random(int(time.time()))
@@ -67,7 +66,7 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
             time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)  # as a node failure or Slurm's kill: the trainer and its workers
         proc.communicate(timeout=60)
-    final = run_main(*common, '--output_dir', run, '--resume', 'auto')
+    final = run_cli(*common, '--output_dir', run, '--resume', 'auto')
     assert re.search(r'Continuing at epoch \d step \d', final.stdout)
     assert f'precision: student {"bf16" if precision else "fp32"}' in final.stdout
 
@@ -132,7 +131,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(imagefolder, tm
     assert match, stderr
     saved = torch.load(match.group(3), weights_only=True)
     assert (saved['epoch'], saved['step']) == (int(match.group(2)), int(match.group(1)))
-    resumed = run_main(*common, '--output_dir', tmp_path, '--resume', 'auto')
+    resumed = run_cli(*common, '--output_dir', tmp_path, '--resume', 'auto')
     assert f'Continuing at epoch {match.group(2)} step {match.group(1)}' in resumed.stdout
 
 
@@ -140,20 +139,12 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(imagefolder, tm
 # Bad input: one line, non-zero exit, nothing lost
 # ---------------------------------------------------------------------------------------------
 
-def assert_one_line_error(proc, *fragments, code=2):
-    assert proc.returncode == code, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
 def test_empty_class_folder(tmp_path):
     from imagefolder import make_imagefolder
     root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=4, val_per_class=2)
     (root / 'train' / 'class_empty').mkdir()
     (root / 'val' / 'class_empty').mkdir()
-    proc = run_main('--data-path', root, *TINY, check=False)
+    proc = run_cli('--data-path', root, *TINY, check=False)
     assert_one_line_error(proc, 'class_empty')
 
 
@@ -164,21 +155,21 @@ def test_corrupt_images_are_skipped_counted_or_fail_with_strict_data(tmp_path):
     victim.write_bytes(victim.read_bytes()[:200])  # truncated JPEG
     (root / 'train' / 'class_1' / 'garbage.jpg').write_bytes(b'not an image at all')
     out = tmp_path / 'out'
-    proc = run_main('--data-path', root, *TINY, '--epochs', '1', '--output_dir', out, '--no-repeated-aug')
+    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--output_dir', out, '--no-repeated-aug')
     assert 'unreadable images were skipped' in proc.stdout
     log = json.loads((out / 'log.txt').read_text())
     assert log['train_unreadable_images'] == 2
 
-    proc = run_main('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug', check=False)
+    proc = run_cli('--data-path', root, *TINY, '--epochs', '1', '--strict-data', '--no-repeated-aug', check=False)
     assert_one_line_error(proc, 'unreadable image', '--strict-data')
 
 
 def test_teacher_with_another_class_count(imagefolder, tmp_path):
     teacher = tmp_path / 'teacher.pth'
     torch.save({'model': __import__('timm').create_model('test_resnet', num_classes=7).state_dict()}, teacher)
-    proc = run_main('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
-                    '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
-                    check=False)
+    proc = run_cli('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
+                   '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
+                   check=False)
     assert_one_line_error(proc, '--teacher-path', '3 classes in the data', 'shapes differ')
 
 
@@ -187,26 +178,26 @@ def test_truncated_checkpoint_for_resume_finetune_and_eval(imagefolder, tmp_path
     torch.save({'model': {'w': torch.zeros(1000)}}, bad)
     bad.write_bytes(bad.read_bytes()[:300])
     for flags in (['--resume', bad], ['--finetune', bad], ['--eval', '--resume', bad]):
-        proc = run_main('--data-path', imagefolder, *TINY, *flags, check=False)
+        proc = run_cli('--data-path', imagefolder, *TINY, *flags, check=False)
         assert_one_line_error(proc, 'cannot read checkpoint', str(bad))
 
 
 def test_output_dir_that_cannot_be_created(imagefolder, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
-    proc = run_main('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out', check=False)
+    proc = run_cli('--data-path', imagefolder, *TINY, '--output_dir', blocker / 'out', check=False)
     assert_one_line_error(proc, 'cannot create --output_dir')
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(imagefolder, tmp_path):
     common = ['--data-path', imagefolder, *TINY, '--no-model-ema', '--print-freq', '1', '--output_dir', tmp_path]
-    run_main(*common, '--epochs', '1')
+    run_cli(*common, '--epochs', '1')
     before = (tmp_path / 'checkpoint.pth').read_bytes()
     # A new run in the same directory whose loss explodes in its first epoch.
-    proc = run_main(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', check=False)
+    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', check=False)
     assert_one_line_error(proc, 'non-finite loss in epoch 0', code=3)
     assert (tmp_path / 'checkpoint.pth').read_bytes() == before
-    proc = run_main(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd', check=False)
+    proc = run_cli(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd', check=False)
     assert_one_line_error(proc, 'trained with --opt adamw')
 
 

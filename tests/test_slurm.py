@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from conftest import REPO, run_main
+from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slurm
 
@@ -39,11 +39,11 @@ def slurm_cluster():
     os.environ['SLURM_CONF'] = env['SLURM_CONF']  # for submitit's sacct/scancel calls from this process
 
 
-def submit(tmp_path, *train_args, epochs=2):
+def submit(tmp_path, *train_args, epochs=2, model='test_vit'):
     """Submit through the real command line; returns submitit's handle on the job."""
     argv = ['run_with_submitit.py', '--ngpus', '0', '--nodes', '1', '--ntasks-per-node', '2',
             '--cpus-per-task', '1', '--timeout', '60', '--job_dir', str(tmp_path / 'jobs' / '%j'),
-            '--model', 'deit_tiny_patch4_32', '--input-size', '32', '--batch-size', '6', '--epochs', str(epochs),
+            '--model', model, '--input-size', '32', '--batch-size', '6', '--epochs', str(epochs),
             '--warmup-epochs', '0', '--cooldown-epochs', '0', '--num_workers', '0', '--print-freq', '100',
             '--no-model-ema', '--dist-eval', *map(str, train_args)]
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=slurm_env(), capture_output=True, text=True,
@@ -80,14 +80,15 @@ def test_two_task_job_trains_and_its_checkpoint_evaluates(imagefolder, tmp_path)
     assert 'distributed init (rank 0, world 2, gloo)' in stdout
     log = [json.loads(line) for line in (out_dir / 'log.txt').read_text().splitlines()]
     assert [row['epoch'] for row in log] == [0, 1]
-    proc = run_main('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', '--input-size', '32',
-                    '--device', 'cpu', '--num_workers', '0', '--eval', '--resume', out_dir / 'checkpoint.pth')
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--input-size', '32',
+                   '--device', 'cpu', '--num_workers', '0', '--eval', '--resume', out_dir / 'checkpoint.pth')
     acc1 = float(re.findall(r'\* Acc@1 ([\d.]+)', proc.stdout)[-1])
     assert acc1 == pytest.approx(log[-1]['test_acc1'], abs=1e-3)
 
 
 def test_preempted_job_is_requeued_and_resumes(imagefolder, tmp_path):
-    job, out_dir = submit(tmp_path, '--data-path', imagefolder, epochs=5)
+    # DeiT-Ti's epochs last long enough to preempt the job between its first and its last one
+    job, out_dir = submit(tmp_path, '--data-path', imagefolder, epochs=5, model='deit_tiny_patch4_32')
     deadline = time.time() + 180
     while not (out_dir / 'checkpoint.pth').is_file():  # epoch 0 is done
         assert time.time() < deadline and not job.done(force_check=True), f'no epoch finished:\n{job.stderr()}'

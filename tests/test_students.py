@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import models  # noqa: F401  (registers the students)
-from conftest import FAST, run_main
+from conftest import FAST, run_cli
 from models.mobile_former import CONFIGS
 
 STUDENTS = ['convit_tiny', 'convit_tiny_distilled', 'mobilevit_xxs', 'mobile_former_52m', 'mobile_former_151m',
@@ -70,11 +70,12 @@ def test_mobile_former_refuses_img_size_so_that_main_falls_back():
         timm.create_model('mobile_former_52m', img_size=224)
 
 
-def test_hard_distillation_into_a_distilled_convit(imagefolder, teacher_checkpoint, tmp_path):
+def test_main_trains_a_distilled_convit_with_a_teacher_at_the_runs_input_size(imagefolder, teacher_checkpoint,
+                                                                                tmp_path):
     # timm's ConViT takes img_size, so main.py builds it for 32 px: 2x2 patches of 16, seconds on a CPU
-    run_main('--data-path', imagefolder, '--model', 'convit_tiny_distilled', '--epochs', '1',
-             '--distillation-type', 'hard', '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint,
-             '--no-model-ema', '--output_dir', tmp_path, *FAST)
+    run_cli('--data-path', imagefolder, '--model', 'convit_tiny_distilled', '--epochs', '1',
+            '--distillation-type', 'hard', '--teacher-model', 'regnety_002', '--teacher-path', teacher_checkpoint,
+            '--no-model-ema', '--output_dir', tmp_path, *FAST)
     log = [json.loads(line) for line in (tmp_path / 'log.txt').read_text().splitlines()]
     assert len(log) == 1 and log[0]['train_loss'] > 0
     state = torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['model']

@@ -18,8 +18,6 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 import models  # noqa: F401  (registers our models)
 
-pytestmark = pytest.mark.usefixtures('one_torch_thread')
-
 # name -> (keyword arguments, input size): one of each model class and block type of models/
 FAMILIES = {
     'mobile_former_52m': ({}, 64),
