@@ -125,6 +125,8 @@ def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     # --distributed is accepted but the environment decides it (init_distributed_mode): run state, not a setting
     dests = {action.dest for action in _actions_by_key(parser).values()} - {'distributed'}
     plain = {k: v for k, v in plain_args(args).items() if k in dests}
+    # args.lr is the lr this run used, already scaled to its batch: repeated as it is, not scaled again
+    plain['unscale_lr'] = True
     source = f' (defaults from --config {args.config})' if getattr(args, 'config', '') else ''
     header = f'# The arguments of this run{source}; repeat it with --config this file.\n'
     write_text_atomic(os.path.join(args.output_dir, 'args.yaml'), header + yaml.safe_dump(plain, sort_keys=False))

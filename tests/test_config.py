@@ -13,7 +13,7 @@ from timm.scheduler import create_scheduler
 import config
 import main
 import run_with_submitit
-from conftest import REPO
+from conftest import FAST, REPO, run_cli
 from utils import UserError
 
 CONFIGS = sorted((REPO / 'configs').rglob('*.yaml'))
@@ -105,3 +105,13 @@ def test_load_config_rejects_a_missing_file(tmp_path):
 def test_an_eval_run_leaves_args_yaml_alone(tmp_path):
     config.save_args(parse('--eval', '--output_dir', tmp_path), main.get_args_parser())
     assert not (tmp_path / 'args.yaml').exists()
+
+
+def test_args_yaml_repeats_the_scaled_lr_without_scaling_it_again(imagefolder, tmp_path):
+    run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1, '--lr', 5e-4,
+            '--output_dir', tmp_path / 'first')
+    saved = config.load_config(str(tmp_path / 'first' / 'args.yaml'), main.get_args_parser())
+    assert saved['lr'] == pytest.approx(5e-4 * 12 / 512) and saved['unscale_lr'] is True
+    again = run_cli('--config', tmp_path / 'first' / 'args.yaml', '--output_dir', tmp_path / 'again')
+    repeated = config.load_config(str(tmp_path / 'again' / 'args.yaml'), main.get_args_parser())
+    assert repeated['lr'] == saved['lr'], again.stdout
