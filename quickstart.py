@@ -86,14 +86,15 @@ def main(argv=None) -> int:
     results = [(stage, run_stage(stage, output / stage.name, args.threads)) for stage in stages(output, extra)]
     print(f'\nTop-1 on the DIGITS validation split (360 images); {time.time() - start:.0f} s in all.\n')
     print(format_table(results))
-    print(f'\nThe distillation study (python -m tools.distillation_study): {study_decision()}')
+    print(f'\nThe distillation studies ({STUDY.relative_to(REPO)}):')
+    for number, decision in enumerate(study_decisions(), start=1):
+        print(f'  study {number}: {decision}')
     return 0
 
 
-def study_decision() -> str:
-    """The distillation study's decision, as docs/distillation-study.md records it."""
-    decision = next(line for line in STUDY.read_text().splitlines() if line.startswith('Decision: '))
-    return f'{decision[len("Decision: "):]} See {STUDY.relative_to(REPO)}.'
+def study_decisions() -> List[str]:
+    """The decision line of each distillation study, in the order docs/distillation-study.md records them."""
+    return [line[len('Decision: '):] for line in STUDY.read_text().splitlines() if line.startswith('Decision: ')]
 
 
 def format_table(results: List[Tuple[Stage, dict]]) -> str:
