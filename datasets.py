@@ -446,8 +446,8 @@ def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
     crop = geometry.transforms[0]
     if not FastTrainTransform.implements(crop):  # the padded crop of small inputs, a filter torch's resize lacks
         return Pipeline(transforms.Compose(geometry.transforms + pixels.transforms + tensor.transforms))
-    erasing = RandomErasing(settings.reprob, mode=settings.remode, max_count=settings.recount,
-                            device='cpu') if settings.reprob > 0 else None  # timm's tensor stage erases so
+    # the tensor stage's own RandomErasing (timm's, when --reprob > 0), applied per batch instead
+    erasing = next((step for step in tensor.transforms if isinstance(step, RandomErasing)), None)
     return Pipeline(FastTrainTransform(crop, geometry.transforms[1:] + pixels.transforms), open_lazily,
                     BatchStage(erasing=erasing))
 
