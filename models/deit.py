@@ -24,6 +24,8 @@ default_cfgs = generate_default_cfgs({
     'deit_tiny_distilled_patch4_32': _cfg(32, classifier=('head', 'head_dist')),
     'deit_micro_patch4_16': _cfg(16),
     'deit_micro_distilled_patch4_16': _cfg(16, classifier=('head', 'head_dist')),
+    'deit_micro_patch8_16': _cfg(16),
+    'deit_micro_distilled_patch8_16': _cfg(16, classifier=('head', 'head_dist')),
 })
 
 
@@ -39,6 +41,9 @@ _TINY_PATCH4 = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_head
 # Half of DeiT-Ti's depth: an epoch costs half as much on a CPU, so that the DIGITS quickstart's
 # students get 30 epochs within its time budget.
 _MICRO_PATCH4 = dict(img_size=16, patch_size=4, embed_dim=192, depth=6, num_heads=3)
+# The same with 8x8 patches: 4 tokens, each a quarter of the image, so less of the locality
+# a convnet has is built in (the paper's case for a convnet teacher).
+_MICRO_PATCH8 = dict(_MICRO_PATCH4, patch_size=8)
 
 
 @register_model
@@ -63,3 +68,15 @@ def deit_micro_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransforme
 def deit_micro_distilled_patch4_16(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
     """Distilled DeiT-Ti with 6 blocks and 4x4 patches for 16x16 inputs: class + distillation tokens."""
     return _create('deit_micro_distilled_patch4_16', True, pretrained, **dict(_MICRO_PATCH4, **kwargs))
+
+
+@register_model
+def deit_micro_patch8_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """DeiT-Ti with 6 blocks and 8x8 patches for 16x16 inputs: 4 patches + class token."""
+    return _create('deit_micro_patch8_16', False, pretrained, **dict(_MICRO_PATCH8, **kwargs))
+
+
+@register_model
+def deit_micro_distilled_patch8_16(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
+    """Distilled DeiT-Ti with 6 blocks and 8x8 patches for 16x16 inputs: class + distillation tokens."""
+    return _create('deit_micro_distilled_patch8_16', True, pretrained, **dict(_MICRO_PATCH8, **kwargs))

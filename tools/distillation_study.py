@@ -24,8 +24,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from quickstart import CONFIGS, REPO, Stage, run_stage
 
-# C, longer training, is in the pre-registered grid but not in the default search: see the protocol's
-# amendment in docs/distillation-study.md (run it with --settings A,B,C,D).
+# C (longer training) and E (larger patches) are the settings of later studies, each run with its own
+# seeds: see docs/distillation-study.md for their commands.
 SEARCH = ('A', 'B', 'D')
 SEARCH_SEEDS = (0, 1, 2)
 CONFIRM_SEEDS = (10, 11, 12, 13, 14)
@@ -35,6 +35,11 @@ class Setting(NamedTuple):
     what: str
     data: List[str]     # main.py flags of its teacher and students: data, batch size, schedule
     teacher: List[str]  # main.py flags of its teacher only
+    patch: int = 4      # the students' patch size: deit_micro[_distilled]_patch{4,8}_16
+
+
+def student_model(patch: int, distilled: bool) -> str:
+    return f'deit_micro{"_distilled" if distilled else ""}_patch{patch}_16'
 
 
 _100_LABELS = ['--data-set', 'DIGITS-100', '--batch-size', '16', '--epochs', '100', '--warmup-epochs', '10']
@@ -46,6 +51,7 @@ SETTINGS = {
                  ['--data-set', 'DIGITS-100', '--batch-size', '16', '--epochs', '150', '--warmup-epochs', '10'], []),
     'D': Setting("as A, teacher with the student's augmentation", _100_LABELS,
                  ['--mixup', '0.8', '--cutmix', '1.0', '--mixup-prob', '0.5', '--reprob', '0.25']),
+    'E': Setting('as A, students with 8x8 patches (4 tokens)', _100_LABELS, [], patch=8),
 }
 
 # Student variants (flags on top of student.yaml); all but plain also get the teacher.
@@ -54,7 +60,7 @@ VARIANTS = {
     'soft': ['--distillation-type', 'soft', '--no-distillation-token',
              '--distillation-alpha', '0.1', '--distillation-tau', '3.0'],  # the paper's values (its section 6)
     'hard': ['--distillation-type', 'hard', '--no-distillation-token'],
-    'deit': ['--model', 'deit_micro_distilled_patch4_16', '--distillation-type', 'hard'],
+    'deit': ['--distillation-type', 'hard'],  # the distilled model of the setting's patch size
 }
 SEARCH_VARIANTS = ('plain', 'deit')
 CONFIRM_VARIANTS = ('plain', 'soft', 'hard', 'deit')
@@ -136,12 +142,14 @@ def teacher_run(output: Path, name: str, seed: int, extra: List[str]) -> Run:
 
 
 def student_run(output: Path, name: str, variant: str, seed: int, extra: List[str]) -> Run:
-    """A student of setting ``name``; the plain students of settings with the same data are one run."""
+    """A student of setting ``name``; the plain students of settings with the same data and patch are one run."""
     setting = SETTINGS[name]
-    argv = ['--config', str(CONFIGS / 'student.yaml'), *setting.data, *VARIANTS[variant], '--seed', str(seed)]
+    model = student_model(setting.patch, distilled=variant == 'deit')
+    argv = ['--config', str(CONFIGS / 'student.yaml'), *setting.data, '--model', model, *VARIANTS[variant],
+            '--seed', str(seed)]
     teacher = None
     if variant == 'plain':
-        name = next(other for other, s in SETTINGS.items() if s.data == setting.data)
+        name = next(other for other, s in SETTINGS.items() if (s.data, s.patch) == (setting.data, setting.patch))
     else:
         teacher = teacher_run(output, name, seed, extra).out
         argv += ['--teacher-model', 'regnety_tiny_os8', '--teacher-path', str(teacher / 'checkpoint.pth')]
