@@ -382,6 +382,7 @@ def students(args):
     base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4, weight_decay=0.05)
     our_opt = create_optimizer_v2(our_model, 'adamw', lr=1e-4, weight_decay=0.05,
                                   **speedups.optimizer_kwargs(torch.device('cpu')))
+    speedups.unfuse_cpu_bf16_attention(our_model, torch.device('cpu'), args.ours_dtype)  # as main.py's student
     if args.compile:
         our_model = speedups.compile_or_eager(our_model, 'student')
     return (base_model, base_opt), (our_model, our_opt)
@@ -446,16 +447,18 @@ def bench_models(args) -> List[dict]:
 
 
 # The operators a compiler cannot remove from a ViT step: GEMMs (linear layers, the patch
-# embedding's convolution) and the attention kernel (itself two batched GEMMs and a softmax).
-GEMM_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::_addmm_activation',
+# embedding's convolution) and the attention: a fused kernel, or unfused (speedups.py) its two
+# batched matmuls and softmax, the only batched matmuls of a ViT.
+GEMM_OPS = {'aten::mm', 'aten::addmm', 'aten::baddbmm', 'aten::_addmm_activation',
             'aten::convolution', 'aten::convolution_backward'}
+UNFUSED_ATTENTION_OPS = {'aten::bmm', 'aten::_softmax', 'aten::_softmax_backward_data'}
 # What autocast adds: copies of weights and activations into the autocast dtype and back.
 CAST_OPS = {'aten::_to_copy', 'aten::to', 'aten::copy_'}
 STEP_GROUPS = ('matmul', 'attention', 'elementwise', 'casts', 'optimizer')
 
 
 def operator_group(name: str) -> str:
-    if 'attention' in name:  # aten's fused attention kernels, forward and backward, on any device
+    if 'attention' in name or name in UNFUSED_ATTENTION_OPS:  # fused kernels: forward and backward, any device
         return 'attention'
     if name in GEMM_OPS:
         return 'matmul'
@@ -493,6 +496,7 @@ def step_profile(args) -> Dict[str, Dict[str, float]]:
     attention groups run at within it, and the best speedup left if only they remained ('bound': the
     step timed without the timer / their seconds)."""
     model = create(args.model, args)
+    speedups.unfuse_cpu_bf16_attention(model, torch.device('cpu'), args.ours_dtype)
     optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05,
                                     **speedups.optimizer_kwargs(torch.device('cpu')))
     step = project_step(model, optimizer, synthetic_batches(args, 1), amp_dtype=args.ours_dtype)
@@ -514,7 +518,7 @@ def step_profile(args) -> Dict[str, Dict[str, float]]:
     shares = {group: timer.seconds[group] / profiled for group in STEP_GROUPS}
     seconds = {group: timer.seconds[group] for group in ('matmul', 'attention')}
     return {'share': {**shares, 'other': 1 - sum(shares.values())},
-            'gflops': {group: flops[group] / seconds[group] / 1e9 for group in seconds},
+            'gflops': {group: flops[group] / seconds[group] / 1e9 if seconds[group] else 0.0 for group in seconds},
             'bound': statistics.median(walls) / sum(seconds.values()), 'dtype': dtype_name(args.ours_dtype)}
 
 

@@ -455,7 +455,7 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # Models
 # ---------------------------------------------------------------------------------------------
 
-def build_student(args, nb_classes: int, device: torch.device
+def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Optional[torch.dtype]
                   ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
     """The student as it trains (under DDP, compiled with --compile), the same module without those
     wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
@@ -466,6 +466,9 @@ def build_student(args, nb_classes: int, device: torch.device
     if args.attn_only:
         train_attention_only(model)
     model.to(device)
+    unfused = speedups.unfuse_cpu_bf16_attention(model, device, amp_dtype)  # before the EMA copies the model
+    if unfused:
+        print(f'attention: {unfused} layers unfused (torch\'s fused CPU attention is slow in bf16)')
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
@@ -664,7 +667,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     mixup_fn = build_mixup(args, nb_classes)
 
     # Models
-    model, model_without_ddp, model_ema = build_student(args, nb_classes, device)
+    model, model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
     teacher = build_teacher(args, nb_classes, device, amp_dtype)

@@ -1,6 +1,8 @@
-"""Speed settings shared by main.py and benchmark.py: torch.compile with a fallback, fused optimizers, malloc."""
+"""Speed settings shared by main.py and benchmark.py: torch.compile with a fallback, fused optimizers,
+the attention kernel, malloc."""
 import ctypes
 import functools
+from typing import Optional
 
 import torch
 
@@ -42,6 +44,22 @@ def optimizer_kwargs(device: torch.device, opt: str = 'adamw') -> dict:
     if opt.lower() in ('adam', 'adamw') and device.type in ('cpu', 'cuda'):
         return {'fused': True}
     return {}
+
+
+def unfuse_cpu_bf16_attention(model: torch.nn.Module, device: torch.device, amp_dtype: Optional[torch.dtype]) -> int:
+    """On a CPU under bf16 autocast, switch timm's attention layers (``fused_attn``) to their unfused
+    path (``q @ k^T``, softmax, ``@ v``); returns how many were switched.
+
+    torch's fused CPU attention kernel runs bf16 at a fraction of the rate its GEMMs reach, where the
+    unfused path's two batched matmuls run at it (benchmark.py --breakdown shows both). Elsewhere,
+    fp32 included, the fused kernel stays: --no-amp keeps its numbers bit for bit.
+    """
+    if device.type != 'cpu' or amp_dtype != torch.bfloat16:
+        return 0
+    layers = [m for m in model.modules() if getattr(m, 'fused_attn', None) is True]
+    for layer in layers:
+        layer.fused_attn = False
+    return len(layers)
 
 
 # glibc mallopt parameters (malloc.h)

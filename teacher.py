@@ -11,7 +11,7 @@ from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from speedups import compile_or_eager
+from speedups import compile_or_eager, unfuse_cpu_bf16_attention
 
 
 def _bn_as_activation(bn: nn.BatchNorm2d) -> nn.Module:
@@ -76,6 +76,7 @@ def prepare_teacher(model: nn.Module, device: torch.device, compile: bool = Fals
     with torch.no_grad():
         fold_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
+    unfuse_cpu_bf16_attention(model, device, amp_dtype)  # a transformer teacher (e.g. a DeiT)
     if compile:
         model = compile_or_eager(model, 'teacher')
     return InferenceTeacher(model, amp_dtype)

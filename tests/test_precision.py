@@ -3,11 +3,13 @@ fp32 elsewhere and with --no-amp."""
 import re
 
 import pytest
+import timm
 import torch
 import yaml
 
 import main
 import precision
+import speedups
 from conftest import FAST, run_cli, twin_vits_and_batches
 from engine import LossScaler, TrainOptions, train_one_epoch
 from losses import DistillationLoss
@@ -83,6 +85,24 @@ def test_no_amp_trains_the_plain_fp32_step_bit_for_bit_without_entering_autocast
         assert torch.equal(ours, theirs), name
 
 
+def test_cpu_bf16_unfuses_timms_attention_with_the_same_logits_while_fp32_and_gpus_keep_the_fused_kernel():
+    reference, model, batches = twin_vits_and_batches(steps=1)
+    images = batches[0][0]
+    layers = [m for m in model.modules() if hasattr(m, 'fused_attn')]
+    assert speedups.unfuse_cpu_bf16_attention(model, CPU, None) == 0  # fp32: the fused kernel, bit for bit
+    assert speedups.unfuse_cpu_bf16_attention(model, CUDA, torch.bfloat16) == 0
+    assert layers and all(layer.fused_attn for layer in layers)
+    assert speedups.unfuse_cpu_bf16_attention(model, CPU, torch.bfloat16) == len(layers)
+    assert not any(layer.fused_attn for layer in layers)
+    with torch.no_grad():
+        exact = reference(images)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            fused, unfused = reference(images).float(), model(images).float()
+    # The unfused path is as close to the fp32 logits as the fused kernel is (bf16 rounding, not a change).
+    assert (unfused - exact).abs().max() <= 2 * (fused - exact).abs().max() + 1e-3
+    assert (unfused - exact).abs().max() < 0.05 * exact.abs().max()
+
+
 def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefolder, teacher_checkpoint, tmp_path,
                                                                         monkeypatch):
     default = [flag for flag in FAST if flag != '--no-amp']
@@ -95,6 +115,10 @@ def test_a_default_run_names_its_precision_for_student_and_teacher_first(imagefo
     match = re.fullmatch(r'precision: student (fp32|bf16) \(default: a bf16 matmul runs .*\)', student)
     assert match, student
     assert teacher == f"precision: teacher {match[1]} (the student's)"
+    unfused = [line for line in proc.stdout.splitlines() if line.startswith('attention: ')]
+    layers = sum(hasattr(m, 'fused_attn') for m in timm.create_model('test_vit').modules())
+    assert unfused == ([f"attention: {layers} layers unfused (torch's fused CPU attention is slow in bf16)"]
+                       if match[1] == 'bf16' else [])
     saved = yaml.safe_load((out / 'args.yaml').read_text())  # repeating the run repeats the precision
     assert (saved['amp'], saved['amp_dtype']) == ((True, 'bfloat16') if match[1] == 'bf16' else (False, None))
 

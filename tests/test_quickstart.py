@@ -2,6 +2,7 @@
 import argparse
 import io
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import yaml
@@ -105,6 +106,19 @@ def test_study_plan_shares_plain_runs_and_gives_each_student_its_seeds_teacher(t
     deit = next(run for run in runs if str(run.out.relative_to(tmp_path)) == 'D/seed1/deit')
     assert deit.teacher == tmp_path / 'D' / 'seed1' / 'teacher'
     assert str(deit.teacher / 'checkpoint.pth') in deit.stage.argv and '--mixup' not in deit.stage.argv
+
+
+def test_study_setting_e_trains_8x8_patch_students_apart_from_a():
+    from tools.distillation_study import plan
+
+    planned = plan(Path('out'), ['A', 'E'], ['plain', 'deit'], [0], [])
+    runs = {str(run.out.relative_to('out')): run.stage.argv for run in planned}
+    assert sorted(runs) == ['A/seed0/deit', 'A/seed0/plain', 'A/seed0/teacher',
+                            'E/seed0/deit', 'E/seed0/plain', 'E/seed0/teacher']  # E's plain is not A's: other model
+    model = {name: argv[argv.index('--model') + 1] for name, argv in runs.items() if '--model' in argv}
+    assert model == {'A/seed0/plain': 'deit_micro_patch4_16', 'A/seed0/deit': 'deit_micro_distilled_patch4_16',
+                     'E/seed0/plain': 'deit_micro_patch8_16', 'E/seed0/deit': 'deit_micro_distilled_patch8_16'}
+    assert runs['E/seed0/teacher'][runs['E/seed0/teacher'].index('--data-set') + 1] == 'DIGITS-100'
 
 
 def test_study_runs_both_stages_and_prints_table3_in_the_papers_order(tmp_path, capsys):
