@@ -37,7 +37,7 @@ def test_teacher_then_distilled_and_plain_students_and_a_table(quickstart):
     table = stdout[stdout.index('| run |'):].splitlines()
     assert [row.split('|')[1].split(':')[0].strip() for row in table[2:5]] == ['teacher', 'distilled', 'plain']
     assert 'The distillation studies (docs/distillation-study.md):' in stdout
-    assert stdout.count('DeiT⚗ (both heads) - plain: ') == len(quickstart_py.study_decisions()) == 2
+    assert stdout.count('DeiT⚗ (both heads) - plain: ') == len(quickstart_py.study_decisions()) == 3
 
     teacher, distilled, plain = (read_args(out / run / 'args.yaml') for run in ('teacher', 'distilled', 'plain'))
     assert teacher['model'] == 'regnety_tiny_os8'
