@@ -376,13 +376,21 @@ def train_flops(model, batches) -> float:
     return flops / len(images)
 
 
+def our_eager_student(args):
+    """Our student and its optimizer as main.py builds them (before --compile): fused AdamW, and the
+    attention path of its precision."""
+    model = create(args.model, args)
+    speedups.unfuse_cpu_bf16_attention(model, torch.device('cpu'), args.ours_dtype)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05,
+                                    **speedups.optimizer_kwargs(torch.device('cpu')))
+    return model, optimizer
+
+
 def students(args):
     """(baseline model + optimizer, our model + optimizer), same initial weights."""
-    base_model, our_model = create(args.model, args), create(args.model, args)
+    base_model = create(args.model, args)
     base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-4, weight_decay=0.05)
-    our_opt = create_optimizer_v2(our_model, 'adamw', lr=1e-4, weight_decay=0.05,
-                                  **speedups.optimizer_kwargs(torch.device('cpu')))
-    speedups.unfuse_cpu_bf16_attention(our_model, torch.device('cpu'), args.ours_dtype)  # as main.py's student
+    our_model, our_opt = our_eager_student(args)
     if args.compile:
         our_model = speedups.compile_or_eager(our_model, 'student')
     return (base_model, base_opt), (our_model, our_opt)
@@ -495,10 +503,7 @@ def step_profile(args) -> Dict[str, Dict[str, float]]:
     profiled step ('other' is the rest: Python, autograd, dispatch), the GFLOP/s that the matmul and
     attention groups run at within it, and the best speedup left if only they remained ('bound': the
     step timed without the timer / their seconds)."""
-    model = create(args.model, args)
-    speedups.unfuse_cpu_bf16_attention(model, torch.device('cpu'), args.ours_dtype)
-    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05,
-                                    **speedups.optimizer_kwargs(torch.device('cpu')))
+    model, optimizer = our_eager_student(args)
     step = project_step(model, optimizer, synthetic_batches(args, 1), amp_dtype=args.ours_dtype)
     step()  # warm-up
     walls = []
