@@ -2,6 +2,7 @@
 transforms, and the pipeline each split gets (the reference transforms, or --fast-data's)."""
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -22,7 +23,8 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import imagenet
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
 
-from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
+from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, from_bytes_lazily, open_lazily
+import shards
 from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
 
@@ -30,7 +32,9 @@ from utils import UserError
 # DIGITS-N: N labelled training images of DIGITS (the same validation split), the small-data regime
 # of docs/distillation-study.md.
 DIGITS_SUBSETS = {'DIGITS-100': 100, 'DIGITS-300': 300}
-DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+# WDS and HF: read from shards (shards.py), --shuffle blocks can order them.
+SHARDED_DATA_SETS = ('WDS', 'HF')
+DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS, *SHARDED_DATA_SETS)
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 
@@ -73,16 +77,23 @@ class DataSettings:
             fast=args.fast_data))
 
 
+def pil_from_bytes(data: bytes) -> Image.Image:
+    """An image file's bytes as an RGB PIL image, the pixels torchvision's default_loader gives for the file."""
+    return Image.open(io.BytesIO(data)).convert('RGB')
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """How a split's images become model inputs.
 
-    ``open_image`` reads an image file (for the datasets made of files), ``transform`` makes a sample
+    ``open_image`` reads an image file (for the datasets made of files), ``open_bytes`` an image file's
+    bytes (for the datasets read from shards), ``transform`` makes a sample
     of it in a data-loader worker, and ``batch``, when set, finishes each collated batch on the
     training device (fast_data.DeviceBatches); without it the samples leave ``transform`` finished.
     """
     transform: Callable[[Any], Any]
     open_image: Callable[[str], Any] = default_loader
+    open_bytes: Callable[[bytes], Any] = pil_from_bytes
     batch: Optional[BatchStage] = None
 
 
@@ -304,7 +315,7 @@ def _cifar(cls, data_path: str, is_train: bool, transform):
 def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) -> Tuple[Dataset, int]:
     """The ``settings.data_set`` split, read and transformed by ``pipeline``, and its number of classes."""
     data_set, data_path, transform = settings.data_set, settings.data_path, pipeline.transform
-    if not os.path.isdir(data_path) and data_set in ('IMNET', 'INAT', 'INAT19'):
+    if not os.path.isdir(data_path) and data_set in ('IMNET', 'INAT', 'INAT19', 'HF'):
         raise UserError(f'--data-path {data_path} is not a directory: point it at the dataset root')
 
     if data_set in ('CIFAR', 'CIFAR100'):
@@ -327,6 +338,10 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f'cannot read the iNaturalist {year} annotations under {data_path}: {e}') from None
         nb_classes = dataset.nb_classes
+    elif data_set == 'WDS':
+        dataset, nb_classes = shards.build_wds(data_path, is_train, transform, pipeline.open_bytes, settings.nb_classes)
+    elif data_set == 'HF':
+        dataset, nb_classes = shards.build_hf(data_path, is_train, transform, pipeline.open_bytes)
     elif data_set == 'DIGITS' or data_set in DIGITS_SUBSETS:  # embedded: --data-path is not read
         dataset = DigitsDataset(is_train, settings.transform.input_size, transform, DIGITS_SUBSETS.get(data_set))
         nb_classes = 10
@@ -433,7 +448,8 @@ def build_pipeline(is_train: bool, settings: TransformSettings) -> Pipeline:
         return fast_train_pipeline(settings)
     if settings.input_size <= 32:  # evaluated without resizing: nothing for the fast path to do
         return Pipeline(build_transform(False, settings))
-    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, BatchStage())
+    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, from_bytes_lazily,
+                    BatchStage())
 
 
 def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
@@ -449,7 +465,7 @@ def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
     # the tensor stage's own RandomErasing (timm's, when --reprob > 0), applied per batch instead
     erasing = next((step for step in tensor.transforms if isinstance(step, RandomErasing)), None)
     return Pipeline(FastTrainTransform(crop, geometry.transforms[1:] + pixels.transforms), open_lazily,
-                    BatchStage(erasing=erasing))
+                    from_bytes_lazily, BatchStage(erasing=erasing))
 
 
 # What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and
@@ -474,6 +490,8 @@ class RobustSamples(Dataset):
         return len(self.dataset)
 
     def _path(self, index: int) -> str:
+        if hasattr(self.dataset, 'sample_name'):  # datasets read from shards
+            return self.dataset.sample_name(index)
         samples = getattr(self.dataset, 'samples', None)
         return samples[index][0] if samples else f'sample {index}'
 

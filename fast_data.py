@@ -82,7 +82,11 @@ def open_lazily(path: str) -> Union[JpegFile, Image.Image]:
     are opened lazily by PIL.
     """
     with open(path, 'rb') as f:
-        data = f.read()
+        return from_bytes_lazily(f.read())
+
+
+def from_bytes_lazily(data: bytes) -> Union[JpegFile, Image.Image]:
+    """An image file's bytes (a shard's member), not decoded yet, as ``open_lazily`` gives a file."""
     frame = jpeg_frame(data)
     if frame is not None and frame[2] == 3 and min(frame[:2]) > 0:
         check_pixel_count(frame[:2])

@@ -42,12 +42,12 @@ import seeding
 import speedups
 import utils
 import weights
-from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
-                      check_same_classes, collate_skipping)
+from datasets import (DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples, build_dataset,
+                      build_pipeline, check_same_classes, collate_skipping)
 from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
-from samplers import RASampler, ResumableSampler
+from samplers import BlockSampler, RASampler, ResumableSampler
 from teacher import prepare_teacher
 from utils import UserError
 
@@ -159,7 +159,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Dataset
     parser.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
     parser.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
-                        help='IMNET is any ImageFolder with train/ and val/')
+                        help='IMNET is any ImageFolder with train/ and val/; WDS, WebDataset shards in timm\'s '
+                             'layout (a folder with _info.json, or a brace pattern of the train shards); HF, a '
+                             'Hugging Face dataset on disk (save_to_disk, or Parquet files) with image and label')
+    parser.add_argument('--shuffle', default='global', choices=('global', 'blocks'),
+                        help='(new) training order: global, a permutation of all samples (the folder order); '
+                             'blocks, shards shuffled and samples shuffled within blocks of shards, so that each '
+                             'worker reads a few shards at a time (WDS and HF only)')
     parser.add_argument('--nb-classes', default=None, type=int,
                         help='(new) expected number of classes, checked against the data')
     parser.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str)
@@ -256,6 +262,9 @@ def validate_args(args) -> None:
     if args.grad_checkpointing:
         with torch.device('meta'):
             enable_grad_checkpointing(timm.create_model(args.model, num_classes=2), args.model)
+    if args.shuffle == 'blocks' and args.data_set not in SHARDED_DATA_SETS:
+        raise UserError(f'--shuffle blocks orders the shards of --data-set {" or ".join(SHARDED_DATA_SETS)}; '
+                        f'{args.data_set} has none: drop it')
     if args.src and not args.ThreeAugment:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     check_loss_flags(args.bce_loss, args.cosub, mixup_active(args), args.distillation_type)
@@ -409,9 +418,13 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
         samples_train.check_readable('training')
     samples_val.check_readable('validation')
 
-    # Both orders depend only on (seed, epoch): a resumed run sees the same order.
+    # Every order depends only on (seed, epoch, world size): a resumed run sees the same order.
+    shard_lengths = dataset_train.shard_lengths if args.shuffle == 'blocks' else None
     if args.repeated_aug:
-        order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                          shard_lengths=shard_lengths)
+    elif shard_lengths:
+        order = BlockSampler(dataset_train, shard_lengths, num_replicas=world, rank=rank, seed=args.seed)
     else:
         order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     # Whole optimizer steps only: a partial last step would average fewer samples than the others.
