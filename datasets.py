@@ -188,7 +188,10 @@ def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
         return ImageFolder(path, transform=transform, loader=loader)
-    except FileNotFoundError as e:  # torchvision's words for a class folder without images
+    except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
+        if not any(entry.is_dir() for entry in os.scandir(path)):
+            raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
+                            f'under {path}') from None
         raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
     except PermissionError as e:
         raise UserError(f'cannot read {path}: {e}') from None
