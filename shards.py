@@ -40,7 +40,8 @@ MEMBER_NAME = re.compile(r'^((?:.*/|)[^.]+)[.]([^/]*)$')
 
 class ShardedDataset(Dataset):
     """Samples numbered across shards in shard order; ``shard_lengths`` (the units --shuffle blocks keeps
-    together) and ``classes`` (class names, or None where the data has none) as the subclasses find them."""
+    together) and ``classes`` (the class names, or the labels as text where the data names none) as the
+    subclasses find them."""
 
     def __init__(self, shard_names: Sequence[str], shard_lengths: Sequence[int], transform: Optional[Callable],
                  open_bytes: Callable[[bytes], Any]):
@@ -49,7 +50,7 @@ class ShardedDataset(Dataset):
         self.starts = np.cumsum([0] + self.shard_lengths)
         self.transform = transform
         self.open_bytes = open_bytes
-        self.classes: Optional[List[str]] = None
+        self.classes: List[str] = []
         self.nb_classes = 0  # labels outside 0 .. nb_classes - 1 are refused as unreadable samples
         self._pid = None  # the process whose open files the caches hold (data-loader workers open their own)
 
@@ -283,7 +284,8 @@ def build_wds(data_path: str, is_train: bool, transform, open_bytes,
     if sum(lengths) == 0:
         raise UserError(f'the {name} shards ({shards[0]} ...) hold no samples: check --data-path')
     dataset = WdsDataset(shards, lengths, transform, open_bytes, indexes)
-    dataset.classes, dataset.nb_classes = wds_classes(info, dataset, nb_classes)
+    names, dataset.nb_classes = wds_classes(info, dataset, nb_classes)
+    dataset.classes = names or [str(label) for label in range(dataset.nb_classes)]
     return dataset, dataset.nb_classes
 
 
@@ -446,8 +448,9 @@ def build_hf(data_path: str, is_train: bool, transform, open_bytes) -> Tuple[HfD
         raise UserError(f'{files[0]} has no {" and ".join(sorted(missing))} column (it has {", ".join(schema.names)}): '
                         f'--data-set HF reads image classification datasets with "image" and "label" columns')
     dataset = HfDataset(files, kind, lengths, names, row_groups, transform, open_bytes)
-    dataset.classes = hf_class_names(data_path, split, kind, schema)
-    dataset.nb_classes = len(dataset.classes) if dataset.classes else hf_class_count(dataset)
+    names = hf_class_names(data_path, split, kind, schema)
+    dataset.nb_classes = len(names) if names else hf_class_count(dataset)
+    dataset.classes = names or [str(label) for label in range(dataset.nb_classes)]
     return dataset, dataset.nb_classes
 
 

@@ -176,7 +176,7 @@ def test_a_brace_pattern_without_info_file_counts_the_shards_and_their_classes(s
     pattern = str(wds / 'test-train-{000000..000007}.tar')
     train, classes = build_wds(pattern, True, None, pil_from_bytes, None)
     val, _ = build_wds(pattern, False, None, pil_from_bytes, None)
-    assert (len(train), len(val), classes) == (72, 24, 3)
+    assert (len(train), len(val), classes, train.classes) == (72, 24, 3, ['0', '1', '2'])
     assert [train[i][1] for i in (0, 24, 71)] == [0, 1, 2]
 
 
