@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
+from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from utils import UserError
@@ -72,7 +73,10 @@ class ShardedDataset(Dataset):
         data, target = self.read(index)
         if not 0 <= target < self.nb_classes:
             raise ValueError(f'label {target} is not one of the {self.nb_classes} classes')
-        image = self.open_bytes(data)
+        try:
+            image = self.open_bytes(data)
+        except UnidentifiedImageError:  # PIL's words name the BytesIO object: a new name at every try
+            raise UnidentifiedImageError('not an image file') from None
         return (self.transform(image) if self.transform else image), target
 
     def read(self, index: int) -> Tuple[bytes, int]:
@@ -155,9 +159,11 @@ def index_shard(path: str) -> np.ndarray:
     try:
         with tarfile.open(path, 'r:') as tar:
             for member in tar:
-                if member.offset_data + member.size > file_size:
-                    break
                 named = MEMBER_NAME.match(member.name)
+                if member.offset_data + member.size > file_size:
+                    if named:
+                        samples.pop(named.group(1), None)  # the sample the file ends in
+                    break
                 if not member.isfile() or not named:
                     continue
                 key, extension = named.group(1), named.group(2).lower()
@@ -179,7 +185,7 @@ def parse_label(data: bytes) -> int:
         fields = json.loads(text)
         label = fields.get('label', fields.get('cls'))
         if label is None:
-            raise ValueError('its .json has no "label" field')
+            raise ValueError('no .cls label, and its .json has no "label" field')
         return int(label)
     return int(text)
 

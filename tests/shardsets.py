@@ -59,26 +59,3 @@ def save_hf(folder: Path, dst: Path, rows_per_file: int = 20) -> Path:
     (dst / 'dataset_dict.json').write_text(json.dumps({'splits': list(SPLITS)}))
     return dst
 
-
-def pack_wds(folder: Path, dst: Path, per_shard: int = 10) -> Path:
-    """``folder``'s train/ and val/ as WebDataset shards in timm's layout, ImageFolder's order kept."""
-    import webdataset as wds
-    dst.mkdir(parents=True)
-    info = {'name': 'test', 'splits': {}}
-    for split, source in SPLITS.items():
-        images = ImageFolder(str(folder / source))
-        filenames, lengths = [], []
-        for first in range(0, len(images.samples), per_shard):
-            name = f'test-{split}-{len(filenames):06d}.tar'
-            chunk = images.samples[first:first + per_shard]
-            with wds.TarWriter(str(dst / name)) as sink:
-                for i, (path, label) in enumerate(chunk):
-                    sink.write({'__key__': f'{first + i:08d}', 'cls': str(label).encode(),
-                                'jpg': Path(path).read_bytes()})
-            filenames.append(name)
-            lengths.append(len(chunk))
-        info['splits'][split] = {'name': split, 'num_samples': sum(lengths), 'filenames': filenames,
-                                 'shard_lengths': lengths}
-    info['classes'] = ImageFolder(str(folder / 'train')).classes
-    (dst / '_info.json').write_text(json.dumps(info))
-    return dst

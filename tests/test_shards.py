@@ -16,7 +16,8 @@ import torch
 from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
-from shardsets import pack_wds, save_hf, save_hf_parquet
+from shardsets import save_hf, save_hf_parquet
+from tools.pack_shards import pack_folder
 from test_resilience import assert_same_tensors, popen_main, progress
 
 # 48 px: the fast data path decodes the shards' bytes in training and evaluation (32 px is evaluated
@@ -26,9 +27,23 @@ TINY = ['--model', 'test_vit', *FAST, '--input-size', '48', '--lr', '2e-3', '--d
 
 @pytest.fixture(scope='module')
 def shard_sets(imagefolder, tmp_path_factory):
-    """The session's generated ImageFolder as WDS shards (10 samples each) and as a saved HF DatasetDict."""
+    """The session's generated ImageFolder as WDS shards (about 8 of its training split) and as a saved HF
+    DatasetDict."""
     root = tmp_path_factory.mktemp('shards')
-    return {'IMNET': imagefolder, 'WDS': pack_wds(imagefolder, root / 'wds'), 'HF': save_hf(imagefolder, root / 'hf')}
+    train_bytes = sum(path.stat().st_size for path in (imagefolder / 'train').rglob('*.jpg'))
+    pack_folder(str(imagefolder), str(root / 'wds'), shard_size=train_bytes // 8, name='test', log=lambda line: None)
+    return {'IMNET': imagefolder, 'WDS': root / 'wds', 'HF': save_hf(imagefolder, root / 'hf')}
+
+
+def train_shards(wds):
+    """The train split's shard files, in order, and their sample counts."""
+    split = json.loads((wds / '_info.json').read_text())['splits']['train']
+    return [wds / name for name in split['filenames']], split['shard_lengths']
+
+
+def member_names(shard):
+    with tarfile.open(shard) as tar:
+        return tar.getnames()
 
 
 def weights(out):
@@ -133,28 +148,32 @@ def test_corrupt_member_missing_label_and_truncated_shard_are_skipped_and_counte
         shard_sets, tmp_path):
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
-    rewrite_shard(wds / 'test-train-000000.tar', lambda name, data: b'garbage' if name == '00000003.jpg' else data)
-    rewrite_shard(wds / 'test-train-000001.tar', lambda name, data: None if name == '00000012.cls' else data)
-    last = wds / 'test-train-000007.tar'  # samples 70 and 71: cut inside the last image
-    with tarfile.open(last) as tar:
-        image = tar.getmember('00000071.jpg')
-    os.truncate(last, image.offset_data + image.size // 2)
+    shards, _ = train_shards(wds)
+    assert len(shards) >= 3
+    corrupt = next(name for name in member_names(shards[0]) if name.endswith('.jpg'))
+    rewrite_shard(shards[0], lambda name, data: b'garbage' if name == corrupt else data)
+    unlabelled = next(name for name in member_names(shards[1]) if name.endswith('.cls'))
+    rewrite_shard(shards[1], lambda name, data: None if name == unlabelled else data)
+    with tarfile.open(shards[-1]) as tar:  # cut inside the last image
+        image = [member for member in tar.getmembers() if member.name.endswith('.jpg')][-1]
+    os.truncate(shards[-1], image.offset_data + image.size // 2)
     flags = ['--data-set', 'WDS', '--data-path', wds, *TINY, '--epochs', '1', '--no-repeated-aug']
 
-    run_cli(*flags, '--output_dir', tmp_path / 'out')
-    assert json.loads((tmp_path / 'out' / 'log.txt').read_text())['train_unreadable_images'] == 3
+    proc = run_cli(*flags, '--output_dir', tmp_path / 'out')
+    assert json.loads((tmp_path / 'out' / 'log.txt').read_text())['train_unreadable_images'] == 3, proc.stdout
 
     proc = run_cli(*flags, '--strict-data', check=False)
-    assert_one_line_error(proc, 'unreadable image', 'test-train-00000', '--strict-data')
+    assert_one_line_error(proc, 'unreadable image', 'test-train-', '--strict-data')
 
 
 def test_a_missing_shard_a_missing_split_and_no_info_file_are_one_line_each(shard_sets, tmp_path):
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
-    (wds / 'test-train-000004.tar').unlink()
+    shards, _ = train_shards(wds)
+    shards[2].unlink()
     flags = [*TINY, '--epochs', '1']
     assert_one_line_error(run_cli('--data-set', 'WDS', '--data-path', wds, *flags, check=False),
-                          '1 of the 8 train shards are missing', 'test-train-000004.tar')
+                          f'1 of the {len(shards)} train shards are missing', shards[2].name)
     (wds / '_info.json').unlink()
     assert_one_line_error(run_cli('--data-set', 'WDS', '--data-path', wds, *flags, check=False),
                           'no _info.json', 'brace pattern')
@@ -172,11 +191,13 @@ def test_a_brace_pattern_without_info_file_counts_the_shards_and_their_classes(s
     from shards import build_wds
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
+    shards, lengths = train_shards(wds)
     (wds / '_info.json').unlink()
-    pattern = str(wds / 'test-train-{000000..000007}.tar')
+    pattern = str(wds / f'test-train-{{000000..{len(shards) - 1:06d}}}.tar')
     train, classes = build_wds(pattern, True, None, pil_from_bytes, None)
     val, _ = build_wds(pattern, False, None, pil_from_bytes, None)
     assert (len(train), len(val), classes, train.classes) == (72, 24, 3, ['0', '1', '2'])
+    assert train.shard_lengths == lengths
     assert [train[i][1] for i in (0, 24, 71)] == [0, 1, 2]
 
 
