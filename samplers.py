@@ -18,7 +18,8 @@ from seeding import epoch_order_generator, sample_seed
 BLOCK_SHARDS = 32
 
 
-def block_order(shard_lengths: Sequence[int], generator: torch.Generator, block_shards: int = BLOCK_SHARDS) -> List[int]:
+def block_order(shard_lengths: Sequence[int], generator: torch.Generator,
+                block_shards: int = BLOCK_SHARDS) -> List[int]:
     """An epoch's order that reads shards mostly sequentially (the shard-block shuffling of Mosaic's
     streaming): the shards shuffled, cut into blocks of ``block_shards``, the samples shuffled within
     each block. Sample indices number the shards' samples in shard order."""

@@ -143,7 +143,8 @@ def expand_pattern(pattern: str, is_train: bool) -> List[str]:
         raise UserError(f'--data-path {pattern}: a shard pattern must name the train shards (with "train" in '
                         f'the file names, read as "validation" or "val" for the validation split)')
     for name in SPLIT_NAMES[False]:
-        files = sorted(glob.glob(os.path.join(glob.escape(head), re.sub(r'\{[^}]*\}', '*', tail.replace('train', name)))))
+        named = re.sub(r'\{[^}]*\}', '*', tail.replace('train', name))
+        files = sorted(glob.glob(os.path.join(glob.escape(head), named)))
         if files:
             return files
     raise UserError(f'no validation shards next to {pattern} (the same names with "validation" or "val" for '

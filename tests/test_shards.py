@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
+from conftest import FAST, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
 from shardsets import save_hf, save_hf_parquet
@@ -109,7 +109,8 @@ def test_torchrun_two_ranks_killed_and_restarted_on_shards_end_with_the_folder_w
                           launcher=(*torchrun, '--max-restarts=1', 'tests/elastic_worker.py'), timeout=900)
         assert 'Continuing at epoch 0 step' in killed.stdout
         for key in ('model', 'optimizer'):
-            assert_same_tensors(weights(tmp_path / data_set)[key], weights(tmp_path / 'IMNET')[key], f'{data_set} {key}')
+            assert_same_tensors(weights(tmp_path / data_set)[key], weights(tmp_path / 'IMNET')[key],
+                                f'{data_set} {key}')
         assert '(24 images' in killed.stdout  # --dist-eval: each of the 24 validation images counted once
 
 
