@@ -28,6 +28,10 @@ from engine import LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
+# The layout of the checkpoints this code writes ('format_version'), raised when a key changes meaning or a
+# resume needs a new one; files without it (older ones, the official and the original scripts') are version 0.
+FORMAT_VERSION = 1
+
 
 class TrainingInterrupted(BaseException):
     """A stop signal arrived. A BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it."""
@@ -84,6 +88,7 @@ class TrainingState:
             'train_metrics': metrics,
             'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * self.samples_per_step},
             'rng': seeding.capture_rng_state(),
+            'format_version': FORMAT_VERSION,
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
@@ -91,6 +96,7 @@ class TrainingState:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
+        check_format_version(ckpt, path)
         weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
         print(f'Resumed model weights from {path}')
         if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
@@ -124,6 +130,15 @@ class TrainingState:
 
     def save(self, path: str, epoch: int) -> None:
         save_on_master(self.payload(epoch), path)
+
+
+def check_format_version(ckpt: dict, path: str) -> None:
+    """Refuse a checkpoint written by a newer version of this code: resuming it would ignore what it adds."""
+    version = ckpt.get('format_version', 0) if isinstance(ckpt, dict) else 0
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise utils.UserError(f'--resume {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} this '
+                              f'code reads: resume it with the version of deit that wrote it (or newer), or start '
+                              f'from its weights with --finetune')
 
 
 def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
