@@ -35,17 +35,7 @@ def load_checkpoint(path: str) -> dict:
     URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
     torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
-    local = path
-    if is_url(path):
-        url = urlparse(path)
-        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
-            raise UserError(f'refusing to download {path} over plain http: use an https URL')
-        try:
-            local = download_once(path)
-        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
-            raise UserError(f'could not download {path}: {first_line(e)}') from None
-    elif not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist: check the path')
+    local = local_copy(path)
     if is_safetensors(local):
         return read_safetensors(local, path)
     damage = checkpoint_damage(local)
@@ -84,6 +74,37 @@ def read_safetensors(local: str, path: str) -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f'cannot read safetensors file {path}: {first_line(e)} (a truncated or corrupted '
                         f'copy?)') from None
+
+
+def local_copy(path: str) -> str:
+    """The local file of a checkpoint path or URL (https, or http from 127.0.0.1 for tests; downloaded
+    once into the torch.hub cache)."""
+    if is_url(path):
+        url = urlparse(path)
+        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
+            raise UserError(f'refusing to download {path} over plain http: use an https URL')
+        try:
+            return download_once(path)
+        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
+            raise UserError(f'could not download {path}: {first_line(e)}') from None
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the path')
+    return path
+
+
+def recorded_args(path: str) -> dict:
+    """The run arguments the checkpoint at ``path`` recorded (ours, the original scripts'), read without
+    its tensors (memory-mapped); {} when it records none, or when it cannot be read so (safetensors, a
+    legacy or damaged file), in which case reading it in full, load_checkpoint, says what is wrong."""
+    local = local_copy(path)
+    try:
+        with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return {}
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
 
 
 def hub_pretrained_cfg(name: str):
@@ -135,7 +156,7 @@ def normalisation_of(source: str) -> Optional[Tuple[list, list]]:
     if is_hub_weights(source):
         cfg = hub_pretrained_cfg(source)
         return list(cfg.mean), list(cfg.std)
-    args = checkpoint_args(load_checkpoint(source))
+    args = recorded_args(source)
     if args.get('mean') is None or args.get('std') is None:
         return None
     return list(args['mean']), list(args['std'])

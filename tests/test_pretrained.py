@@ -194,11 +194,12 @@ def test_layer_decay_gives_each_parameter_timms_learning_rate():
     timm_groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.65,
                                            no_weight_decay_list=model.no_weight_decay())
     scales = {id(p): group['lr_scale'] for group in timm_groups for p in group['params']}
-    assert len(set(scales.values())) == 4  # test_vit: embeddings, 2 blocks, head
+    layers = len(model.blocks) + 2  # the embeddings, each block, the head
+    assert len(set(scales.values())) == layers
     names = {id(p): n for n, p in model.named_parameters()}
     for key, scale in scales.items():
         assert lr_of[key] == pytest.approx(1e-3 * scale, rel=1e-12), names[key]
-    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3) and lr_of[id(model.pos_embed)] == pytest.approx(1e-3 * 0.65 ** 3)
+    assert lr_of[id(model.head.weight)] == pytest.approx(1e-3) and lr_of[id(model.pos_embed)] == pytest.approx(1e-3 * 0.65 ** (layers - 1))
 
 
 def test_resume_with_another_layer_decay_is_one_line(imagefolder, tmp_path):
