@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from utils import UserError, is_main_process, write_text_atomic
+from utils import UserError, is_main_process, is_url, write_text_atomic
 
 class HelpFormatter(argparse.HelpFormatter):
     """Each flag's help ends with its default, except where there is none to show: a switch that is off
@@ -157,20 +157,37 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, object]
     return settings
 
 
+# Settings that name files or folders: ``~`` and ``$VARS`` in them are expanded as a shell would have,
+# since a config file (or a quoted or ``--flag=~/x`` word) reaches the program unexpanded.
+PATH_KEYS = ('config', 'data_path', 'output_dir', 'resume', 'finetune', 'teacher_path', 'job_dir')
+
+
+def expand_path(value: str) -> str:
+    """``~`` and environment variables expanded, as in a shell; URLs and 'auto' as they are."""
+    if not value or value == 'auto' or is_url(value):
+        return value
+    return os.path.expandvars(os.path.expanduser(value))
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Two passes: read ``--config`` alone, make the file's settings the defaults, then parse all.
 
-    A config mistake exits like an argparse error (code 2), as one ``error: ...`` line.
+    A config mistake exits like an argparse error (code 2), as one ``error: ...`` line. Paths
+    (PATH_KEYS) are expanded, from the file and from the flags alike.
     """
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument('--config', default='')
     known, _ = first.parse_known_args(argv)
     if known.config:
         try:
-            parser.set_defaults(**load_config(known.config, parser))
+            parser.set_defaults(**load_config(expand_path(known.config), parser))
         except UserError as e:
             parser.exit(2, f'error: {e}\n')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key in PATH_KEYS:
+        if isinstance(getattr(args, key, None), str):
+            setattr(args, key, expand_path(getattr(args, key)))
+    return args
 
 
 def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

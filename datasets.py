@@ -182,13 +182,16 @@ class DigitsDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def _image_folder(root: str, split: str, transform, loader) -> ImageFolder:
+def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
         return ImageFolder(path, transform=transform, loader=loader)
-    except FileNotFoundError as e:  # torchvision's words for a class folder without images
+    except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
+        if not any(entry.is_dir() for entry in os.scandir(path)):
+            raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
+                            f'under {path}') from None
         raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
     except PermissionError as e:
         raise UserError(f'cannot read {path}: {e}') from None
@@ -293,6 +296,15 @@ def imagenet_val_as_downloaded(data_path: str, images: List[str], transform, loa
     return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform, loader=loader)
 
 
+def imagenet_split(data_path: str, is_train: bool, transform=None, loader=default_loader) -> ImageFolder:
+    """train/ or val/ of ``data_path`` as class folders, or val/ as downloaded (flat, with its ground truth)."""
+    val_dir = os.path.join(data_path, 'val')
+    val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
+    if val_images:  # ImageNet as downloaded
+        return imagenet_val_as_downloaded(data_path, val_images, transform, loader)
+    return image_folder(data_path, 'train' if is_train else 'val', transform, loader)
+
+
 def _cifar(cls, data_path: str, is_train: bool, transform):
     try:
         return cls(data_path, train=is_train, transform=transform, download=True)
@@ -312,12 +324,7 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
     elif data_set == 'CIFAR10':
         dataset, nb_classes = _cifar(datasets.CIFAR10, data_path, is_train, transform), 10
     elif data_set == 'IMNET':
-        val_dir = os.path.join(data_path, 'val')
-        val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
-        if val_images:  # ImageNet as downloaded
-            dataset = imagenet_val_as_downloaded(data_path, val_images, transform, pipeline.open_image)
-        else:
-            dataset = _image_folder(data_path, 'train' if is_train else 'val', transform, pipeline.open_image)
+        dataset = imagenet_split(data_path, is_train, transform, pipeline.open_image)
         nb_classes = len(dataset.classes)
     elif data_set in ('INAT', 'INAT19'):
         year = 2018 if data_set == 'INAT' else 2019

@@ -195,6 +195,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     runs.add_argument('--resume', default='', metavar='FILE_OR_URL',
                       help="resume from this checkpoint file or URL; 'auto': the checkpoint in --output_dir if "
                            "there is one, else start fresh; unset: start fresh")
+    runs.add_argument('--start-over', action='store_true',
+                      help='(new) start a new run in an --output_dir that holds another run\'s checkpoints: '
+                           'its files are moved to DIR/previous-<time>/ first (without this flag such a run '
+                           'is refused)')
     runs.add_argument('--start_epoch', default=0, type=int, metavar='N',
                       help='first epoch (a resumed checkpoint sets it)')
     runs.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
@@ -679,6 +683,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
         prepare_output_dir(args.output_dir)
+    resume_requested = args.resume == 'auto'
     amp_dtype = resolve_args(args)
     device = args.device
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
@@ -689,6 +694,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     speedups.keep_freed_memory()
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
+        checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
     print(args)
 
     # Data
