@@ -23,7 +23,7 @@ import contextlib
 import datetime
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import timm
 import torch
@@ -42,8 +42,9 @@ import seeding
 import speedups
 import utils
 import weights
-from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
-                      check_same_classes, collate_skipping)
+import real_labels
+from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset,
+                      build_pipeline, check_same_classes, class_names, collate_skipping, imagenet_descriptions)
 from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
@@ -61,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str, metavar='DIR',
                       help='dataset root (IMNET: a folder with train/ and val/ class folders)')
     data.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
-                      help='IMNET is any ImageFolder with train/ and val/')
+                      help='IMNET is any ImageFolder with train/ and val/; IMNETV2 (--eval only) ImageNet-V2\'s '
+                           'class-index folders 0 ... 999 in --data-path')
     data.add_argument('--nb-classes', default=None, type=int, metavar='N',
                       help='(new) expected number of classes, checked against the data; unset: taken from the data')
     data.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str,
@@ -202,6 +204,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     runs.add_argument('--start_epoch', default=0, type=int, metavar='N',
                       help='first epoch (a resumed checkpoint sets it)')
     runs.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
+    runs.add_argument('--real-labels', default='', metavar='real.json',
+                      help='(new) with --eval on ImageNet\'s validation images: also the ReaL top-1 (Beyer et al. '
+                           '2020; real.json of google-research/reassessed-imagenet)')
     runs.add_argument('--print-freq', default=10, type=int, metavar='N', help='(new) steps between progress lines')
     runs.add_argument('--tensorboard', action='store_true', default=None,
                       help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
@@ -297,6 +302,13 @@ def validate_args(args) -> None:
         raise UserError(f'--batch-size {args.batch_size} must be even with mixup/cutmix (they pair the images of '
                         f'a batch): use an even --batch-size, or --mixup 0 --cutmix 0')
     check_input_size(args.model, args.input_size)
+    if args.data_set in EVAL_ONLY_DATA_SETS and not args.eval:
+        raise UserError(f'--data-set {args.data_set} is a test set without training images: use it with --eval')
+    if args.real_labels and not args.eval:
+        raise UserError('--real-labels scores an evaluation: add --eval (and --resume CHECKPOINT)')
+    if args.real_labels and not os.path.isfile(args.real_labels):
+        raise UserError(f'--real-labels {args.real_labels} does not exist: download real.json of '
+                        f'google-research/reassessed-imagenet')
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto' and not args.output_dir:
@@ -430,18 +442,33 @@ def samples_per_step(args) -> int:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
-    """Train and val loaders with their samplers (repeated augmentation, sharded eval)."""
+def build_data(args) -> Tuple[Optional[DataLoader], DataLoader, int, List[str]]:
+    """Train and val loaders with their samplers (repeated augmentation, sharded eval), the number of
+    classes and their names. --eval builds no training split (its folder walk alone takes minutes on
+    ImageNet): the validation split names the classes."""
     settings = DataSettings.from_args(args)
     pipeline_train, pipeline_val = build_pipeline(True, settings.transform), build_pipeline(False, settings.transform)
-    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
-    dataset_val, _ = build_dataset(False, settings, pipeline_val)
-    check_same_classes(dataset_train, dataset_val)
-    world, rank = utils.get_world_size(), utils.get_rank()
-    samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
-    if not args.eval:
-        samples_train.check_readable('training')
+    dataset_val, nb_classes = build_dataset(False, settings, pipeline_val)
+    if args.real_labels:
+        labelled = real_labels.attach(dataset_val, args.real_labels, nb_classes)
+        print(f'ReaL labels: {labelled} of {len(dataset_val)} validation images have any ({args.real_labels})')
+    samples_val = RobustSamples(dataset_val, replace=False)
     samples_val.check_readable('validation')
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.dist_eval and args.distributed:
+        # Strided shards without padding: every image counted once, so the reduced metrics are exact.
+        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
+    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
+                            batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))
+    if pipeline_val.batch:
+        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
+    if args.eval:
+        return None, loader_val, nb_classes, class_names(dataset_val)
+
+    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
+    check_same_classes(dataset_train, dataset_val)
+    samples_train = RobustSamples(dataset_train, replace=True)
+    samples_train.check_readable('training')
 
     # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
@@ -450,31 +477,28 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
         order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     # Whole optimizer steps only: a partial last step would average fewer samples than the others.
     sampler_train = ResumableSampler(order, seed=args.seed, rank=rank, group_size=samples_per_step(args))
-    if args.dist_eval and args.distributed:
-        # Strided shards without padding: every image counted once, so the reduced metrics are exact.
-        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
+    loader_train = DataLoader(samples_train, sampler=sampler_train,
+                              batch_size=args.batch_size, drop_last=True, **loader_options(args))
+    if pipeline_train.batch:
+        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
+                                               rank=rank)
+    if len(loader_train) == 0:
+        raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
+                        f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
+                        f'lower --batch-size or --grad-accum-steps')
+    return loader_train, loader_val, nb_classes, class_names(dataset_train)
 
+
+def loader_options(args) -> dict:
+    """DataLoader settings both splits share: workers, pinned memory, the collate that skips unreadable images."""
     pin = args.pin_mem and args.device.type == 'cuda'
-    workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
+    options = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
                    collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
-        workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
-    loader_train = DataLoader(samples_train, sampler=sampler_train,
-                              batch_size=args.batch_size, drop_last=True, **workers)
-    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
-                            batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
-    if pipeline_train.batch:
-        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
-                                               rank=rank)
-    if pipeline_val.batch:
-        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
-    if len(loader_train) == 0 and not args.eval:
-        raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
-                        f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
-                        f'lower --batch-size or --grad-accum-steps')
-    return loader_train, loader_val, nb_classes
+        options['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
+    return options
 
 
 def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
@@ -699,7 +723,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     print(args)
 
     # Data
-    loader_train, loader_val, nb_classes = build_data(args)
+    loader_train, loader_val, nb_classes, classes = build_data(args)
     args.nb_classes = nb_classes  # recorded with the run: known once the data is read
     mixup_fn = build_mixup(args, nb_classes)
 
@@ -718,7 +742,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     criterion = criterion_of(args, teacher)
     options = train_options(args, amp_dtype)
     state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
+                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch,
+                                     classes=classes, class_descriptions=imagenet_descriptions(classes))
     if args.resume:
         state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
                      accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
