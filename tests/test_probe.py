@@ -56,3 +56,47 @@ def test_a_train_folder_without_class_folders_is_one_clear_line(tmp_path):
     proc = run_cli('--data-path', root, '--model', 'test_vit', *FAST, check=False)
     line = assert_one_line_error(proc, f'{root / "train"} has no class folders')
     assert '.:' not in line
+
+
+def test_a_new_run_into_a_finished_runs_directory_is_refused_and_touches_nothing(imagefolder, tmp_path):
+    from conftest import FAST, assert_one_line_error, run_cli
+    common = ['--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', '1', '--output_dir', tmp_path]
+    run_cli(*common)
+    (tmp_path / '.lock').unlink()  # the refused run may take the lock; every other file must stay as it was
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    proc = run_cli(*common, check=False)
+    assert_one_line_error(proc, f'--output_dir {tmp_path} holds another run', '--resume auto', 'another --output_dir',
+                          '--start-over')
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != '.lock'} == before
+
+    run_cli(*common, '--start-over')  # starting over keeps the previous run aside, byte for byte
+    aside, = tmp_path.glob('previous-*')
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if p.is_file()} == before
+    assert len((tmp_path / 'log.txt').read_text().splitlines()) == 1
+
+
+def test_resume_auto_over_unreadable_checkpoints_starts_fresh_and_keeps_them_aside(imagefolder, tmp_path):
+    from conftest import FAST, run_cli
+    (tmp_path / 'checkpoint.pth').write_bytes(b'PK\x03\x04 cut short')
+    run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', '1', '--output_dir', tmp_path,
+            '--resume', 'auto')
+    aside, = tmp_path.glob('previous-*')
+    assert (aside / 'checkpoint.pth').read_bytes() == b'PK\x03\x04 cut short'
+    assert torch.load(tmp_path / 'checkpoint.pth', weights_only=True)['epoch'] == 0
+
+
+def test_paths_in_a_config_and_in_flags_expand_tilde_and_variables(tmp_path, monkeypatch):
+    import argparse
+    import config
+    import main
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.setenv('RUNS', str(tmp_path / 'runs'))
+    recipe = tmp_path / 'home' / 'recipe.yaml'
+    recipe.parent.mkdir()
+    recipe.write_text('output_dir: ~/deit_out\ndata-path: $RUNS/data\nfinetune: https://127.0.0.1/$x.pth\n')
+    parser = argparse.ArgumentParser(parents=[main.get_args_parser()])
+    args = config.parse_args(parser, ['--config', '~/recipe.yaml', '--resume=~/ck.pth'])
+    assert args.output_dir == str(tmp_path / 'home' / 'deit_out')
+    assert args.data_path == str(tmp_path / 'runs' / 'data')
+    assert args.resume == str(tmp_path / 'home' / 'ck.pth')
+    assert args.finetune == 'https://127.0.0.1/$x.pth'  # a URL is not a path
