@@ -71,6 +71,8 @@ class TrainingState:
     start_epoch: int = 0
     start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
     metrics_state: Optional[dict] = None  # that partial epoch's running averages
+    classes: Optional[List[str]] = None  # the data's class names in label order (ImageNet: synset ids)
+    class_descriptions: Optional[List[str]] = None  # human-readable names where known (ImageNet's)
 
     def payload(self, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
         """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
@@ -88,6 +90,8 @@ class TrainingState:
             'train_metrics': metrics,
             'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * self.samples_per_step},
             'rng': seeding.capture_rng_state(),
+            'classes': self.classes,
+            'class_descriptions': self.class_descriptions,
             'format_version': FORMAT_VERSION,
         }
 

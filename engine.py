@@ -7,6 +7,7 @@ import torch
 from timm.data import Mixup
 
 from losses import Criterion
+from real_labels import real_correct, split_targets
 from seeding import Stream, seed_everything, stream_seed
 from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
 
@@ -199,7 +200,9 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
-    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both)."""
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both);
+    with ReaL labels in the targets (real_labels.attach) also the ReaL top-1 (real_acc1) of the images
+    that have any."""
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
@@ -212,18 +215,21 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         if len(images) == 0:
             continue
         images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        target, real = split_targets(target.to(device, non_blocking=True))
         with autocast(device, amp_dtype):
             logits = head_logits(model, images)
         if eval_head not in logits:
             raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
         output = logits[eval_head].float()
         n = images.shape[0]
-        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+        predicted = output.topk(min(5, output.shape[1]), dim=1).indices
+        top5 = predicted.eq(target[:, None])
         count += n
         batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
         if len(logits) > 1:
             batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+        if real is not None:
+            batch_sums['real_correct'], batch_sums['real_images'] = real_correct(predicted[:, 0], real)
         for name, value in batch_sums.items():
             totals[name] = totals.get(name, 0) + value.double()
         metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
@@ -236,10 +242,16 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
     *values, count = all_reduce_sum(local).tolist()
     sums = dict(zip(names, values))
+    real_correct_sum, real_images = sums.pop('real_correct', None), sums.pop('real_images', None)
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({int(count)} images, {eval_head} head)')
     if 'acc1_cls' in stats:
         print(f'* Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
               f'both {stats["acc1_both"]:.3f}')
+    if real_images is not None:
+        stats['real_acc1'] = 100 * real_correct_sum / real_images if real_images else float('nan')
+        stats['real_images'] = int(real_images)
+        print(f'* ReaL Acc@1 {stats["real_acc1"]:.3f} ({int(real_images)} images with ReaL labels, '
+              f'{int(count - real_images)} without left out)')
     return stats
