@@ -37,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 import checkpoint
 import config
 import fast_data
+import inference
 import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
@@ -545,13 +546,8 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
     """The student, for --input-size where the architecture takes an image size."""
-    kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
-    try:
-        model = timm.create_model(args.model, img_size=args.input_size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
+    model = inference.create_model(args.model, nb_classes, args.input_size, pretrained=False, drop_rate=args.drop,
+                                   drop_path_rate=args.drop_path)
     if args.distillation_type != 'none' and args.distillation_token:
         model.set_distilled_training(True)  # return (cls, dist) logits while training
     if args.grad_checkpointing:
