@@ -794,7 +794,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
                 with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
-                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
+                                         label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim

@@ -94,6 +94,14 @@ def test_the_default_device_falls_back_to_cpu_without_a_warning(capsys):
     assert capsys.readouterr().out.startswith('warning: --device cuda requested')
 
 
+def test_evaluation_lines_name_the_ema_model_and_no_head_of_a_plain_model(imagefolder):
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1)
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
+    assert len(summaries) == 2, summaries
+    assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
+    assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
+
+
 @pytest.fixture
 def http_server(tmp_path):
     handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
