@@ -51,6 +51,13 @@ class TransformSettings:
     eval_crop_ratio: float
     fast: bool  # --fast-data: the fast pipeline wherever it implements the reference
 
+    @classmethod
+    def for_eval(cls, input_size: int, eval_crop_ratio: float, fast: bool = True) -> 'TransformSettings':
+        """Settings that only evaluation reads (build_pipeline(False, ...)); the augmentation ones are off."""
+        return cls(input_size=input_size, color_jitter=0.0, auto_augment=None, interpolation='bicubic', reprob=0.0,
+                   remode='pixel', recount=1, hflip=0.0, three_augment=False, simple_crop=False,
+                   eval_crop_ratio=eval_crop_ratio, fast=fast)
+
 
 @dataclass(frozen=True)
 class DataSettings:

@@ -37,6 +37,7 @@ from torch.utils.data.distributed import DistributedSampler
 import checkpoint
 import config
 import fast_data
+import inference
 import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
@@ -89,6 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
                        help='fine-tune from this checkpoint file or URL (classifier and position embedding '
                             'adapted); unset: no fine-tuning')
+    model.add_argument('--finetune-partial', action='store_true',
+                       help='(new) --finetune loads the weights that fit and leaves the others as initialised '
+                            '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
+                            'classifier unset is refused')
     model.add_argument('--attn-only', action='store_true',
                        help='train only the attention layers, the position embedding and the classifier')
 
@@ -521,7 +526,7 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
-        load_finetune_weights(model, args.finetune)
+        load_finetune_weights(model, args.finetune, partial=args.finetune_partial)
     if args.attn_only:
         train_attention_only(model)
     model.to(device)
@@ -542,13 +547,8 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
     """The student, for --input-size where the architecture takes an image size."""
-    kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
-    try:
-        model = timm.create_model(args.model, img_size=args.input_size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
+    model = inference.create_model(args.model, nb_classes, args.input_size, pretrained=False, drop_rate=args.drop,
+                                   drop_path_rate=args.drop_path)
     if args.distillation_type != 'none' and args.distillation_token:
         model.set_distilled_training(True)  # return (cls, dist) logits while training
     if args.grad_checkpointing:
@@ -587,17 +587,31 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
         model, device_ids=[gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
 
 
-def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(path), path)
+def load_finetune_weights(model: torch.nn.Module, path: str, partial: bool = False) -> None:
+    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid.
+
+    Every other weight of the model must come from the checkpoint, unless ``partial`` (--finetune-partial:
+    a backbone on purpose): a checkpoint of another architecture would otherwise leave a random model.
+    """
+    checkpoint_data = weights.load_checkpoint(path)
+    state = weights.model_state_from_checkpoint(checkpoint_data, path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
     for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
         print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
         del state[k]
     weights.interpolate_pos_embed(state, model)
-    message = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)
-    print(f'Fine-tuning from {path}: {message}')
+    result = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)  # refuses other shapes
+    unset = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if unset and not partial:
+        raise UserError(weights.describe_partial_fit(model, state, unset, checkpoint_data, f'--finetune {path}')
+                        + ': fine-tune from a checkpoint of this --model, or add --finetune-partial to load '
+                          'only the weights that fit')
+    kept = result.missing_keys
+    print(f'Fine-tuning from {path}: {len(own) - len(kept)} of the model\'s {len(own)} tensors loaded'
+          + (f'; {len(kept)} keep their initialisation ({", ".join(kept[:4])}{" ..." if len(kept) > 4 else ""})'
+             if kept else '')
+          + (f'; {len(result.unexpected_keys)} checkpoint tensors unused' if result.unexpected_keys else ''))
 
 
 def train_attention_only(model: torch.nn.Module) -> None:

@@ -175,6 +175,35 @@ def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = 
     return '; '.join(problems)
 
 
+# Module names that say which family of timm models a state dict comes from, most specific first.
+_FAMILIES = ((('patch_embed', 'blocks', 'dist_token'), 'a distilled DeiT'), (('patch_embed', 'blocks'), 'a ViT/DeiT'),
+             (('conv1', 'layer1'), 'a ResNet'), (('stem', 's1'), 'a RegNet'), (('stem', 'stages'), 'a ConvNeXt-like convnet'),
+             (('conv_stem', 'blocks'), 'an EfficientNet/MobileNet'), (('patch_embed', 'layers'), 'a Swin'))
+
+
+def describe_architecture(state: dict, checkpoint) -> str:
+    """What model a checkpoint seems to hold: the --model it records, else its top-level modules and the
+    family they suggest."""
+    recorded = checkpoint.get('args', {}).get('model') if isinstance(checkpoint, dict) and isinstance(
+        checkpoint.get('args'), dict) else None
+    if recorded:
+        return f'a {recorded} (its recorded --model)'
+    tops = list(dict.fromkeys(k.split('.')[0] for k in state))
+    family = next((name for keys, name in _FAMILIES if all(k in tops for k in keys)), 'an unknown model')
+    return f'{family} ({", ".join(tops[:6])}{" ..." if len(tops) > 6 else ""})'
+
+
+def describe_partial_fit(model: torch.nn.Module, state: dict, unset: list, checkpoint, source: str) -> str:
+    """One line: how much of ``model`` the checkpoint ``state`` sets, what it leaves unset, what it seems to hold."""
+    own = model.state_dict()
+    fits = sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
+    unused = [k for k in state if k not in own]
+    return (f'{source} sets {fits} of the model\'s {len(own)} weight tensors and leaves {len(unset)} at random '
+            f'(e.g. {", ".join(unset[:3])}); {len(unused)} of its {len(state)} tensors match nothing in the model'
+            + (f' (e.g. {", ".join(unused[:3])})' if unused else '')
+            + f'; it seems to hold {describe_architecture(state, checkpoint)}')
+
+
 # The original DeiT III code (models_v2.py) names the two branches of its parallel blocks norm1/norm11,
 # attn/attn1, gamma_1/gamma_1_1 (and norm2/norm21, mlp/mlp1, gamma_2/gamma_2_1); timm's
 # ParallelThingsBlock keeps them in attns.N / ffns.N, and timm has no converter for these keys.

@@ -100,3 +100,20 @@ def test_paths_in_a_config_and_in_flags_expand_tilde_and_variables(tmp_path, mon
     assert args.data_path == str(tmp_path / 'runs' / 'data')
     assert args.resume == str(tmp_path / 'home' / 'ck.pth')
     assert args.finetune == 'https://127.0.0.1/$x.pth'  # a URL is not a path
+
+
+def test_finetune_from_another_architecture_is_refused_unless_partial_is_asked_for(tmp_path, capsys):
+    import timm
+    import main
+    path = tmp_path / 'resnet.pth'
+    torch.save({'model': timm.create_model('resnet10t', num_classes=5).state_dict()}, path)
+    model = timm.create_model('test_vit', num_classes=3)
+    with pytest.raises(utils.UserError, match=r'sets 0 of the model.s \d+ weight tensors .* match nothing in the '
+                                              r'model .* seems to hold a ResNet .*--finetune-partial'):
+        main.load_finetune_weights(model, str(path))
+    # a backbone on purpose: the ViT's blocks from a checkpoint without its patch embedding
+    vit = timm.create_model('test_vit', num_classes=3).state_dict()
+    torch.save({'model': {k: v for k, v in vit.items() if not k.startswith('patch_embed.')}}, path)
+    main.load_finetune_weights(model, str(path), partial=True)
+    assert 'keep their initialisation (patch_embed.proj.weight, patch_embed.proj.bias)' in capsys.readouterr().out
+    assert torch.equal(model.state_dict()['blocks.0.attn.qkv.weight'], vit['blocks.0.attn.qkv.weight'])
