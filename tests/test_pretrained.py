@@ -170,7 +170,10 @@ def test_finetune_from_a_hub_tag_takes_its_normalisation_into_eval_resume_and_ex
     metadata = export.export(str(out / 'checkpoint.pth'), str(tmp_path / 'model.safetensors'))
     assert metadata['mean'] == metadata['std'] == '0.5,0.5,0.5'
     hint = export.load_hint(str(tmp_path / 'model.safetensors'), metadata)
-    loaded = eval(hint, {'timm': timm})  # the printed call, run as a user would
+    namespace = {}
+    exec(hint, namespace)  # the printed lines, run as a user would
+    loaded = namespace['model']
+    assert 'mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)' in hint
     assert resolve_data_config(model=loaded)['mean'] == HALF
 
 
