@@ -211,18 +211,20 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
+             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both',
+             label: str = '') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
     over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both);
     with ReaL labels in the targets (real_labels.attach) also the ReaL top-1 (real_acc1) of the images
-    that have any."""
+    that have any. ``label`` (e.g. 'EMA model') starts the printed lines of this evaluation."""
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
     totals = {}  # name -> float64 sum on the device: read back once, at the end
     count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
-    for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+    prefix = f'{label}: ' if label else ''
+    for batch in metric_logger.log_every(data_loader, print_freq, f'{prefix}Test:'):
         images, target, bad_paths = split_batch(batch)
         unreadable += bad_paths
         if len(images) == 0:
@@ -257,14 +259,16 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     sums = dict(zip(names, values))
     real_correct_sum, real_images = sums.pop('real_correct', None), sums.pop('real_images', None)
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
-          f'({int(count)} images, {eval_head} head)')
-    if 'acc1_cls' in stats:
-        print(f'* Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
+    distilled = 'acc1_cls' in stats
+    heads = {'both': ', both heads averaged', 'cls': ', class head', 'dist': ', distillation head'}
+    print(f'* {prefix}Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+          f'({int(count)} images{heads[eval_head] if distilled else ""})')
+    if distilled:
+        print(f'* {prefix}Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
               f'both {stats["acc1_both"]:.3f}')
     if real_images is not None:
         stats['real_acc1'] = 100 * real_correct_sum / real_images if real_images else float('nan')
         stats['real_images'] = int(real_images)
-        print(f'* ReaL Acc@1 {stats["real_acc1"]:.3f} ({int(real_images)} images with ReaL labels, '
+        print(f'* {prefix}ReaL Acc@1 {stats["real_acc1"]:.3f} ({int(real_images)} images with ReaL labels, '
               f'{int(count - real_images)} without left out)')
     return stats

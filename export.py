@@ -3,7 +3,8 @@
     python export.py output/run/checkpoint.pth -o model.safetensors [--ema]
 
 The file holds the state dict of the model (or, with --ema, of the EMA model) under timm's key
-names, with the model name, class count and input size as metadata. timm loads it with:
+names, with the model name, class count and input size as metadata. timm loads it with (after
+``import models`` for a model of models/, as the printed lines do):
 
     timm.create_model(NAME, pretrained=True,
                       pretrained_cfg_overlay=dict(file='model.safetensors', num_classes=N))
@@ -12,7 +13,9 @@ names, with the model name, class count and input size as metadata. timm loads i
 timm drops the classifier weights and keeps a random head.)
 """
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Dict, Optional
 
 import safetensors.torch
@@ -23,6 +26,8 @@ import models  # noqa: F401  (registers our models, whose default input size loa
 import utils
 import weights
 from utils import UserError
+
+REPO = Path(__file__).resolve().parent
 
 
 def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch.Tensor]:
@@ -80,11 +85,18 @@ def export(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, st
 
 
 def load_hint(output: str, metadata: Dict[str, str]) -> str:
-    """The timm call that loads the exported file, for the user to copy."""
+    """The Python lines that load the exported file, for the user to copy: they run as printed in a fresh
+    interpreter, from any directory (absolute paths; our models/ registered in timm first)."""
     name = metadata.get('model', 'MODEL_NAME')
     num_classes = metadata.get('num_classes', 'NUM_CLASSES')
-    return (f"timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
-            f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}))")
+    lines = []
+    if timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith('models.'):
+        lines.append(f"import sys; sys.path.insert(0, {str(REPO)!r}); import models  "
+                     f"# registers {name} (models/ of this repository) in timm")
+    lines.append('import timm')
+    lines.append(f"model = timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
+                 f"pretrained_cfg_overlay=dict(file={os.path.abspath(output)!r}, num_classes={num_classes}))")
+    return '\n'.join(lines)
 
 
 def img_size_argument(name: str, metadata: Dict[str, str]) -> str:
@@ -111,7 +123,8 @@ def cli(argv=None) -> int:
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f"wrote {args.output} ({metadata['weights']} weights); load it with:\n  {load_hint(args.output, metadata)}")
+    hint = load_hint(args.output, metadata).replace('\n', '\n  ')
+    print(f"wrote {args.output} ({metadata['weights']} weights); load it in Python with:\n  {hint}")
     return 0
 
 

@@ -197,7 +197,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
     runs.add_argument('--output_dir', default='', metavar='DIR',
                       help='where to save checkpoints, log.txt and args.yaml; unset: nothing is saved')
-    runs.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu (cpu if CUDA is absent)')
+    runs.add_argument('--device', default=utils.DEFAULT_DEVICE,
+                      help='cuda, cuda:N or cpu (the default falls back to cpu where CUDA is absent)')
     runs.add_argument('--seed', default=0, type=int, help='random seed: every random number of the run derives from it')
     runs.add_argument('--resume', default='', metavar='FILE_OR_URL',
                       help="resume from this checkpoint file or URL; 'auto': the checkpoint in --output_dir if "
@@ -809,7 +810,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
                 with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
-                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
+                                         label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
