@@ -20,8 +20,9 @@ from torchvision import datasets, transforms
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import imagenet
-from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, find_classes
 
+from data_files import ClassFolders, load_rgb
 from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
 from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
@@ -93,7 +94,7 @@ class Pipeline:
     training device (fast_data.DeviceBatches); without it the samples leave ``transform`` finished.
     """
     transform: Callable[[Any], Any]
-    open_image: Callable[[str], Any] = default_loader
+    open_image: Callable[[str], Any] = load_rgb
     batch: Optional[BatchStage] = None
 
 
@@ -121,7 +122,7 @@ class INatDataset(ImageFolder):
     ``categories.json`` under ``root``; ``category`` picks the taxonomy level used as label."""
 
     def __init__(self, root: str, train: bool = True, year: int = 2018, transform=None,
-                 target_transform=None, category: str = 'name', loader=default_loader):
+                 target_transform=None, category: str = 'name', loader=load_rgb):
         self.root = root
         self.transform = transform
         self.target_transform = target_transform
@@ -198,7 +199,7 @@ def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
-        return ImageFolder(path, transform=transform, loader=loader)
+        return ClassFolders(path, transform=transform, loader=loader)
     except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
         if not any(entry.is_dir() for entry in os.scandir(path)):
             raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
@@ -215,7 +216,7 @@ class FlatValFolder(ImageFolder):
     loading are ImageFolder's.
     """
 
-    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=default_loader):
+    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=load_rgb):
         self.wnid_of, self.train_classes = wnid_of, classes
         super().__init__(root, transform=transform, loader=loader)
 
@@ -326,7 +327,7 @@ class ImageNetV2Folder(ImageFolder):
         return classes, {name: int(name) for name in classes}
 
 
-def imagenet_split(data_path: str, is_train: bool, transform=None, loader=default_loader) -> ImageFolder:
+def imagenet_split(data_path: str, is_train: bool, transform=None, loader=load_rgb) -> ImageFolder:
     """train/ or val/ of ``data_path`` as class folders, or val/ as downloaded (flat, with its ground truth)."""
     val_dir = os.path.join(data_path, 'val')
     val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []

@@ -16,6 +16,12 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run must stop without saving."""
 
 
+class DataWaitExpired(BaseException):
+    """A stop signal came while the trainer waited for a batch, and the batch did not come in time (a data
+    worker stuck in a read): raised out of the wait by checkpoint.StopSignals. A BaseException: no
+    ``except Exception`` around a read swallows it."""
+
+
 class UnreadableDataError(UserError):
     """An image could not be decoded and --strict-data asks to fail instead of skipping it."""
 
@@ -138,39 +144,46 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
     last_micro = first_micro + len(data_loader) - 1
     finite = FiniteLossGuard(epoch, device)
 
-    for micro, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', first_micro),
-                                  start=first_micro):
-        step, phase = divmod(micro, accum_steps)
-        updating = phase == accum_steps - 1
-        samples, targets, bad_paths = split_batch(batch)
-        unreadable.update(dict.fromkeys(bad_paths))
-        if bad_paths and options.strict_data:
-            raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
-                                      'or drop --strict-data to skip such images')
-        seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+    steps_done = start_step  # optimizer steps of this epoch finished: what a stop while waiting for data saves
+    batches = checkpointer.watch(data_loader) if checkpointer is not None else data_loader
+    try:
+        for micro, batch in enumerate(metric_logger.log_every(batches, print_freq, f'Epoch: [{epoch}]', first_micro),
+                                      start=first_micro):
+            step, phase = divmod(micro, accum_steps)
+            updating = phase == accum_steps - 1
+            samples, targets, bad_paths = split_batch(batch)
+            unreadable.update(dict.fromkeys(bad_paths))
+            if bad_paths and options.strict_data:
+                raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
+                                          'or drop --strict-data to skip such images')
+            seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                samples, targets = mixup_fn(samples, targets)
 
-        if phase == 0:
-            optimizer.zero_grad(set_to_none=True)
-        with gradient_sync(model, updating):
-            with autocast(device, options.amp_dtype):
-                outputs = model(criterion.model_inputs(samples))
-                loss = criterion(samples, outputs, targets)
-            loss_scaler(loss / accum_steps, optimizer, clip_grad=options.clip_grad, parameters=model.parameters(),
-                        need_update=updating)
-        if updating and model_ema is not None:
-            model_ema.update(model)
+            if phase == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with gradient_sync(model, updating):
+                with autocast(device, options.amp_dtype):
+                    outputs = model(criterion.model_inputs(samples))
+                    loss = criterion(samples, outputs, targets)
+                loss_scaler(loss / accum_steps, optimizer, clip_grad=options.clip_grad, parameters=model.parameters(),
+                            need_update=updating)
+            if updating and model_ema is not None:
+                model_ema.update(model)
 
-        # Reading the loss back forces a device sync: do it only when a progress line is printed.
-        metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
-        finite.update(loss.detach(), step)
-        if micro % print_freq == 0 or micro == last_micro:
-            finite.check()
-        if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
+            # Reading the loss back forces a device sync: do it only when a progress line is printed.
+            metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
+            finite.update(loss.detach(), step)
+            if micro % print_freq == 0 or micro == last_micro:
+                finite.check()
+            if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
+                checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
+            if updating:
+                steps_done = step + 1
+    except DataWaitExpired:
+        checkpointer.stop_waiting_for_data(epoch, steps_done, metric_logger.state_dict, before_save=finite.check)
 
     if unreadable:
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')

@@ -822,6 +822,8 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    finally:
+        signals.disarm()
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
