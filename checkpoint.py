@@ -97,7 +97,7 @@ class TrainingState:
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
-               world_size: int, scaled_lr: float) -> None:
+               world_size: int, scaled_lr: float, layer_decay: Optional[float] = None) -> None:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
@@ -111,6 +111,11 @@ class TrainingState:
         if saved_opt != opt:
             raise utils.UserError(f'--resume {path} was trained with --opt {saved_opt}: resume with the same '
                                   f'--opt, or start from its weights with --finetune')
+        saved_decay = saved_args.get('layer_decay')
+        if saved_decay != layer_decay:  # other parameter groups: the optimizer state would not fit them
+            given = f'--layer-decay {saved_decay}' if saved_decay is not None else 'no --layer-decay'
+            raise utils.UserError(f'--resume {path} was trained with {given}: resume with the same, or start '
+                                  f'from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)

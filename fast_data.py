@@ -213,7 +213,8 @@ class FastEvalTransform:
 @dataclass(frozen=True)
 class BatchStage:
     """What the fast path leaves to each batch, on the training device: normalisation by ``mean`` and
-    ``std`` (timm's ImageNet constants, as the reference transforms), then ``erasing`` (training)."""
+    ``std`` (--mean, --std: timm's ImageNet constants by default, as the reference transforms), then
+    ``erasing`` (training)."""
     mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
     erasing: Optional[RandomErasing] = None
