@@ -35,7 +35,7 @@ def original_args(**values) -> argparse.Namespace:
     """The Namespace the original main.py saves: its flags, what its setup adds, and under its submitit
     launcher `output_dir` / `job_dir` as Paths."""
     args = main.get_args_parser().parse_args([])
-    vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0,
+    vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0, device='cuda',
                       dist_backend='nccl', output_dir=Path('/checkpoint/user/experiments/1234'),
                       job_dir=Path('/checkpoint/user/experiments/1234'), lr=5e-4 * 64 * 8 / 512)
     vars(args).update(values)
