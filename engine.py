@@ -8,11 +8,13 @@ from timm.data import Mixup
 
 from losses import Criterion
 from seeding import Stream, seed_everything, stream_seed
-from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
+from utils import (MetricLogger, RunError, UserError, agree_on_failure, all_reduce_max, all_reduce_sum,
+                   failing_together, get_rank, get_world_size, print_error, raise_everywhere)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run must stop without saving."""
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite; the run must stop without saving (exit code 3)."""
+    exit_code = 3
 
 
 class UnreadableDataError(UserError):
@@ -20,27 +22,41 @@ class UnreadableDataError(UserError):
 
 
 class FiniteLossGuard:
-    """Remembers, on the device, the first step of an epoch whose loss was not finite.
+    """Remembers, on the device, the first step of an epoch whose loss was not finite, and a failure of
+    this rank alone (an unreadable image with --strict-data) that must stop every rank.
 
-    ``update`` is device work only (no host sync per step); ``check`` reads the flag back, and is
-    called where the host waits anyway: at progress lines and before any checkpoint is written.
+    ``update`` is device work only (no host sync per step); ``check`` reads both back, as the whole
+    job's, and is called where the host waits anyway: at progress lines, at the end of the epoch, before
+    any checkpoint is written, and when a step's rank agreement says a rank failed.
     """
     NONE = 2 ** 62
 
     def __init__(self, epoch: int, device: torch.device):
         self.epoch = epoch
         self.first_bad = torch.tensor(self.NONE, device=device)
+        self.failure: Optional[RunError] = None
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.NONE, step))
 
+    def fail(self, error: RunError) -> None:
+        """This rank cannot go on: alone, stop now; with other ranks, say so now and stop with them at
+        the next check (the step in progress is complete, only no checkpoint will hold it)."""
+        if get_world_size() == 1:
+            raise error
+        if self.failure is None:
+            print_error(error)
+            self.failure = error
+
     def check(self) -> None:
-        """Raise if the loss of any rank was not finite (a collective: every rank calls it after the same steps)."""
+        """Raise if any rank failed or had a non-finite loss (a collective: every rank calls it after the
+        same steps)."""
         step = int(-all_reduce_max(-self.first_bad))  # the first bad step over all ranks
+        agree_on_failure(self.failure)
         if step != self.NONE:
-            raise NonFiniteLossError(
+            raise_everywhere(NonFiniteLossError(
                 f'non-finite loss in epoch {self.epoch} at step {step}: lower --lr, set --clip-grad, or check '
-                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)')
+                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)'))
 
 
 class LossScaler:
@@ -143,9 +159,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
         updating = phase == accum_steps - 1
         samples, targets, bad_paths = split_batch(batch)
         unreadable.update(dict.fromkeys(bad_paths))
-        if bad_paths and options.strict_data:
-            raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
-                                      'or drop --strict-data to skip such images')
+        if bad_paths and options.strict_data:  # the batch is whole: its unreadable images were replaced
+            finite.fail(UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
+                                            'or drop --strict-data to skip such images'))
         seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -169,7 +185,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
         if micro % print_freq == 0 or micro == last_micro:
             finite.check()
         if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
+            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check,
+                                    failed=finite.failure is not None, epoch_trained=micro == last_micro)
 
     if unreadable:
         print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')
@@ -195,47 +212,61 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
     return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
 
 
+# What evaluate sums over the images of every rank; for a distilled model also the top-1 of each head.
+EVALUATION_SUMS = ('acc1', 'acc5', 'loss')
+HEAD_SUMS = ('acc1_both', 'acc1_cls', 'acc1_dist')
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
-    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both)."""
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both).
+
+    A rank may have no image to evaluate (a --dist-eval shard of a validation set smaller than the
+    world, or one whose images are all unreadable): it adds nothing. Only a split without any readable
+    image fails.
+    """
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
     totals = {}  # name -> float64 sum on the device: read back once, at the end
     count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
-    for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
-        images, target, bad_paths = split_batch(batch)
-        unreadable += bad_paths
-        if len(images) == 0:
-            continue
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        with autocast(device, amp_dtype):
-            logits = head_logits(model, images)
-        if eval_head not in logits:
-            raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
-        output = logits[eval_head].float()
-        n = images.shape[0]
-        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
-        count += n
-        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
-        if len(logits) > 1:
-            batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
-        for name, value in batch_sums.items():
-            totals[name] = totals.get(name, 0) + value.double()
-        metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
+    with failing_together():  # an error on some ranks (an --eval-head the model lacks) stops every rank
+        for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+            images, target, bad_paths = split_batch(batch)
+            unreadable += bad_paths
+            if len(images) == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = head_logits(model, images)
+            if eval_head not in logits:
+                raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
+            output = logits[eval_head].float()
+            n = images.shape[0]
+            top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+            count += n
+            batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
+            if len(logits) > 1:
+                batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+            for name, value in batch_sums.items():
+                totals[name] = totals.get(name, 0) + value.double()
+            metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
 
     if unreadable:
         print(f'warning: {len(unreadable)} unreadable validation images were left out, e.g. {unreadable[0]}')
-    if not totals:
-        raise UserError('no readable validation image: check the val/ split')
-    names = sorted(totals)
-    local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
-    *values, count = all_reduce_sum(local).tolist()
-    sums = dict(zip(names, values))
+    # The same names on every rank, whatever each one saw: the per-head sums of a rank without images are 0.
+    names = EVALUATION_SUMS + HEAD_SUMS
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.tensor([count, HEAD_SUMS[0] in totals], dtype=torch.float64, device=device)
+    local = torch.cat([torch.stack([totals.get(name, zero) for name in names]), counts])
+    *values, count, ranks_with_heads = all_reduce_sum(local).tolist()
+    if not count:
+        raise_everywhere(UserError('no readable validation image: check the val/ split'))
+    sums = {name: value for name, value in zip(names, values) if ranks_with_heads or name in EVALUATION_SUMS}
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({int(count)} images, {eval_head} head)')

@@ -44,7 +44,7 @@ import utils
 import weights
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
                       check_same_classes, collate_skipping)
-from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
+from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
@@ -456,9 +456,9 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # ---------------------------------------------------------------------------------------------
 
 def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Optional[torch.dtype]
-                  ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
-    """The student as it trains (under DDP, compiled with --compile), the same module without those
-    wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
+                  ) -> Tuple[torch.nn.Module, Optional[ModelEmaV3]]:
+    """The student without wrappers (what checkpoints save: official key names) and its EMA (--model-ema);
+    training_student wraps it. Rank-local work only: no collective."""
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
@@ -473,12 +473,17 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
+    return model, model_ema
+
+
+def training_student(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The student as it trains: under DDP (whose construction broadcasts rank 0's weights, a collective)
+    and compiled with --compile."""
     if args.distributed:
-        model = distributed_model(model, device, args.gpu)
+        model = distributed_model(model, args.device, args.gpu)
     if args.compile:
         model = speedups.compile_or_eager(model, 'student')
-    return model, model_without_ddp, model_ema
+    return model
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -643,6 +648,11 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    except utils.RunError:
+        # Every rank is stopping: a launcher's SIGTERM, sent to the others once one of them has exited
+        # (torchrun), must not turn their exit code into a signal's while they unwind.
+        signals.ignore()
+        raise
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
@@ -658,33 +668,38 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
-    owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
     print(args)
 
-    # Data
-    loader_train, loader_val, nb_classes = build_data(args)
-    args.nb_classes = nb_classes  # recorded with the run: known once the data is read
-    mixup_fn = build_mixup(args, nb_classes)
+    # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
+    # another node cannot read) ends every rank here, before the first collective of training.
+    with utils.failing_together():
+        # Data
+        loader_train, loader_val, nb_classes = build_data(args)
+        args.nb_classes = nb_classes  # recorded with the run: known once the data is read
+        mixup_fn = build_mixup(args, nb_classes)
 
-    # Models
-    model, model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f'number of params: {n_parameters}')
-    teacher = build_teacher(args, nb_classes, device, amp_dtype)
+        # Models
+        model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
+        n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+        print(f'number of params: {n_parameters}')
+        teacher = build_teacher(args, nb_classes, device, amp_dtype)
 
-    # Optimisation
-    opt = optimizer_name(args.opt)
-    optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
-                                    **speedups.optimizer_kwargs(device, opt))
-    loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-    lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
-    criterion = criterion_of(args, teacher)
-    options = train_options(args, amp_dtype)
-    state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
-    if args.resume:
-        state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
-                     accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
+        # Optimisation
+        opt = optimizer_name(args.opt)
+        optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
+                                        **speedups.optimizer_kwargs(device, opt))
+        loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+        lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
+        criterion = criterion_of(args, teacher)
+        options = train_options(args, amp_dtype)
+        state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                         config.plain_args(args), samples_per_step(args),
+                                         start_epoch=args.start_epoch)
+        if args.resume:
+            state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
+                         accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
+    model = training_student(model_without_ddp, args)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
@@ -695,10 +710,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         return
     if args.resume:
         print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
-    # Accepted: from here on the run writes to its output directory.
-    config.save_args(args, get_args_parser())
-    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
-                               resume_epoch=state.start_epoch if args.resume else None)
+    # Accepted: from here on the run writes to its output directory (rank 0; a failed write ends every rank).
+    with utils.failing_together():
+        config.save_args(args, get_args_parser())
+        epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                                   resume_epoch=state.start_epoch if args.resume else None)
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
@@ -734,11 +750,12 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                     ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
-            epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
-            if output_dir:
-                state.save(str(output_dir / 'checkpoint.pth'), epoch)
-                if is_best:
-                    state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
+            with utils.failing_together():  # rank 0 writes; every rank learns whether it could
+                epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                if output_dir:
+                    state.save(str(output_dir / 'checkpoint.pth'), epoch)
+                    if is_best:
+                        state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
     finally:
         epoch_log.close()
@@ -750,20 +767,17 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
 
 def cli(argv=None) -> int:
-    """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
+    """Entry point: a failure becomes one 'error:' line (prefixed with the rank when there are several)
+    and its exit code: 2 a user mistake, 3 a non-finite loss, 4 a failed write."""
     parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
     args = config.parse_args(parser, argv)
     try:
         main(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    except utils.SaveError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 4
+    except utils.AgreedFailure as e:  # every rank stops; the failing rank and rank 0 have said why
+        return e.exit_code
+    except utils.RunError as e:
+        utils.print_error(e)
+        return e.exit_code
     except checkpoint.TrainingInterrupted as stop:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum
