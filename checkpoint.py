@@ -28,6 +28,10 @@ from engine import LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
+# The layout of the checkpoints this code writes ('format_version'), raised when a key changes meaning or a
+# resume needs a new one; files without it (older ones, the official and the original scripts') are version 0.
+FORMAT_VERSION = 1
+
 
 class TrainingInterrupted(BaseException):
     """A stop signal arrived. A BaseException, like KeyboardInterrupt: no ``except Exception`` swallows it."""
@@ -67,6 +71,8 @@ class TrainingState:
     start_epoch: int = 0
     start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
     metrics_state: Optional[dict] = None  # that partial epoch's running averages
+    classes: Optional[List[str]] = None  # the data's class names in label order (ImageNet: synset ids)
+    class_descriptions: Optional[List[str]] = None  # human-readable names where known (ImageNet's)
 
     def payload(self, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
         """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
@@ -84,6 +90,9 @@ class TrainingState:
             'train_metrics': metrics,
             'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * self.samples_per_step},
             'rng': seeding.capture_rng_state(),
+            'classes': self.classes,
+            'class_descriptions': self.class_descriptions,
+            'format_version': FORMAT_VERSION,
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
@@ -91,6 +100,7 @@ class TrainingState:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
+        check_format_version(ckpt, path)
         weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
         print(f'Resumed model weights from {path}')
         if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
@@ -119,6 +129,15 @@ class TrainingState:
 
     def save(self, path: str, epoch: int) -> None:
         save_on_master(self.payload(epoch), path)
+
+
+def check_format_version(ckpt: dict, path: str) -> None:
+    """Refuse a checkpoint written by a newer version of this code: resuming it would ignore what it adds."""
+    version = ckpt.get('format_version', 0) if isinstance(ckpt, dict) else 0
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise utils.UserError(f'--resume {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} this '
+                              f'code reads: resume it with the version of deit that wrote it (or newer), or start '
+                              f'from its weights with --finetune')
 
 
 def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
@@ -246,6 +265,58 @@ def remove_stale_temporaries(output_dir: str) -> None:
     """Temporary files of writes that a kill interrupted: never valid, safe to delete by the directory's owner."""
     for path in glob.glob(os.path.join(output_dir, '.*.tmp*')):
         os.remove(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# A new run in a directory that holds another one
+# ---------------------------------------------------------------------------------------------
+
+# What a run writes to its output directory (besides the lock): the files a new run there would replace.
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'checkpoint-e*-s*.pth', 'log.txt', 'summary.csv', 'args.yaml',
+             'tensorboard')
+
+
+def previous_run_files(output_dir: str) -> List[str]:
+    return sorted(path for pattern in RUN_FILES for path in glob.glob(os.path.join(output_dir, pattern)))
+
+
+def previous_run_refusal(output_dir: str, start_over: bool, resume_requested: bool) -> str:
+    """Why a run starting at epoch 0 must not go on in ``output_dir`` ('' if it may), having moved a previous
+    run's files aside to ``output_dir/previous-<time>/`` where it may: never deleted, never overwritten.
+
+    A directory with another run's checkpoints is refused unless ``start_over`` (--start-over), or unless
+    --resume auto found none of them readable (the user asked to continue; they are kept aside).
+    """
+    files = previous_run_files(output_dir)
+    checkpoints = [os.path.basename(p) for p in files if p.endswith('.pth')]
+    if checkpoints and not (start_over or resume_requested):
+        return (f'--output_dir {output_dir} holds another run ({", ".join(checkpoints[:3])}): continue it with '
+                f'--resume auto, or give a new run another --output_dir (--start-over starts again here, '
+                f'moving its files to {os.path.join(output_dir, "previous-<time>")})')
+    if files:
+        aside = os.path.join(output_dir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
+        suffix = 1
+        while os.path.exists(aside if suffix == 1 else f'{aside}-{suffix}'):
+            suffix += 1
+        aside = aside if suffix == 1 else f'{aside}-{suffix}'
+        try:
+            os.mkdir(aside)
+            for path in files:
+                os.rename(path, os.path.join(aside, os.path.basename(path)))
+        except OSError as e:  # a verdict, not an exception: the other ranks wait for it
+            return f'cannot move the previous run\'s files in {output_dir} to {aside}: {e.strerror}'
+        print(f'Starting a new run in {output_dir}: the previous run\'s files are kept in {aside}')
+    return ''
+
+
+def set_aside_previous_run(output_dir: str, start_over: bool, resume_requested: bool) -> None:
+    """previous_run_refusal on rank 0 (the one that writes), its verdict shared: every rank refuses alike."""
+    with utils.failing_together():  # moving the files aside may fail on rank 0
+        verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(verdict, src=0, device=utils.collective_device())
+    if verdict[0]:
+        utils.raise_everywhere(utils.UserError(verdict[0]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from utils import UserError
 # DIGITS-N: N labelled training images of DIGITS (the same validation split), the small-data regime
 # of docs/distillation-study.md.
 DIGITS_SUBSETS = {'DIGITS-100': 100, 'DIGITS-300': 300}
-DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+DATA_SETS = ('IMNET', 'IMNETV2', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+EVAL_ONLY_DATA_SETS = ('IMNETV2',)  # a test set without a training split
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 
@@ -49,6 +50,13 @@ class TransformSettings:
     simple_crop: bool  # --src, with three_augment
     eval_crop_ratio: float
     fast: bool  # --fast-data: the fast pipeline wherever it implements the reference
+
+    @classmethod
+    def for_eval(cls, input_size: int, eval_crop_ratio: float, fast: bool = True) -> 'TransformSettings':
+        """Settings that only evaluation reads (build_pipeline(False, ...)); the augmentation ones are off."""
+        return cls(input_size=input_size, color_jitter=0.0, auto_augment=None, interpolation='bicubic', reprob=0.0,
+                   remode='pixel', recount=1, hflip=0.0, three_augment=False, simple_crop=False,
+                   eval_crop_ratio=eval_crop_ratio, fast=fast)
 
 
 @dataclass(frozen=True)
@@ -182,13 +190,16 @@ class DigitsDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def _image_folder(root: str, split: str, transform, loader) -> ImageFolder:
+def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
         return ImageFolder(path, transform=transform, loader=loader)
-    except FileNotFoundError as e:  # torchvision's words for a class folder without images
+    except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
+        if not any(entry.is_dir() for entry in os.scandir(path)):
+            raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
+                            f'under {path}') from None
         raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
     except PermissionError as e:
         raise UserError(f'cannot read {path}: {e}') from None
@@ -293,6 +304,34 @@ def imagenet_val_as_downloaded(data_path: str, images: List[str], transform, loa
     return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform, loader=loader)
 
 
+class ImageNetV2Folder(ImageFolder):
+    """ImageNet-V2 (Recht et al. 2019) as its archives unpack: one folder per class named by its ImageNet
+    class index, ``0`` ... ``999``. ImageFolder would sort the names as text ('0', '1', '10', '100' ...);
+    here folder ``k`` is class ``k``, ImageNet's order."""
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        names = [e.name for e in os.scandir(directory) if e.is_dir()]
+        if not names or not all(name.isdigit() for name in names):
+            raise UserError(f'{directory} must hold the ImageNet-V2 class folders 0 ... 999 (named by class index), '
+                            f'found {sorted(names)[:5]}: point --data-path at the unpacked V2 folder')
+        indices = sorted(int(name) for name in names)
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            raise UserError(f'{directory} lacks the class folders {missing[:5]} of ImageNet-V2 (0 ... {indices[-1]}): '
+                            f'unpack the whole archive')
+        classes = [str(i) for i in indices]
+        return classes, {name: int(name) for name in classes}
+
+
+def imagenet_split(data_path: str, is_train: bool, transform=None, loader=default_loader) -> ImageFolder:
+    """train/ or val/ of ``data_path`` as class folders, or val/ as downloaded (flat, with its ground truth)."""
+    val_dir = os.path.join(data_path, 'val')
+    val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
+    if val_images:  # ImageNet as downloaded
+        return imagenet_val_as_downloaded(data_path, val_images, transform, loader)
+    return image_folder(data_path, 'train' if is_train else 'val', transform, loader)
+
+
 def _cifar(cls, data_path: str, is_train: bool, transform):
     try:
         return cls(data_path, train=is_train, transform=transform, download=True)
@@ -304,7 +343,7 @@ def _cifar(cls, data_path: str, is_train: bool, transform):
 def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) -> Tuple[Dataset, int]:
     """The ``settings.data_set`` split, read and transformed by ``pipeline``, and its number of classes."""
     data_set, data_path, transform = settings.data_set, settings.data_path, pipeline.transform
-    if not os.path.isdir(data_path) and data_set in ('IMNET', 'INAT', 'INAT19'):
+    if not os.path.isdir(data_path) and data_set in ('IMNET', 'IMNETV2', 'INAT', 'INAT19'):
         raise UserError(f'--data-path {data_path} is not a directory: point it at the dataset root')
 
     if data_set in ('CIFAR', 'CIFAR100'):
@@ -312,12 +351,13 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
     elif data_set == 'CIFAR10':
         dataset, nb_classes = _cifar(datasets.CIFAR10, data_path, is_train, transform), 10
     elif data_set == 'IMNET':
-        val_dir = os.path.join(data_path, 'val')
-        val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
-        if val_images:  # ImageNet as downloaded
-            dataset = imagenet_val_as_downloaded(data_path, val_images, transform, pipeline.open_image)
-        else:
-            dataset = _image_folder(data_path, 'train' if is_train else 'val', transform, pipeline.open_image)
+        dataset = imagenet_split(data_path, is_train, transform, pipeline.open_image)
+        nb_classes = len(dataset.classes)
+    elif data_set == 'IMNETV2':  # evaluation only: main.py builds no training split for it
+        try:
+            dataset = ImageNetV2Folder(data_path, transform=transform, loader=pipeline.open_image)
+        except FileNotFoundError as e:  # torchvision's words for a class folder without images
+            raise UserError(f'{data_path}: {str(e).split(". ")[0]}: unpack the whole ImageNet-V2 archive') from None
         nb_classes = len(dataset.classes)
     elif data_set in ('INAT', 'INAT19'):
         year = 2018 if data_set == 'INAT' else 2019
@@ -337,6 +377,25 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
         raise UserError(f'--nb-classes {settings.nb_classes} disagrees with the {nb_classes} classes found in '
                         f'{data_set} at {data_path}: fix or drop --nb-classes')
     return dataset, nb_classes
+
+
+def class_names(dataset) -> List[str]:
+    """The names of the dataset's classes, in label order (class folders, CIFAR's names, iNat's level)."""
+    return [str(name) for name in dataset.classes]
+
+
+def imagenet_descriptions(classes: List[str]) -> Optional[List[str]]:
+    """The human-readable names (timm's ImageNet metadata) of ``classes`` when they are ImageNet synset ids
+    (n01440764 ...: ImageNet-1k, -22k or a subset); None for other data."""
+    from timm.data import ImageNetInfo
+    if not classes or not all(len(name) == 9 and name[0] == 'n' and name[1:].isdigit() for name in classes):
+        return None
+    for subset in ('imagenet-1k', 'imagenet-22k'):
+        info = ImageNetInfo(subset)
+        known = set(info.label_names())
+        if all(name in known for name in classes):
+            return [info.label_name_to_description(name) for name in classes]
+    return None
 
 
 def check_same_classes(dataset_train, dataset_val) -> None:

@@ -7,6 +7,7 @@ import torch
 from timm.data import Mixup
 
 from losses import Criterion
+from real_labels import real_correct, split_targets
 from seeding import Stream, seed_everything, stream_seed
 from utils import (MetricLogger, RunError, UserError, agree_on_failure, all_reduce_max, all_reduce_sum,
                    failing_together, get_rank, get_world_size, print_error, raise_everywhere)
@@ -215,13 +216,16 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 # What evaluate sums over the images of every rank; for a distilled model also the top-1 of each head.
 EVALUATION_SUMS = ('acc1', 'acc5', 'loss')
 HEAD_SUMS = ('acc1_both', 'acc1_cls', 'acc1_dist')
+REAL_SUMS = ('real_correct', 'real_images')  # with ReaL labels
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
-    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both).
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both);
+    with ReaL labels in the targets (real_labels.attach) also the ReaL top-1 (real_acc1) of the images
+    that have any.
 
     A rank may have no image to evaluate (a --dist-eval shard of a validation set smaller than the
     world, or one whose images are all unreadable): it adds nothing. Only a split without any readable
@@ -240,37 +244,48 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
             if len(images) == 0:
                 continue
             images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
+            target, real = split_targets(target.to(device, non_blocking=True))
             with autocast(device, amp_dtype):
                 logits = head_logits(model, images)
             if eval_head not in logits:
                 raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
             output = logits[eval_head].float()
             n = images.shape[0]
-            top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+            predicted = output.topk(min(5, output.shape[1]), dim=1).indices
+            top5 = predicted.eq(target[:, None])
             count += n
             batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
             if len(logits) > 1:
                 batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+            if real is not None:
+                batch_sums['real_correct'], batch_sums['real_images'] = real_correct(predicted[:, 0], real)
             for name, value in batch_sums.items():
                 totals[name] = totals.get(name, 0) + value.double()
             metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
 
     if unreadable:
         print(f'warning: {len(unreadable)} unreadable validation images were left out, e.g. {unreadable[0]}')
-    # The same names on every rank, whatever each one saw: the per-head sums of a rank without images are 0.
-    names = EVALUATION_SUMS + HEAD_SUMS
+    # The same sums on every rank, whatever each one saw: those of a rank without images are 0.
+    names = EVALUATION_SUMS + HEAD_SUMS + REAL_SUMS
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    counts = torch.tensor([count, HEAD_SUMS[0] in totals], dtype=torch.float64, device=device)
-    local = torch.cat([torch.stack([totals.get(name, zero) for name in names]), counts])
-    *values, count, ranks_with_heads = all_reduce_sum(local).tolist()
+    present = torch.tensor([count, HEAD_SUMS[0] in totals, REAL_SUMS[0] in totals], dtype=torch.float64,
+                           device=device)
+    local = torch.cat([torch.stack([totals.get(name, zero) for name in names]), present])
+    *values, count, ranks_with_heads, ranks_with_real = all_reduce_sum(local).tolist()
     if not count:
         raise_everywhere(UserError('no readable validation image: check the val/ split'))
-    sums = {name: value for name, value in zip(names, values) if ranks_with_heads or name in EVALUATION_SUMS}
+    sums = dict(zip(names, values))
+    real_correct_sum, real_images = (sums['real_correct'], sums['real_images']) if ranks_with_real else (None, None)
+    sums = {name: sums[name] for name in EVALUATION_SUMS + (HEAD_SUMS if ranks_with_heads else ())}
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'({int(count)} images, {eval_head} head)')
     if 'acc1_cls' in stats:
         print(f'* Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
               f'both {stats["acc1_both"]:.3f}')
+    if real_images is not None:
+        stats['real_acc1'] = 100 * real_correct_sum / real_images if real_images else float('nan')
+        stats['real_images'] = int(real_images)
+        print(f'* ReaL Acc@1 {stats["real_acc1"]:.3f} ({int(real_images)} images with ReaL labels, '
+              f'{int(count - real_images)} without left out)')
     return stats

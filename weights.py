@@ -43,6 +43,8 @@ def load_checkpoint(path: str) -> dict:
             raise UserError(f'could not download {path}: {first_line(e)}') from None
     elif not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path')
+    if is_safetensors(local):
+        return read_safetensors(local, path)
     damage = checkpoint_damage(local)
     if damage:
         raise UserError(f'cannot read checkpoint {path}: {damage}')
@@ -58,6 +60,27 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
     return with_plain_args(checkpoint, path)
 
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header ('{')."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+def read_safetensors(local: str, path: str) -> dict:
+    """The tensors of a safetensors file (timm's and the hub's weight format) as a bare state dict.
+
+    safetensors holds tensors only, so it needs no weights_only guard; its header is checked
+    against the file size, so a truncated copy is refused here, not half-loaded.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(local, device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f'cannot read safetensors file {path}: {first_line(e)} (a truncated or corrupted '
+                        f'copy?)') from None
 
 
 def download_once(url: str) -> str:
@@ -87,9 +110,15 @@ def checkpoint_damage(path: str) -> str:
     archive without checking its CRCs (a flipped bit loads silently), and reads any file as a pickle."""
     try:
         with open(path, 'rb') as f:
-            first = f.read(1)
+            head = f.read(4)
         if not zipfile.is_zipfile(path):  # legacy torch files and plain pickles start with PROTO (0x80)
-            return '' if first == b'\x80' else 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+            if head[:1] == b'\x80':
+                return ''
+            if head == b'PK\x03\x04':  # a zip's first entry, without the central directory written last
+                return ('truncated: a zip archive whose end is missing (a half-written .tmp file or an '
+                        'interrupted copy); use the complete checkpoint')
+            return ('not a PyTorch checkpoint (neither a zip archive nor a pickle; safetensors files load '
+                    'as they are)')
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile) as e:
@@ -144,6 +173,35 @@ def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = 
             problems.append(f'unexpected keys: {", ".join(unexpected[:4])}'
                             + (' ...' if len(unexpected) > 4 else ''))
     return '; '.join(problems)
+
+
+# Module names that say which family of timm models a state dict comes from, most specific first.
+_FAMILIES = ((('patch_embed', 'blocks', 'dist_token'), 'a distilled DeiT'), (('patch_embed', 'blocks'), 'a ViT/DeiT'),
+             (('conv1', 'layer1'), 'a ResNet'), (('stem', 's1'), 'a RegNet'), (('stem', 'stages'), 'a ConvNeXt-like convnet'),
+             (('conv_stem', 'blocks'), 'an EfficientNet/MobileNet'), (('patch_embed', 'layers'), 'a Swin'))
+
+
+def describe_architecture(state: dict, checkpoint) -> str:
+    """What model a checkpoint seems to hold: the --model it records, else its top-level modules and the
+    family they suggest."""
+    recorded = checkpoint.get('args', {}).get('model') if isinstance(checkpoint, dict) and isinstance(
+        checkpoint.get('args'), dict) else None
+    if recorded:
+        return f'a {recorded} (its recorded --model)'
+    tops = list(dict.fromkeys(k.split('.')[0] for k in state))
+    family = next((name for keys, name in _FAMILIES if all(k in tops for k in keys)), 'an unknown model')
+    return f'{family} ({", ".join(tops[:6])}{" ..." if len(tops) > 6 else ""})'
+
+
+def describe_partial_fit(model: torch.nn.Module, state: dict, unset: list, checkpoint, source: str) -> str:
+    """One line: how much of ``model`` the checkpoint ``state`` sets, what it leaves unset, what it seems to hold."""
+    own = model.state_dict()
+    fits = sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
+    unused = [k for k in state if k not in own]
+    return (f'{source} sets {fits} of the model\'s {len(own)} weight tensors and leaves {len(unset)} at random '
+            f'(e.g. {", ".join(unset[:3])}); {len(unused)} of its {len(state)} tensors match nothing in the model'
+            + (f' (e.g. {", ".join(unused[:3])})' if unused else '')
+            + f'; it seems to hold {describe_architecture(state, checkpoint)}')
 
 
 # The original DeiT III code (models_v2.py) names the two branches of its parallel blocks norm1/norm11,

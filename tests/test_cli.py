@@ -1,12 +1,15 @@
 """User mistakes end in one 'error:' line and a non-zero exit, before any work is done."""
 import hashlib
 import http.server
+import re
 import threading
 from functools import partial
 
 import pytest
 import torch
 
+import main
+import run_with_submitit
 from conftest import FAST, assert_one_line_error, run_cli, run_main
 from utils import UserError
 from weights import load_checkpoint
@@ -48,6 +51,28 @@ def test_a_script_error_is_the_same_line_from_a_real_process(tmp_path):
     args = ('--data-path', tmp_path / 'nope', '--model', 'deit_tiny_patch4_32', *FAST)
     assert assert_one_line_error(run_main(*args, check=False), 'nope', 'is not a directory') == \
         assert_one_line_error(run_cli(*args, check=False))
+
+
+def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(capsys):
+    proc = run_cli('--batchsize', '3', check=False)
+    assert proc.stderr == 'error: unrecognized argument --batchsize: did you mean --batch-size?\n'
+    assert proc.returncode == 2 and proc.stdout == ''
+    with pytest.raises(SystemExit) as exited:  # run_with_submitit.py extends main.py's parser
+        run_with_submitit.parse_args(['--output-dir', 'x', '--gpus', '1'])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == \
+        'error: unrecognized argument --output-dir (and 1 more): did you mean --output_dir?\n'
+
+
+def test_help_shows_every_flag_in_its_group_with_its_default():
+    proc = run_cli('--help', check=False)
+    assert proc.returncode == 0
+    groups = re.findall(r'^(\w[\w ]*):$', proc.stdout, re.M)
+    assert groups == ['options', 'data', 'model', 'distillation', 'optimisation', 'augmentation',
+                      'runs and checkpoints', 'distributed', 'performance']
+    assert 'training epochs (default: 300)' in proc.stdout and '(default: 0.0005)' in proc.stdout
+    assert '(default: None)' not in proc.stdout and '(default: )' not in proc.stdout
+    assert not [a.option_strings for a in main.get_args_parser()._actions if not a.help]
 
 
 def test_device_falls_back_to_cpu_with_one_warning(imagefolder):

@@ -194,11 +194,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(imagefolder, tmp_pa
     common = ['--data-path', imagefolder, *TINY, '--no-model-ema', '--print-freq', '1', '--output_dir', tmp_path]
     run_cli(*common, '--epochs', '1')
     before = (tmp_path / 'checkpoint.pth').read_bytes()
-    # A new run in the same directory whose loss explodes in its first epoch.
-    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', check=False)
+    # A new run in the same directory (the first one set aside) whose loss explodes in its first epoch.
+    proc = run_cli(*common, '--epochs', '3', '--lr', '1e30', '--unscale-lr', '--start-over', check=False)
     assert_one_line_error(proc, 'non-finite loss in epoch 0', code=3)
-    assert (tmp_path / 'checkpoint.pth').read_bytes() == before
-    proc = run_cli(*common, '--epochs', '3', '--resume', tmp_path / 'checkpoint.pth', '--opt', 'sgd', check=False)
+    aside, = tmp_path.glob('previous-*')
+    assert (aside / 'checkpoint.pth').read_bytes() == before
+    assert not list(tmp_path.glob('checkpoint*.pth'))
+    proc = run_cli(*common, '--epochs', '3', '--resume', aside / 'checkpoint.pth', '--opt', 'sgd', check=False)
     assert_one_line_error(proc, 'trained with --opt adamw')
 
 

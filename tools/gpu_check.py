@@ -186,7 +186,8 @@ def distilled_flags(data: Path, teacher: Path) -> List[str]:
     return ['--data-path', str(data), '--model', STUDENT, '--distillation-type', 'hard',
             '--teacher-model', TEACHER, '--teacher-path', str(teacher), '--epochs', '2', '--warmup-epochs', '1',
             '--cooldown-epochs', '0', '--batch-size', str(BATCH), '--num_workers', '4',
-            '--print-freq', str(PRINT_FREQ)]
+            '--print-freq', str(PRINT_FREQ),
+            '--start-over']  # a check run again into the same --out keeps the earlier runs' files aside
 
 
 def finished(output_dir: Path, code: int, output: str, name: str) -> dict:
