@@ -42,10 +42,10 @@ def test_rank_0_alone_prints_and_writes_the_log(two_rank_run):
     assert [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()] == [0]
 
 
-def test_a_resume_with_one_process_names_the_other_total_batch(two_rank_run, imagefolder):
+def test_a_resume_with_one_process_names_the_other_total_batch(two_rank_run, imagefolder, tmp_path):
     out, _ = two_rank_run
     resumed = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '2',
-                      '--output_dir', out, *FAST, '--batch-size', '6', '--resume', out / 'checkpoint.pth')
+                      '--output_dir', tmp_path, *FAST, '--batch-size', '6', '--resume', out / 'checkpoint.pth')
     assert 'was trained with 2 processes x batch 6, this run has 1 x 6: the learning-rate schedule continues ' \
            'as saved' in resumed.stdout
 
