@@ -7,6 +7,7 @@ becomes a clean stop; reading checkpoint files and fitting their weights to a mo
 import collections
 import fcntl
 import glob
+import multiprocessing
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from timm.utils import ModelEmaV3
 import seeding
 import utils
 import weights
-from engine import LossScaler
+from engine import DataWaitExpired, LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
@@ -96,7 +97,7 @@ class TrainingState:
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
-               world_size: int, scaled_lr: float) -> None:
+               world_size: int, scaled_lr: float, layer_decay: Optional[float] = None) -> None:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
@@ -110,6 +111,11 @@ class TrainingState:
         if saved_opt != opt:
             raise utils.UserError(f'--resume {path} was trained with --opt {saved_opt}: resume with the same '
                                   f'--opt, or start from its weights with --finetune')
+        saved_decay = saved_args.get('layer_decay')
+        if saved_decay != layer_decay:  # other parameter groups: the optimizer state would not fit them
+            given = f'--layer-decay {saved_decay}' if saved_decay is not None else 'no --layer-decay'
+            raise utils.UserError(f'--resume {path} was trained with {given}: resume with the same, or start '
+                                  f'from its weights with --finetune')
         self.optimizer.load_state_dict(ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)
@@ -395,6 +401,11 @@ def check_same_output_dir(output_dir: str, holder: str, patience_s: float = 10) 
 # Signals
 # ---------------------------------------------------------------------------------------------
 
+# How long a stop signal waits for a batch that does not come (a data worker stuck in a read) before the run
+# stops with the step checkpoint of the last finished step: well inside the 30 s that Slurm and torchrun
+# leave between SIGTERM and SIGKILL, and far longer than a healthy loader keeps the trainer waiting.
+DATA_WAIT_SECONDS = 10.0
+
 # The signals that ask a run to stop; workers ignore them all (ignore_stop_signals).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -413,6 +424,7 @@ class StopSignals:
         self.signum: Optional[int] = None
         self.submitit_handler = None
         self.where = 'before training started'
+        self.waiting_for_data = False  # set around each fetch of a training batch (Checkpointer.watch)
 
     def install(self) -> None:
         usr2 = signal.getsignal(signal.SIGUSR2)
@@ -441,6 +453,20 @@ class StopSignals:
         print(f'Received {signal.Signals(signum).name}: stopping after the current step '
               f'(send it again to stop at once)', flush=True)
         self.signum = signum
+        # A step whose batch never comes never ends: check, from DATA_WAIT_SECONDS on, whether the trainer still
+        # waits for data (SIGALRM interrupts a blocked read in this process as well as the wait for a worker).
+        signal.signal(signal.SIGALRM, self._data_deadline)
+        signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_SECONDS, 1.0)
+
+    def _data_deadline(self, signum, frame) -> None:
+        if self.waiting_for_data:
+            self.disarm()
+            raise DataWaitExpired()
+
+    @staticmethod
+    def disarm() -> None:
+        """No more data deadline (the run is over)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def ignore(self) -> None:
         """From now on the stop signals are ignored: the run is ending anyway."""
@@ -562,6 +588,25 @@ class Checkpointer:
         if signum:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
 
+    def watch(self, loader) -> 'WatchedBatches':
+        """``loader``, its every fetch marked as a wait for data (the stop signals' data deadline)."""
+        return WatchedBatches(loader, self.signals)
+
+    def stop_waiting_for_data(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
+                              before_save: Callable[[], None] = lambda: None) -> None:
+        """A stop signal came and the next batch did not, DATA_WAIT_SECONDS later: save the last finished step
+        (one process; ranks cannot agree on a step while one of them waits) and stop."""
+        path, saved = None, ''
+        if self.output_dir and self.agreement is None:
+            before_save()
+            path = self.save(epoch, steps_done, metrics())
+        elif self.agreement is not None:
+            saved = 'the last checkpoint written is kept (the ranks cannot agree on a step while one waits)'
+        end_data_workers()
+        raise TrainingInterrupted(self.signals.signum or signal.SIGTERM,
+                                  f'after step {steps_done} of epoch {epoch} (the next batch did not come within '
+                                  f'{DATA_WAIT_SECONDS:g} s: a data-loader read is stuck)', path, saved)
+
     def after_epoch(self, epoch: int, path: Optional[str]) -> None:
         """Called once the epoch's checkpoint.pth is written: its step checkpoints are obsolete (removed);
         stop here if a signal came during the last steps or the evaluation."""
@@ -598,3 +643,37 @@ class Checkpointer:
                     os.remove(path)
                 except OSError as e:  # a leftover is harmless: --resume auto reads positions, not names
                     print(f'warning: cannot remove the obsolete step checkpoint {path}: {e.strerror}')
+
+
+class WatchedBatches:
+    """A data loader whose every fetch sets ``signals.waiting_for_data`` while it waits (its length is the
+    loader's, for the progress line)."""
+
+    def __init__(self, loader, signals: StopSignals):
+        self.loader, self.signals = loader, signals
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.signals.waiting_for_data = True  # starting the workers is a wait too
+        try:
+            batches = iter(self.loader)
+        finally:
+            self.signals.waiting_for_data = False
+        while True:
+            self.signals.waiting_for_data = True
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.signals.waiting_for_data = False
+            yield batch
+
+
+def end_data_workers() -> None:
+    """SIGKILL this process's data-loader workers: one stuck in a read ignores the SIGTERM of the loader's
+    shutdown (ignore_stop_signals), and Python's exit would wait for it forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()

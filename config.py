@@ -216,8 +216,10 @@ def plain_args(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _plain(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, str):
+        return str(value)  # a plain str: yaml cannot write a subclass (utils.DEFAULT_DEVICE)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)  # e.g. torch.device

@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
@@ -50,7 +50,7 @@ from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
-from teacher import prepare_teacher
+from teacher import InputSpec, TeacherInputs, prepare_teacher
 from utils import UserError
 
 
@@ -73,6 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='validation: resize to --input-size / RATIO, then centre-crop --input-size')
     data.add_argument('--strict-data', action='store_true',
                       help='(new) fail on an unreadable image instead of skipping and counting it')
+    data.add_argument('--mean', type=float, nargs=3, default=None, metavar='M',
+                      help="(new) the student's input normalisation mean; unset: that of the --resume checkpoint, "
+                           "of the --finetune weights (a hub tag's pretrained config), else ImageNet's")
+    data.add_argument('--std', type=float, nargs=3, default=None, metavar='S',
+                      help='(new) the input normalisation std; unset: chosen as --mean')
 
     model = parser.add_argument_group('model')
     model.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
@@ -88,8 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='EMA decay per optimizer step')
     model.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA model on the CPU')
     model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
-                       help='fine-tune from this checkpoint file or URL (classifier and position embedding '
-                            'adapted); unset: no fine-tuning')
+                       help="fine-tune from this checkpoint file or URL, or (new) timm's pretrained weights "
+                            'NAME.tag (classifier and position embedding adapted); unset: no fine-tuning')
     model.add_argument('--finetune-partial', action='store_true',
                        help='(new) --finetune loads the weights that fit and leaves the others as initialised '
                             '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
@@ -101,7 +106,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     distillation.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
                               help='timm model name of the teacher')
     distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
-                              help='teacher checkpoint file or https URL; needed when distilling')
+                              help='teacher checkpoint file or https URL (torch or safetensors); needed when '
+                                   'distilling, unless --teacher-pretrained')
+    distillation.add_argument('--teacher-pretrained', action='store_true',
+                              help="(new) the teacher is timm's pretrained --teacher-model NAME[.tag] (from the hub "
+                                   'cache, downloaded once), fed its own normalisation and input size')
     distillation.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
                               help='none: no teacher; soft: KL divergence to the teacher; hard: its predicted labels')
     distillation.add_argument('--distillation-alpha', default=0.5, type=float, metavar='ALPHA',
@@ -135,6 +144,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                               help='clip the gradient norm to NORM; unset: no clipping')
     optimisation.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
     optimisation.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    optimisation.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                              help="(new) layer-wise lr decay (BEiT/MAE fine-tuning): each layer's lr is scaled "
+                                   "by RATE per layer above it (timm's parameter groups); unset: off")
     optimisation.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
                               help='timm learning-rate schedule')
     optimisation.add_argument('--lr', type=float, default=5e-4, metavar='LR',
@@ -197,7 +209,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
     runs.add_argument('--output_dir', default='', metavar='DIR',
                       help='where to save checkpoints, log.txt and args.yaml; unset: nothing is saved')
-    runs.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu (cpu if CUDA is absent)')
+    runs.add_argument('--device', default=utils.DEFAULT_DEVICE,
+                      help='cuda, cuda:N or cpu (the default falls back to cpu where CUDA is absent)')
     runs.add_argument('--seed', default=0, type=int, help='random seed: every random number of the run derives from it')
     runs.add_argument('--resume', default='', metavar='FILE_OR_URL',
                       help="resume from this checkpoint file or URL; 'auto': the checkpoint in --output_dir if "
@@ -291,10 +304,15 @@ def validate_args(args) -> None:
     if args.distillation_type != 'none':
         if not timm.is_model(args.teacher_model):
             raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
-        if not args.teacher_path:
-            raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path '
-                            '(a checkpoint file or https URL of the teacher)')
-        if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
+        if args.teacher_pretrained and args.teacher_path:
+            raise UserError('--teacher-pretrained and --teacher-path both give the teacher weights: keep one')
+        if args.teacher_pretrained:
+            weights.check_hub_weights(args.teacher_model, '--teacher-model')
+        elif not args.teacher_path:
+            raise UserError(f'--distillation-type {args.distillation_type} needs the teacher weights: --teacher-path '
+                            "(a checkpoint file or https URL) or --teacher-pretrained (timm's weights of "
+                            '--teacher-model NAME.tag)')
+        elif not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
         check_distillation_head(args.model, args.distillation_token)
     if args.grad_checkpointing:
@@ -318,10 +336,19 @@ def validate_args(args) -> None:
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto' and not args.output_dir:
         raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-    for name in ('resume', 'finetune'):
-        path = getattr(args, name)
-        if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
-            raise UserError(f'--{name} {path} does not exist: check the path')
+    if args.resume and args.resume != 'auto' and not utils.is_url(args.resume) and not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume} does not exist: check the path')
+    if args.finetune and not utils.is_url(args.finetune) and not os.path.isfile(args.finetune):
+        if '.' not in args.finetune or not timm.is_model(args.finetune):
+            raise UserError(f"--finetune {args.finetune} does not exist: check the path, or name timm's "
+                            'pretrained weights as NAME.tag (timm.list_pretrained())')
+        weights.check_hub_weights(args.finetune, '--finetune')
+    if (args.mean is None) != (args.std is None):
+        raise UserError('--mean and --std go together: give both, or neither (the weights\' own, else ImageNet\'s)')
+    if args.std is not None and min(args.std) <= 0:
+        raise UserError(f'--std must be positive, got {args.std}')
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UserError(f'--layer-decay must be in (0, 1] (e.g. 0.65-0.75 for ViT-S/B fine-tuning), got {args.layer_decay}')
 
 
 def resolve_args(args) -> Optional[torch.dtype]:
@@ -347,9 +374,26 @@ def resolve_args(args) -> Optional[torch.dtype]:
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     args.resume = checkpoint.resume_source(args.resume, args.output_dir)
+    args.mean, args.std = student_normalisation(args.mean, args.std, args.resume, args.finetune)
     if not args.unscale_lr:
         args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     return precision.dtype
+
+
+def student_normalisation(mean: Optional[list], std: Optional[list], resume: str, finetune: str
+                          ) -> Tuple[list, list]:
+    """The student's input mean and std: --mean/--std, else those the weights it starts from were trained
+    with (the --resume checkpoint's, the --finetune source's: a hub tag's pretrained config or a checkpoint's
+    recorded args), else ImageNet's. Settled in args, so that checkpoints record it for --eval and export."""
+    if mean is not None:
+        return list(mean), list(std)
+    for flag, source in (('--resume', resume), ('--finetune', finetune)):
+        found = weights.normalisation_of(source) if source else None
+        if found is not None:
+            if found != (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)):
+                print(f'normalisation: mean {found[0]} std {found[1]}, as the weights of {flag} {source}')
+            return found
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
 def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
@@ -592,12 +636,18 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
 
 
 def load_finetune_weights(model: torch.nn.Module, path: str, partial: bool = False) -> None:
-    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid.
+    """Start from a checkpoint, or timm's pretrained weights NAME.tag: classifiers of another shape are
+    dropped, pos_embed resized to the grid.
 
     Every other weight of the model must come from the checkpoint, unless ``partial`` (--finetune-partial:
     a backbone on purpose): a checkpoint of another architecture would otherwise leave a random model.
     """
-    checkpoint_data = weights.load_checkpoint(path)
+    if weights.is_hub_weights(path):
+        # timm's own loader (hub cache, its checkpoint filters), then the same fitting as a file's
+        checkpoint_data = {'model': weights.create_pretrained(
+            path, '--finetune', 'give a checkpoint file or URL to --finetune').state_dict()}
+    else:
+        checkpoint_data = weights.load_checkpoint(path)
     state = weights.model_state_from_checkpoint(checkpoint_data, path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
@@ -630,18 +680,66 @@ def train_attention_only(model: torch.nn.Module) -> None:
         model.pos_embed.requires_grad = True
 
 
-def build_teacher(args, nb_classes: int, device: torch.device,
+def student_inputs(args) -> InputSpec:
+    """What the student's batches are (--input-size, --mean, --std; resized bicubically as DeiT's)."""
+    return InputSpec(args.input_size, tuple(args.mean), tuple(args.std), 'bicubic')
+
+
+def teacher_inputs(args, teacher_checkpoint: Optional[dict]) -> InputSpec:
+    """What the teacher was trained on: timm's pretrained config of --teacher-model with --teacher-pretrained;
+    the size and normalisation a --teacher-path checkpoint recorded (one of this trainer's, or of the
+    original scripts'); that of an explicit tag, --teacher-model NAME.tag; else the student's inputs,
+    as the original DeiT feeds its teacher."""
+    recorded = weights.checkpoint_args(teacher_checkpoint)  # {} with --teacher-pretrained
+    if recorded.get('input_size'):
+        return InputSpec(int(recorded['input_size']), tuple(recorded.get('mean') or IMAGENET_DEFAULT_MEAN),
+                         tuple(recorded.get('std') or IMAGENET_DEFAULT_STD), 'bicubic')
+    tagged = args.teacher_pretrained or '.' in args.teacher_model
+    cfg = weights.hub_pretrained_cfg(args.teacher_model) if tagged else None
+    if cfg is not None:
+        return InputSpec.from_data_config(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+    return student_inputs(args)
+
+
+def load_teacher_checkpoint(args) -> Optional[dict]:
+    """The --teacher-path checkpoint (read once, before the data: its args say what the teacher receives)."""
+    if args.distillation_type == 'none' or args.teacher_pretrained:
+        return None
+    return weights.load_checkpoint(args.teacher_path)
+
+
+def describe_teacher_inputs(student: InputSpec, teacher: InputSpec) -> str:
+    """The one line saying what the teacher receives."""
+    if (teacher.size, teacher.mean, teacher.std) == (student.size, student.mean, student.std):
+        return f"teacher receives: the student's batch as it is ({student.describe()})"
+    return (f'teacher receives: {teacher.describe(interpolation=True)}, converted on the device from the '
+            f"student's batch ({student.describe()})")
+
+
+def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, device: torch.device,
                   amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
-    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
-    inference-only module (teacher.py: BatchNorm folded, channels_last) in the student's precision."""
+    """The frozen teacher: timm's pretrained --teacher-model (--teacher-pretrained) or the model with the
+    weights of --teacher-path, as an inference-only module (teacher.py: BatchNorm folded, channels_last) in
+    the student's precision, fed the student's batch converted to its own inputs (teacher_inputs)."""
     if args.distillation_type == 'none':
         return None
     print(f'Creating teacher model: {args.teacher_model}')
-    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
-    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
+    if args.teacher_pretrained:
+        classes = weights.hub_pretrained_cfg(args.teacher_model).num_classes
+        if classes != nb_classes:
+            raise UserError(f"--teacher-model {args.teacher_model} predicts {classes} classes, the data has "
+                            f'{nb_classes}: fine-tune it to your classes first (--model {args.teacher_model.split(".")[0]} '
+                            f'--finetune {args.teacher_model}), then distil with --teacher-path '
+                            'OUTPUT/checkpoint.pth (README, "Distil on your own data")')
+        teacher = weights.create_pretrained(args.teacher_model, '--teacher-model',
+                                            'give the teacher weights as a file with --teacher-path')
+    else:
+        teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
+        state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
+        weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                                   f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    inputs = TeacherInputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint))
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,6 +753,15 @@ def optimizer_name(opt: str) -> str:
         print(f"--opt {opt}: timm's LAMB (timm.optim.Lamb)")
         return 'lamb'
     return opt
+
+
+def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for the flags (create_optimizer_v2): no weight decay on norms, biases and the
+    model's no_weight_decay() parameters; with --layer-decay, timm's per-layer parameter groups, whose
+    'lr_scale' timm's schedulers apply."""
+    opt = optimizer_name(args.opt)
+    return create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'opt': opt},
+                               **speedups.optimizer_kwargs(device, opt))
 
 
 def criterion_of(args, teacher: Optional[torch.nn.Module]) -> Criterion:
@@ -725,6 +832,8 @@ def main(args) -> None:
         # (torchrun), must not turn their exit code into a signal's while they unwind.
         signals.ignore()
         raise
+    finally:
+        signals.disarm()
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
@@ -733,6 +842,10 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         prepare_output_dir(args.output_dir)
     resume_requested = args.resume == 'auto'
     amp_dtype = resolve_args(args)
+    with utils.failing_together():  # a teacher file that one node cannot read stops every rank
+        teacher_checkpoint = load_teacher_checkpoint(args)
+    if teacher_checkpoint is not None or args.teacher_pretrained and args.distillation_type != 'none':
+        print(describe_teacher_inputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint)))
     device = args.device
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
@@ -758,12 +871,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
         n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
         print(f'number of params: {n_parameters}')
-        teacher = build_teacher(args, nb_classes, device, amp_dtype)
+        teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
+        del teacher_checkpoint  # its weights now live in the teacher
 
         # Optimisation
-        opt = optimizer_name(args.opt)
-        optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
-                                        **speedups.optimizer_kwargs(device, opt))
+        optimizer = build_optimizer(args, model_without_ddp, device)
         loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
         lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
         criterion = criterion_of(args, teacher)
@@ -773,8 +885,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                                          start_epoch=args.start_epoch, classes=classes,
                                          class_descriptions=imagenet_descriptions(classes))
         if args.resume:
-            state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
-                         accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
+            state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
+                         batch_size=args.batch_size, accum_steps=args.grad_accum_steps,
+                         world_size=utils.get_world_size(), scaled_lr=args.lr)
+        else:
+            lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
     model = training_student(model_without_ddp, args)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
@@ -823,7 +938,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
                 with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
-                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
+                                         label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             with utils.failing_together():  # rank 0 writes; every rank learns whether it could

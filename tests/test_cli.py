@@ -11,7 +11,7 @@ import torch
 import main
 import run_with_submitit
 from conftest import FAST, assert_one_line_error, run_cli, run_main
-from utils import UserError
+from utils import UserError, resolve_device
 from weights import load_checkpoint
 
 
@@ -83,6 +83,23 @@ def test_device_falls_back_to_cpu_with_one_warning(imagefolder):
     assert [line for line in printed if line.startswith('warning:') and 'cuda' in line] == [
         'warning: --device cuda requested but CUDA is not available; using the CPU']
     assert '* Acc@1' in proc.stdout  # and the evaluation ran, on the CPU
+
+
+def test_the_default_device_falls_back_to_cpu_without_a_warning(capsys):
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is present: there is nothing to fall back from')
+    assert resolve_device(main.get_args_parser().parse_args([]).device) == torch.device('cpu')
+    assert capsys.readouterr().out == ''
+    assert resolve_device(main.get_args_parser().parse_args(['--device', 'cuda']).device) == torch.device('cpu')
+    assert capsys.readouterr().out.startswith('warning: --device cuda requested')
+
+
+def test_evaluation_lines_name_the_ema_model_and_no_head_of_a_plain_model(imagefolder):
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1)
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
+    assert len(summaries) == 2, summaries
+    assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
+    assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
 
 
 @pytest.fixture
