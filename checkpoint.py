@@ -317,11 +317,12 @@ def previous_run_refusal(output_dir: str, start_over: bool, resume_requested: bo
 
 def set_aside_previous_run(output_dir: str, start_over: bool, resume_requested: bool) -> None:
     """previous_run_refusal on rank 0 (the one that writes), its verdict shared: every rank refuses alike."""
-    verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
+    with utils.failing_together():  # moving the files aside may fail on rank 0
+        verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
     if utils.is_dist_avail_and_initialized():
-        torch.distributed.broadcast_object_list(verdict, src=0)
+        torch.distributed.broadcast_object_list(verdict, src=0, device=utils.collective_device())
     if verdict[0]:
-        raise utils.UserError(verdict[0])
+        utils.raise_everywhere(utils.UserError(verdict[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +357,44 @@ def claim_output_dir(output_dir: str) -> Optional[IO[str]]:
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()} (since {time.strftime("%Y-%m-%d %H:%M:%S")})\n')
     lock.flush()
+    os.fsync(lock.fileno())  # other nodes read it (check_same_output_dir)
     remove_stale_temporaries(output_dir)
     return lock
+
+
+def claim_output_dir_of_the_job(output_dir: str) -> Optional[IO[str]]:
+    """claim_output_dir by rank 0, its outcome known to every rank (a refusal ends them all), then every
+    rank checks that it sees the directory rank 0 claimed (check_same_output_dir)."""
+    with utils.failing_together():
+        lock = claim_output_dir(output_dir)
+    if utils.get_world_size() > 1:
+        holder = [read_lock_holder(output_dir) if utils.is_main_process() else None]
+        torch.distributed.broadcast_object_list(holder, src=0, device=utils.collective_device())
+        with utils.failing_together():
+            check_same_output_dir(output_dir, holder[0])
+    return lock
+
+
+def read_lock_holder(output_dir: str) -> str:
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE)) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def check_same_output_dir(output_dir: str, holder: str, patience_s: float = 10) -> None:
+    """Refuse an --output_dir that is not the one rank 0 writes (a node-local path on a multi-node run):
+    the checkpoint rank 0 writes there must be readable by every rank to resume. A network file system
+    may show a new file late: ``patience_s`` seconds are given to it before refusing."""
+    deadline = time.time() + patience_s
+    while read_lock_holder(output_dir) != holder:
+        if time.time() > deadline:
+            raise utils.UserError(
+                f'--output_dir {output_dir} on {socket.gethostname()} is not the directory rank 0 writes ({holder}): '
+                f'every node must see the same --output_dir (a shared file system), or the checkpoints '
+                f'rank 0 writes cannot be resumed by the others')
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +468,12 @@ class StopSignals:
         """No more data deadline (the run is over)."""
         signal.setitimer(signal.ITIMER_REAL, 0)
 
+    def ignore(self) -> None:
+        """From now on the stop signals are ignored: the run is ending anyway."""
+        for signum in ((signal.SIGUSR2, signal.SIGINT) if self.submitit_handler else
+                       (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+            signal.signal(signum, signal.SIG_IGN)
+
     def hand_over(self, signum: int) -> None:
         """Under submitit, let its SIGUSR2 handler (checkpoint and requeue) act on that signal."""
         if signum == signal.SIGUSR2 and self.submitit_handler:
@@ -484,10 +527,11 @@ class RankAgreement:
 
     def drain(self) -> List[int]:
         """The maximum of every exchange still in flight (all ranks call it at the same point)."""
-        result = [0, 0]
+        result = None
         while self.pending:
-            result = [max(a, b) for a, b in zip(result, self.read_oldest())]
-        return result
+            values = self.read_oldest()
+            result = values if result is None else [max(a, b) for a, b in zip(result, values)]
+        return result or [0]
 
 
 class Checkpointer:
@@ -510,26 +554,33 @@ class Checkpointer:
         self.agreement = RankAgreement(device) if utils.get_world_size() > 1 else None
         self.last_save = time.time()
 
-    def _requests(self) -> Tuple[Optional[int], bool]:
-        """(stop signal, time-based save due), the same on every rank."""
+    def _requests(self, failed: bool) -> Tuple[Optional[int], bool, bool]:
+        """(stop signal, time-based save due, a rank failed), the same on every rank."""
         overdue = bool(self.every_seconds) and time.time() - self.last_save >= self.every_seconds
         if self.agreement is None:
-            return self.signals.signum, overdue
-        agreed = self.agreement.exchange([self.signals.signum or 0, int(overdue)])
+            return self.signals.signum, overdue, failed
+        agreed = self.agreement.exchange([self.signals.signum or 0, int(overdue), int(failed)])
         if agreed is None:
-            return None, False
-        return agreed[0] or None, bool(agreed[1])
+            return None, False, False
+        return agreed[0] or None, bool(agreed[1]), bool(agreed[2])
 
     def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
-                   before_save: Callable[[], None] = lambda: None) -> None:
+                   before_save: Callable[[], None] = lambda: None, failed: bool = False,
+                   epoch_trained: bool = False) -> None:
         """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop.
 
+        The last step of an epoch (``epoch_trained``) is always saved: whatever happens in the evaluation
+        before checkpoint.pth is written (an error, a kill, an out-of-memory), the epoch's training is kept.
+
         ``metrics()`` gives the epoch's running averages and ``before_save()`` raises if the state must
-        not be saved (a non-finite loss; a collective, called on every rank); both are called only
-        when a checkpoint is written, since reading device values back waits for the device.
+        not be saved (a non-finite loss, a failed rank; a collective, called on every rank); both are
+        called only when a checkpoint is written or a rank said it ``failed``, since reading device
+        values back waits for the device.
         """
-        signum, overdue = self._requests()
-        due = (self.every_steps and steps_done % self.every_steps == 0) or overdue
+        signum, overdue, a_rank_failed = self._requests(failed)
+        if a_rank_failed:
+            before_save()  # raises on every rank, a few steps after the failure whatever --print-freq
+        due = (self.every_steps and steps_done % self.every_steps == 0) or overdue or epoch_trained
         path = None
         if self.output_dir and (due or signum):
             before_save()
@@ -563,16 +614,18 @@ class Checkpointer:
             self.prune(finished_epoch=epoch)
         signum = self.signals.signum
         if self.agreement is not None:  # every exchange in flight, and one more now (a wait, once an epoch)
-            latest = self.agreement.exchange([signum or 0, 0]) or [0]
+            latest = self.agreement.exchange([signum or 0, 0, 0]) or [0]
             signum = max(latest[0], self.agreement.drain()[0]) or None
         if signum:
             raise TrainingInterrupted(signum, f'at the end of epoch {epoch}', path)
 
     def save(self, epoch: int, steps_done: int, metrics: dict) -> str:
+        """Rank 0 writes the step checkpoint; every rank waits for it and learns whether it was written."""
         path = os.path.join(self.output_dir, f'checkpoint-e{epoch:04d}-s{steps_done:06d}.pth')
-        if utils.is_main_process():
-            save_atomic(self.payload(epoch, steps_done, metrics), path)
-            self.prune()
+        with utils.failing_together():
+            if utils.is_main_process():
+                save_atomic(self.payload(epoch, steps_done, metrics), path)
+                self.prune()
         self.last_save = time.time()
         return path
 
@@ -586,7 +639,10 @@ class Checkpointer:
                 steps.append(((int(match.group(1)), int(match.group(2))), path))
         for newer, ((epoch, _), path) in enumerate(sorted(steps, reverse=True)):
             if newer >= self.keep_last or epoch <= finished_epoch:
-                os.remove(path)
+                try:
+                    os.remove(path)
+                except OSError as e:  # a leftover is harmless: --resume auto reads positions, not names
+                    print(f'warning: cannot remove the obsolete step checkpoint {path}: {e.strerror}')
 
 
 class WatchedBatches:

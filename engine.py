@@ -9,11 +9,13 @@ from timm.data import Mixup
 from losses import Criterion
 from real_labels import real_correct, split_targets
 from seeding import Stream, seed_everything, stream_seed
-from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
+from utils import (MetricLogger, RunError, UserError, agree_on_failure, all_reduce_max, all_reduce_sum,
+                   failing_together, get_rank, get_world_size, print_error, raise_everywhere)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run must stop without saving."""
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite; the run must stop without saving (exit code 3)."""
+    exit_code = 3
 
 
 class DataWaitExpired(BaseException):
@@ -27,27 +29,41 @@ class UnreadableDataError(UserError):
 
 
 class FiniteLossGuard:
-    """Remembers, on the device, the first step of an epoch whose loss was not finite.
+    """Remembers, on the device, the first step of an epoch whose loss was not finite, and a failure of
+    this rank alone (an unreadable image with --strict-data) that must stop every rank.
 
-    ``update`` is device work only (no host sync per step); ``check`` reads the flag back, and is
-    called where the host waits anyway: at progress lines and before any checkpoint is written.
+    ``update`` is device work only (no host sync per step); ``check`` reads both back, as the whole
+    job's, and is called where the host waits anyway: at progress lines, at the end of the epoch, before
+    any checkpoint is written, and when a step's rank agreement says a rank failed.
     """
     NONE = 2 ** 62
 
     def __init__(self, epoch: int, device: torch.device):
         self.epoch = epoch
         self.first_bad = torch.tensor(self.NONE, device=device)
+        self.failure: Optional[RunError] = None
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(loss), self.NONE, step))
 
+    def fail(self, error: RunError) -> None:
+        """This rank cannot go on: alone, stop now; with other ranks, say so now and stop with them at
+        the next check (the step in progress is complete, only no checkpoint will hold it)."""
+        if get_world_size() == 1:
+            raise error
+        if self.failure is None:
+            print_error(error)
+            self.failure = error
+
     def check(self) -> None:
-        """Raise if the loss of any rank was not finite (a collective: every rank calls it after the same steps)."""
+        """Raise if any rank failed or had a non-finite loss (a collective: every rank calls it after the
+        same steps)."""
         step = int(-all_reduce_max(-self.first_bad))  # the first bad step over all ranks
+        agree_on_failure(self.failure)
         if step != self.NONE:
-            raise NonFiniteLossError(
+            raise_everywhere(NonFiniteLossError(
                 f'non-finite loss in epoch {self.epoch} at step {step}: lower --lr, set --clip-grad, or check '
-                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)')
+                f'the data; no checkpoint holds its weights (--resume auto continues from the last finite one)'))
 
 
 class LossScaler:
@@ -153,9 +169,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
             updating = phase == accum_steps - 1
             samples, targets, bad_paths = split_batch(batch)
             unreadable.update(dict.fromkeys(bad_paths))
-            if bad_paths and options.strict_data:
-                raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
-                                          'or drop --strict-data to skip such images')
+            if bad_paths and options.strict_data:  # the batch is whole: its unreadable images were replaced
+                finite.fail(UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
+                                                'or drop --strict-data to skip such images'))
             seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
             samples = samples.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -179,7 +195,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
             if micro % print_freq == 0 or micro == last_micro:
                 finite.check()
             if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-                checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
+                checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check,
+                                        failed=finite.failure is not None, epoch_trained=micro == last_micro)
             if updating:
                 steps_done = step + 1
     except DataWaitExpired:
@@ -209,6 +226,12 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
     return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
 
 
+# What evaluate sums over the images of every rank; for a distilled model also the top-1 of each head.
+EVALUATION_SUMS = ('acc1', 'acc5', 'loss')
+HEAD_SUMS = ('acc1_both', 'acc1_cls', 'acc1_dist')
+REAL_SUMS = ('real_correct', 'real_images')  # with ReaL labels
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both',
@@ -216,7 +239,12 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
     over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both);
     with ReaL labels in the targets (real_labels.attach) also the ReaL top-1 (real_acc1) of the images
-    that have any. ``label`` (e.g. 'EMA model') starts the printed lines of this evaluation."""
+    that have any. ``label`` (e.g. 'EMA model') starts the printed lines of this evaluation.
+
+    A rank may have no image to evaluate (a --dist-eval shard of a validation set smaller than the
+    world, or one whose images are all unreadable): it adds nothing. Only a split without any readable
+    image fails.
+    """
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
@@ -224,40 +252,46 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
     prefix = f'{label}: ' if label else ''
-    for batch in metric_logger.log_every(data_loader, print_freq, f'{prefix}Test:'):
-        images, target, bad_paths = split_batch(batch)
-        unreadable += bad_paths
-        if len(images) == 0:
-            continue
-        images = images.to(device, non_blocking=True)
-        target, real = split_targets(target.to(device, non_blocking=True))
-        with autocast(device, amp_dtype):
-            logits = head_logits(model, images)
-        if eval_head not in logits:
-            raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
-        output = logits[eval_head].float()
-        n = images.shape[0]
-        predicted = output.topk(min(5, output.shape[1]), dim=1).indices
-        top5 = predicted.eq(target[:, None])
-        count += n
-        batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
-        if len(logits) > 1:
-            batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
-        if real is not None:
-            batch_sums['real_correct'], batch_sums['real_images'] = real_correct(predicted[:, 0], real)
-        for name, value in batch_sums.items():
-            totals[name] = totals.get(name, 0) + value.double()
-        metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
+    with failing_together():  # an error on some ranks (an --eval-head the model lacks) stops every rank
+        for batch in metric_logger.log_every(data_loader, print_freq, f'{prefix}Test:'):
+            images, target, bad_paths = split_batch(batch)
+            unreadable += bad_paths
+            if len(images) == 0:
+                continue
+            images = images.to(device, non_blocking=True)
+            target, real = split_targets(target.to(device, non_blocking=True))
+            with autocast(device, amp_dtype):
+                logits = head_logits(model, images)
+            if eval_head not in logits:
+                raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
+            output = logits[eval_head].float()
+            n = images.shape[0]
+            predicted = output.topk(min(5, output.shape[1]), dim=1).indices
+            top5 = predicted.eq(target[:, None])
+            count += n
+            batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
+            if len(logits) > 1:
+                batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+            if real is not None:
+                batch_sums['real_correct'], batch_sums['real_images'] = real_correct(predicted[:, 0], real)
+            for name, value in batch_sums.items():
+                totals[name] = totals.get(name, 0) + value.double()
+            metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
 
     if unreadable:
         print(f'warning: {len(unreadable)} unreadable validation images were left out, e.g. {unreadable[0]}')
-    if not totals:
-        raise UserError('no readable validation image: check the val/ split')
-    names = sorted(totals)
-    local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
-    *values, count = all_reduce_sum(local).tolist()
+    # The same sums on every rank, whatever each one saw: those of a rank without images are 0.
+    names = EVALUATION_SUMS + HEAD_SUMS + REAL_SUMS
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    present = torch.tensor([count, HEAD_SUMS[0] in totals, REAL_SUMS[0] in totals], dtype=torch.float64,
+                           device=device)
+    local = torch.cat([torch.stack([totals.get(name, zero) for name in names]), present])
+    *values, count, ranks_with_heads, ranks_with_real = all_reduce_sum(local).tolist()
+    if not count:
+        raise_everywhere(UserError('no readable validation image: check the val/ split'))
     sums = dict(zip(names, values))
-    real_correct_sum, real_images = sums.pop('real_correct', None), sums.pop('real_images', None)
+    real_correct_sum, real_images = (sums['real_correct'], sums['real_images']) if ranks_with_real else (None, None)
+    sums = {name: sums[name] for name in EVALUATION_SUMS + (HEAD_SUMS if ranks_with_heads else ())}
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
     distilled = 'acc1_cls' in stats
     heads = {'both': ', both heads averaged', 'cls': ', class head', 'dist': ', distillation head'}

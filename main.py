@@ -47,7 +47,7 @@ import real_labels
 from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples,
                       build_dataset, build_pipeline, check_same_classes, class_names, collate_skipping,
                       imagenet_descriptions)
-from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
+from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import BlockSampler, RASampler, ResumableSampler
@@ -577,9 +577,9 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # ---------------------------------------------------------------------------------------------
 
 def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Optional[torch.dtype]
-                  ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
-    """The student as it trains (under DDP, compiled with --compile), the same module without those
-    wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
+                  ) -> Tuple[torch.nn.Module, Optional[ModelEmaV3]]:
+    """The student without wrappers (what checkpoints save: official key names) and its EMA (--model-ema);
+    training_student wraps it. Rank-local work only: no collective."""
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
@@ -594,12 +594,17 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
+    return model, model_ema
+
+
+def training_student(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The student as it trains: under DDP (whose construction broadcasts rank 0's weights, a collective)
+    and compiled with --compile."""
     if args.distributed:
-        model = distributed_model(model, device, args.gpu)
+        model = distributed_model(model, args.device, args.gpu)
     if args.compile:
         model = speedups.compile_or_eager(model, 'student')
-    return model, model_without_ddp, model_ema
+    return model
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -836,6 +841,11 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    except utils.RunError:
+        # Every rank is stopping: a launcher's SIGTERM, sent to the others once one of them has exited
+        # (torchrun), must not turn their exit code into a signal's while they unwind.
+        signals.ignore()
+        raise
     finally:
         signals.disarm()
 
@@ -846,7 +856,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         prepare_output_dir(args.output_dir)
     resume_requested = args.resume == 'auto'
     amp_dtype = resolve_args(args)
-    teacher_checkpoint = load_teacher_checkpoint(args)
+    with utils.failing_together():  # a teacher file that one node cannot read stops every rank
+        teacher_checkpoint = load_teacher_checkpoint(args)
     if teacher_checkpoint is not None or args.teacher_pretrained and args.distillation_type != 'none':
         print(describe_teacher_inputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint)))
     device = args.device
@@ -857,38 +868,43 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     set_fp32_precision(device, args.tf32)
     speedups.keep_freed_memory()
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
-    owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
     if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
         checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
     print(args)
 
-    # Data
-    loader_train, loader_val, nb_classes, classes = build_data(args)
-    args.nb_classes = nb_classes  # recorded with the run: known once the data is read
-    mixup_fn = build_mixup(args, nb_classes)
+    # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
+    # another node cannot read) ends every rank here, before the first collective of training.
+    with utils.failing_together():
+        # Data
+        loader_train, loader_val, nb_classes, classes = build_data(args)
+        args.nb_classes = nb_classes  # recorded with the run: known once the data is read
+        mixup_fn = build_mixup(args, nb_classes)
 
-    # Models
-    model, model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f'number of params: {n_parameters}')
-    teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
-    del teacher_checkpoint  # its weights now live in the teacher
+        # Models
+        model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
+        n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+        print(f'number of params: {n_parameters}')
+        teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
+        del teacher_checkpoint  # its weights now live in the teacher
 
-    # Optimisation
-    optimizer = build_optimizer(args, model_without_ddp, device)
-    loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-    lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
-    criterion = criterion_of(args, teacher)
-    options = train_options(args, amp_dtype)
-    state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch,
-                                     classes=classes, class_descriptions=imagenet_descriptions(classes))
-    if args.resume:
-        state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
-                     batch_size=args.batch_size, accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(),
-                     scaled_lr=args.lr)
-    else:
-        lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
+        # Optimisation
+        optimizer = build_optimizer(args, model_without_ddp, device)
+        loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+        lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
+        criterion = criterion_of(args, teacher)
+        options = train_options(args, amp_dtype)
+        state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                         config.plain_args(args), samples_per_step(args),
+                                         start_epoch=args.start_epoch, classes=classes,
+                                         class_descriptions=imagenet_descriptions(classes))
+        if args.resume:
+            state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
+                         batch_size=args.batch_size, accum_steps=args.grad_accum_steps,
+                         world_size=utils.get_world_size(), scaled_lr=args.lr)
+        else:
+            lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
+    model = training_student(model_without_ddp, args)
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
@@ -899,10 +915,11 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         return
     if args.resume:
         print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
-    # Accepted: from here on the run writes to its output directory.
-    config.save_args(args, get_args_parser())
-    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
-                               resume_epoch=state.start_epoch if args.resume else None)
+    # Accepted: from here on the run writes to its output directory (rank 0; a failed write ends every rank).
+    with utils.failing_together():
+        config.save_args(args, get_args_parser())
+        epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                                   resume_epoch=state.start_epoch if args.resume else None)
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
@@ -939,11 +956,12 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                                          label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
-            epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
-            if output_dir:
-                state.save(str(output_dir / 'checkpoint.pth'), epoch)
-                if is_best:
-                    state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
+            with utils.failing_together():  # rank 0 writes; every rank learns whether it could
+                epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                if output_dir:
+                    state.save(str(output_dir / 'checkpoint.pth'), epoch)
+                    if is_best:
+                        state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
     finally:
         epoch_log.close()
@@ -955,21 +973,18 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
 
 def cli(argv=None) -> int:
-    """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
+    """Entry point: a failure becomes one 'error:' line (prefixed with the rank when there are several)
+    and its exit code: 2 a user mistake, 3 a non-finite loss, 4 a failed write."""
     parser = config.CommandLineParser(description='DeiT training and evaluation script',
                                       parents=[get_args_parser()])
     args = config.parse_args(parser, argv)
     try:
         main(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    except utils.SaveError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 4
+    except utils.AgreedFailure as e:  # every rank stops; the failing rank and rank 0 have said why
+        return e.exit_code
+    except utils.RunError as e:
+        utils.print_error(e)
+        return e.exit_code
     except checkpoint.TrainingInterrupted as stop:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum
