@@ -8,7 +8,7 @@ from timm.data import Mixup
 
 from losses import Criterion
 from seeding import Stream, seed_everything, stream_seed
-from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, get_rank
+from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, count_over_ranks, get_rank
 
 
 class NonFiniteLossError(RuntimeError):
@@ -130,7 +130,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
     accum_steps, print_freq = options.accum_steps, options.print_freq
     seed, rank = options.seed, get_rank()
     metric_logger = MetricLogger()
-    if metrics_state:
+    if metrics_state and rank == 0:  # the sums of every rank (summed_state_dict): counted once, here
         metric_logger.load_state_dict(metrics_state)
     unreadable = {}  # path (error) -> None: each image counted once, however often it was drawn or retried
     first_micro = start_step * accum_steps
@@ -169,13 +169,17 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
         if micro % print_freq == 0 or micro == last_micro:
             finite.check()
         if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-            checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check)
+            checkpointer.after_step(epoch, step + 1, lambda: metric_logger.summed_state_dict(device),
+                                    before_save=finite.check)
 
-    if unreadable:
-        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')
+    unreadable_images = count_over_ranks(unreadable)  # an image drawn by several ranks counts once
+    if unreadable_images:
+        example = next(iter(unreadable), None)
+        print(f'warning: epoch {epoch}: {unreadable_images} unreadable images were skipped'
+              + (f', e.g. {example}' if example else ''))
     metric_logger.synchronize_between_processes(device)
     averages = metric_logger.averages()
-    averages['unreadable_images'] = len(unreadable)
+    averages['unreadable_images'] = unreadable_images
     averages['images_per_sec'] = metric_logger.images_per_sec
     print(f'Averaged stats: loss {averages["loss"]:.4f}  lr {averages["lr"]:.3g}')
     return averages
@@ -186,20 +190,42 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 
     'both' is the average of the two heads, what a distilled model returns in eval mode (the
     paper's joint classifier); the heads are read separately to fill Table 3 in one evaluation.
+    ``model`` is the bare model (no DDP or torch.compile wrapper): see HeadLogits.
     """
-    net = model.module if hasattr(model, 'module') else model  # DDP
-    if not hasattr(net, 'head_dist'):
+    if not is_distilled(model):
         return {'both': model(images)}
-    features = net.forward_features(images)
-    cls, dist = net.head(features[:, 0]), net.head_dist(features[:, 1])
+    features = model.forward_features(images)
+    cls, dist = model.head(features[:, 0]), model.head_dist(features[:, 1])
     return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
+
+
+def is_distilled(model: torch.nn.Module) -> bool:
+    """Whether the bare ``model`` has a distillation head (a DDP wrapper hides it: pass its .module)."""
+    return hasattr(model, 'head_dist')
+
+
+class HeadLogits(torch.nn.Module):
+    """head_logits of a distilled model as one module: what evaluate runs for it, and what --compile
+    compiles (the training module returns the heads' average in eval mode, not each head)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return head_logits(self.model, images)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
-    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both)."""
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both).
+
+    ``model`` returns logits, or logits per head (HeadLogits; a bare distilled model is wrapped in it here).
+    """
+    if is_distilled(model):
+        model = HeadLogits(model)
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
@@ -214,7 +240,8 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = head_logits(model, images)
+            outputs = model(images)
+        logits = outputs if isinstance(outputs, dict) else {'both': outputs}
         if eval_head not in logits:
             raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
         output = logits[eval_head].float()

@@ -44,7 +44,7 @@ import utils
 import weights
 from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
                       check_same_classes, collate_skipping)
-from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
+from engine import HeadLogits, LossScaler, NonFiniteLossError, TrainOptions, evaluate, is_distilled, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
@@ -291,6 +291,8 @@ def resolve_args(args) -> Optional[torch.dtype]:
     precision = choose_precision(args.amp, args.amp_dtype, args.device, args.distributed)
     args.amp, args.amp_dtype = precision.dtype is not None, dtype_flag(precision.dtype)  # repeatable from args.yaml
     print(f'precision: student {precision.name} ({precision.reason})')
+    if precision.warning:
+        print(f'warning: {precision.warning}')
     if args.distillation_type != 'none':
         print(f'precision: teacher {precision.name} (the student\'s)')
     if args.tensorboard is None:
@@ -422,7 +424,7 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
 
     pin = args.pin_mem and args.device.type == 'cuda'
     workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
-                   collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
+                   collate_fn=collate_skipping, worker_init_fn=init_data_worker,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
@@ -441,6 +443,13 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
                         f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
                         f'lower --batch-size or --grad-accum-steps')
     return loader_train, loader_val, nb_classes
+
+
+def init_data_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: stop signals are the trainer's, and the trainer's kept memory is not
+    the worker's (speedups.release_kept_memory)."""
+    checkpoint.ignore_stop_signals(worker_id)
+    speedups.release_kept_memory()
 
 
 def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
@@ -479,6 +488,17 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     if args.compile:
         model = speedups.compile_or_eager(model, 'student')
     return model, model_without_ddp, model_ema
+
+
+def student_for_evaluation(model: torch.nn.Module, model_without_ddp: torch.nn.Module, compile: bool,
+                           device: torch.device) -> torch.nn.Module:
+    """What evaluates the student: the module that trains (under DDP, compiled with --compile); for a
+    distilled student, whose training module returns only the heads' average in eval mode,
+    engine.HeadLogits around it, compiled too with --compile (outside DDP: evaluation has no gradients)."""
+    if not is_distilled(model_without_ddp):
+        return model
+    heads = HeadLogits(model_without_ddp)
+    return torch.compile(heads) if compile and not speedups.compiler_problem(device.type) else heads
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -656,7 +676,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     seeding.seed_everything(args.seed)
     set_determinism(args.deterministic, device)
     set_fp32_precision(device, args.tf32)
-    speedups.keep_freed_memory()
+    speedups.keep_freed_memory_for(device)
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
     print(args)
@@ -670,6 +690,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     model, model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
+    evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
     teacher = build_teacher(args, nb_classes, device, amp_dtype)
 
     # Optimisation
@@ -686,7 +707,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
                      accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+        test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
     if args.resume and state.start_epoch >= num_epochs:
@@ -721,7 +742,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                 start_step=start_step, checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
             lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
 
-            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+            test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy
             state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
             print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
