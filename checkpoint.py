@@ -7,6 +7,7 @@ becomes a clean stop; reading checkpoint files and fitting their weights to a mo
 import collections
 import fcntl
 import glob
+import multiprocessing
 import os
 import re
 import signal
@@ -24,9 +25,13 @@ from timm.utils import ModelEmaV3
 import seeding
 import utils
 import weights
-from engine import LossScaler
+from engine import DataWaitExpired, LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
+
+# The layout of the checkpoints this code writes ('format_version'), raised when a key changes meaning or a
+# resume needs a new one; files without it (older ones, the official and the original scripts') are version 0.
+FORMAT_VERSION = 1
 
 
 class TrainingInterrupted(BaseException):
@@ -67,6 +72,8 @@ class TrainingState:
     start_epoch: int = 0
     start_step: int = 0  # steps of start_epoch already done (a step checkpoint)
     metrics_state: Optional[dict] = None  # that partial epoch's running averages
+    classes: Optional[List[str]] = None  # the data's class names in label order (ImageNet: synset ids)
+    class_descriptions: Optional[List[str]] = None  # human-readable names where known (ImageNet's)
 
     def payload(self, epoch: int, steps_done: Optional[int] = None, metrics: Optional[dict] = None) -> dict:
         """The official layout ({'model': state_dict, 'optimizer', 'lr_scheduler', 'epoch', ...}) plus
@@ -84,13 +91,17 @@ class TrainingState:
             'train_metrics': metrics,
             'sampler': {'epoch': epoch, 'start_index': (steps_done or 0) * self.samples_per_step},
             'rng': seeding.capture_rng_state(),
+            'classes': self.classes,
+            'class_descriptions': self.class_descriptions,
+            'format_version': FORMAT_VERSION,
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
-               world_size: int, scaled_lr: float) -> None:
+               world_size: int, scaled_lr: float, layer_decay: Optional[float] = None) -> None:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
+        check_format_version(ckpt, path)
         weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
         print(f'Resumed model weights from {path}')
         if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
@@ -100,6 +111,11 @@ class TrainingState:
         if saved_opt != opt:
             raise utils.UserError(f'--resume {path} was trained with --opt {saved_opt}: resume with the same '
                                   f'--opt, or start from its weights with --finetune')
+        saved_decay = saved_args.get('layer_decay')
+        if saved_decay != layer_decay:  # other parameter groups: the optimizer state would not fit them
+            given = f'--layer-decay {saved_decay}' if saved_decay is not None else 'no --layer-decay'
+            raise utils.UserError(f'--resume {path} was trained with {given}: resume with the same, or start '
+                                  f'from its weights with --finetune')
         load_optimizer_state(self.optimizer, ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)
@@ -119,6 +135,15 @@ class TrainingState:
 
     def save(self, path: str, epoch: int) -> None:
         save_on_master(self.payload(epoch), path)
+
+
+def check_format_version(ckpt: dict, path: str) -> None:
+    """Refuse a checkpoint written by a newer version of this code: resuming it would ignore what it adds."""
+    version = ckpt.get('format_version', 0) if isinstance(ckpt, dict) else 0
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise utils.UserError(f'--resume {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} this '
+                              f'code reads: resume it with the version of deit that wrote it (or newer), or start '
+                              f'from its weights with --finetune')
 
 
 # How the optimizer runs, not what it learnt: this run's choice (speedups.optimizer_kwargs, the device), never
@@ -273,6 +298,57 @@ def remove_stale_temporaries(output_dir: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# A new run in a directory that holds another one
+# ---------------------------------------------------------------------------------------------
+
+# What a run writes to its output directory (besides the lock): the files a new run there would replace.
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'checkpoint-e*-s*.pth', 'log.txt', 'summary.csv', 'args.yaml',
+             'tensorboard')
+
+
+def previous_run_files(output_dir: str) -> List[str]:
+    return sorted(path for pattern in RUN_FILES for path in glob.glob(os.path.join(output_dir, pattern)))
+
+
+def previous_run_refusal(output_dir: str, start_over: bool, resume_requested: bool) -> str:
+    """Why a run starting at epoch 0 must not go on in ``output_dir`` ('' if it may), having moved a previous
+    run's files aside to ``output_dir/previous-<time>/`` where it may: never deleted, never overwritten.
+
+    A directory with another run's checkpoints is refused unless ``start_over`` (--start-over), or unless
+    --resume auto found none of them readable (the user asked to continue; they are kept aside).
+    """
+    files = previous_run_files(output_dir)
+    checkpoints = [os.path.basename(p) for p in files if p.endswith('.pth')]
+    if checkpoints and not (start_over or resume_requested):
+        return (f'--output_dir {output_dir} holds another run ({", ".join(checkpoints[:3])}): continue it with '
+                f'--resume auto, or give a new run another --output_dir (--start-over starts again here, '
+                f'moving its files to {os.path.join(output_dir, "previous-<time>")})')
+    if files:
+        aside = os.path.join(output_dir, f'previous-{time.strftime("%Y%m%d-%H%M%S")}')
+        suffix = 1
+        while os.path.exists(aside if suffix == 1 else f'{aside}-{suffix}'):
+            suffix += 1
+        aside = aside if suffix == 1 else f'{aside}-{suffix}'
+        try:
+            os.mkdir(aside)
+            for path in files:
+                os.rename(path, os.path.join(aside, os.path.basename(path)))
+        except OSError as e:  # a verdict, not an exception: the other ranks wait for it
+            return f'cannot move the previous run\'s files in {output_dir} to {aside}: {e.strerror}'
+        print(f'Starting a new run in {output_dir}: the previous run\'s files are kept in {aside}')
+    return ''
+
+
+def set_aside_previous_run(output_dir: str, start_over: bool, resume_requested: bool) -> None:
+    """previous_run_refusal on rank 0 (the one that writes), its verdict shared: every rank refuses alike."""
+    verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise utils.UserError(verdict[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # Ownership of an output directory
 # ---------------------------------------------------------------------------------------------
 
@@ -312,6 +388,11 @@ def claim_output_dir(output_dir: str) -> Optional[IO[str]]:
 # Signals
 # ---------------------------------------------------------------------------------------------
 
+# How long a stop signal waits for a batch that does not come (a data worker stuck in a read) before the run
+# stops with the step checkpoint of the last finished step: well inside the 30 s that Slurm and torchrun
+# leave between SIGTERM and SIGKILL, and far longer than a healthy loader keeps the trainer waiting.
+DATA_WAIT_SECONDS = 10.0
+
 # The signals that ask a run to stop; workers ignore them all (ignore_stop_signals).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -330,6 +411,7 @@ class StopSignals:
         self.signum: Optional[int] = None
         self.submitit_handler = None
         self.where = 'before training started'
+        self.waiting_for_data = False  # set around each fetch of a training batch (Checkpointer.watch)
 
     def install(self) -> None:
         usr2 = signal.getsignal(signal.SIGUSR2)
@@ -358,6 +440,20 @@ class StopSignals:
         print(f'Received {signal.Signals(signum).name}: stopping after the current step '
               f'(send it again to stop at once)', flush=True)
         self.signum = signum
+        # A step whose batch never comes never ends: check, from DATA_WAIT_SECONDS on, whether the trainer still
+        # waits for data (SIGALRM interrupts a blocked read in this process as well as the wait for a worker).
+        signal.signal(signal.SIGALRM, self._data_deadline)
+        signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_SECONDS, 1.0)
+
+    def _data_deadline(self, signum, frame) -> None:
+        if self.waiting_for_data:
+            self.disarm()
+            raise DataWaitExpired()
+
+    @staticmethod
+    def disarm() -> None:
+        """No more data deadline (the run is over)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def hand_over(self, signum: int) -> None:
         """Under submitit, let its SIGUSR2 handler (checkpoint and requeue) act on that signal."""
@@ -465,6 +561,25 @@ class Checkpointer:
         if signum:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
 
+    def watch(self, loader) -> 'WatchedBatches':
+        """``loader``, its every fetch marked as a wait for data (the stop signals' data deadline)."""
+        return WatchedBatches(loader, self.signals)
+
+    def stop_waiting_for_data(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
+                              before_save: Callable[[], None] = lambda: None) -> None:
+        """A stop signal came and the next batch did not, DATA_WAIT_SECONDS later: save the last finished step
+        (one process; ranks cannot agree on a step while one of them waits) and stop."""
+        path, saved = None, ''
+        if self.output_dir and self.agreement is None:
+            before_save()
+            path = self.save(epoch, steps_done, metrics())
+        elif self.agreement is not None:
+            saved = 'the last checkpoint written is kept (the ranks cannot agree on a step while one waits)'
+        end_data_workers()
+        raise TrainingInterrupted(self.signals.signum or signal.SIGTERM,
+                                  f'after step {steps_done} of epoch {epoch} (the next batch did not come within '
+                                  f'{DATA_WAIT_SECONDS:g} s: a data-loader read is stuck)', path, saved)
+
     def after_epoch(self, epoch: int, path: Optional[str]) -> None:
         """Called once the epoch's checkpoint.pth is written: its step checkpoints are obsolete (removed);
         stop here if a signal came during the last steps or the evaluation."""
@@ -496,3 +611,37 @@ class Checkpointer:
         for newer, ((epoch, _), path) in enumerate(sorted(steps, reverse=True)):
             if newer >= self.keep_last or epoch <= finished_epoch:
                 os.remove(path)
+
+
+class WatchedBatches:
+    """A data loader whose every fetch sets ``signals.waiting_for_data`` while it waits (its length is the
+    loader's, for the progress line)."""
+
+    def __init__(self, loader, signals: StopSignals):
+        self.loader, self.signals = loader, signals
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.signals.waiting_for_data = True  # starting the workers is a wait too
+        try:
+            batches = iter(self.loader)
+        finally:
+            self.signals.waiting_for_data = False
+        while True:
+            self.signals.waiting_for_data = True
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.signals.waiting_for_data = False
+            yield batch
+
+
+def end_data_workers() -> None:
+    """SIGKILL this process's data-loader workers: one stuck in a read ignores the SIGTERM of the loader's
+    shutdown (ignore_stop_signals), and Python's exit would wait for it forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()

@@ -14,7 +14,67 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from utils import UserError, is_main_process, write_text_atomic
+from utils import UserError, is_main_process, is_url, write_text_atomic
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, except where there is none to show: a switch that is off
+    unless given (or the negation of one that is on), and an unset value (None, '') whose help says what
+    unset means."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=34)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        default = action.default
+        if ('%(default)' in text or default is None or default is False or default == ''
+                or default is argparse.SUPPRESS or isinstance(action, argparse._StoreFalseAction)):
+            return text
+        if action.nargs == 0:  # a switch that is on by default
+            return text + ' (default: on)'
+        return text + ' (default: %(default)s)'
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose --help shows defaults and whose mistakes are one ``error:`` line (exit 2)
+    without the usage block; an unknown flag is answered with the closest known one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', HelpFormatter)
+        kwargs.setdefault('usage', '%(prog)s [flags]  (--help: every flag with its default, by group)')
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(self.unknown_arguments(unknown))
+        return parsed
+
+    def unknown_arguments(self, unknown: List[str]) -> str:
+        """'unrecognized argument --batchsize: did you mean --batch-size?' for the first unknown flag."""
+        flags = [word for word in unknown if word.startswith('-')]
+        if not flags:
+            return f'unrecognized arguments: {" ".join(unknown)} (flags start with --)'
+        given = flags[0].split('=', 1)[0]
+        known = [flag for action in self._actions for flag in action.option_strings]
+        close = closest_flags(given, known)
+        more = f' (and {len(flags) - 1} more)' if len(flags) > 1 else ''
+        return (f'unrecognized argument {given}{more}: '
+                + (f'did you mean {" or ".join(close)}?' if close else 'see --help for the flags'))
+
+    def error(self, message: str):
+        self.exit(2, f'error: {message}\n')
+
+
+def closest_flags(given: str, known: List[str], n: int = 2) -> List[str]:
+    """The known flags nearest to ``given``, spelling differences of - and _ and of case ignored."""
+    def norm(flag: str) -> str:
+        return flag.lstrip('-').replace('_', '-').lower()
+    by_norm = {}
+    for flag in known:
+        by_norm.setdefault(norm(flag), flag)
+    return [by_norm[m] for m in difflib.get_close_matches(norm(given), by_norm, n=n, cutoff=0.6)]
+
 
 # Options that are not run settings: --config itself (configs do not nest) and --help.
 NOT_KEYS = ('config', 'help')
@@ -97,20 +157,37 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, object]
     return settings
 
 
+# Settings that name files or folders: ``~`` and ``$VARS`` in them are expanded as a shell would have,
+# since a config file (or a quoted or ``--flag=~/x`` word) reaches the program unexpanded.
+PATH_KEYS = ('config', 'data_path', 'output_dir', 'resume', 'finetune', 'teacher_path', 'job_dir')
+
+
+def expand_path(value: str) -> str:
+    """``~`` and environment variables expanded, as in a shell; URLs and 'auto' as they are."""
+    if not value or value == 'auto' or is_url(value):
+        return value
+    return os.path.expandvars(os.path.expanduser(value))
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Two passes: read ``--config`` alone, make the file's settings the defaults, then parse all.
 
-    A config mistake exits like an argparse error (code 2), as one ``error: ...`` line.
+    A config mistake exits like an argparse error (code 2), as one ``error: ...`` line. Paths
+    (PATH_KEYS) are expanded, from the file and from the flags alike.
     """
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument('--config', default='')
     known, _ = first.parse_known_args(argv)
     if known.config:
         try:
-            parser.set_defaults(**load_config(known.config, parser))
+            parser.set_defaults(**load_config(expand_path(known.config), parser))
         except UserError as e:
             parser.exit(2, f'error: {e}\n')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for key in PATH_KEYS:
+        if isinstance(getattr(args, key, None), str):
+            setattr(args, key, expand_path(getattr(args, key)))
+    return args
 
 
 def save_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -139,8 +216,10 @@ def plain_args(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _plain(value):
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, str):
+        return str(value)  # a plain str: yaml cannot write a subclass (utils.DEFAULT_DEVICE)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)  # e.g. torch.device

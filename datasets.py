@@ -20,8 +20,9 @@ from torchvision import datasets, transforms
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import imagenet
-from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, find_classes
 
+from data_files import ClassFolders, load_rgb
 from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
 from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
@@ -30,7 +31,8 @@ from utils import UserError
 # DIGITS-N: N labelled training images of DIGITS (the same validation split), the small-data regime
 # of docs/distillation-study.md.
 DIGITS_SUBSETS = {'DIGITS-100': 100, 'DIGITS-300': 300}
-DATA_SETS = ('IMNET', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+DATA_SETS = ('IMNET', 'IMNETV2', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+EVAL_ONLY_DATA_SETS = ('IMNETV2',)  # a test set without a training split
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
 
@@ -49,6 +51,15 @@ class TransformSettings:
     simple_crop: bool  # --src, with three_augment
     eval_crop_ratio: float
     fast: bool  # --fast-data: the fast pipeline wherever it implements the reference
+    mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # the normalisation (--mean, --std)
+    std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
+
+    @classmethod
+    def for_eval(cls, input_size: int, eval_crop_ratio: float, fast: bool = True) -> 'TransformSettings':
+        """Settings that only evaluation reads (build_pipeline(False, ...)); the augmentation ones are off."""
+        return cls(input_size=input_size, color_jitter=0.0, auto_augment=None, interpolation='bicubic', reprob=0.0,
+                   remode='pixel', recount=1, hflip=0.0, three_augment=False, simple_crop=False,
+                   eval_crop_ratio=eval_crop_ratio, fast=fast)
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,8 @@ class DataSettings:
             # handwritten digits are not mirror-symmetric
             hflip=0.0 if args.data_set.startswith('DIGITS') else 0.5,
             three_augment=args.ThreeAugment, simple_crop=args.src, eval_crop_ratio=args.eval_crop_ratio,
-            fast=args.fast_data))
+            fast=args.fast_data,  # --mean/--std as main.resolve_args settles them; unresolved: ImageNet's
+            mean=tuple(args.mean or IMAGENET_DEFAULT_MEAN), std=tuple(args.std or IMAGENET_DEFAULT_STD)))
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,7 @@ class Pipeline:
     training device (fast_data.DeviceBatches); without it the samples leave ``transform`` finished.
     """
     transform: Callable[[Any], Any]
-    open_image: Callable[[str], Any] = default_loader
+    open_image: Callable[[str], Any] = load_rgb
     batch: Optional[BatchStage] = None
 
 
@@ -110,7 +122,7 @@ class INatDataset(ImageFolder):
     ``categories.json`` under ``root``; ``category`` picks the taxonomy level used as label."""
 
     def __init__(self, root: str, train: bool = True, year: int = 2018, transform=None,
-                 target_transform=None, category: str = 'name', loader=default_loader):
+                 target_transform=None, category: str = 'name', loader=load_rgb):
         self.root = root
         self.transform = transform
         self.target_transform = target_transform
@@ -182,13 +194,16 @@ class DigitsDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def _image_folder(root: str, split: str, transform, loader) -> ImageFolder:
+def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
-        return ImageFolder(path, transform=transform, loader=loader)
-    except FileNotFoundError as e:  # torchvision's words for a class folder without images
+        return ClassFolders(path, transform=transform, loader=loader)
+    except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
+        if not any(entry.is_dir() for entry in os.scandir(path)):
+            raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
+                            f'under {path}') from None
         raise UserError(f'{path}: {str(e).split(". ")[0]}: remove the empty class folders or add images') from None
     except PermissionError as e:
         raise UserError(f'cannot read {path}: {e}') from None
@@ -201,7 +216,7 @@ class FlatValFolder(ImageFolder):
     loading are ImageFolder's.
     """
 
-    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=default_loader):
+    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=load_rgb):
         self.wnid_of, self.train_classes = wnid_of, classes
         super().__init__(root, transform=transform, loader=loader)
 
@@ -293,6 +308,34 @@ def imagenet_val_as_downloaded(data_path: str, images: List[str], transform, loa
     return FlatValFolder(os.path.join(data_path, 'val'), wnid_of, train_classes, transform=transform, loader=loader)
 
 
+class ImageNetV2Folder(ImageFolder):
+    """ImageNet-V2 (Recht et al. 2019) as its archives unpack: one folder per class named by its ImageNet
+    class index, ``0`` ... ``999``. ImageFolder would sort the names as text ('0', '1', '10', '100' ...);
+    here folder ``k`` is class ``k``, ImageNet's order."""
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        names = [e.name for e in os.scandir(directory) if e.is_dir()]
+        if not names or not all(name.isdigit() for name in names):
+            raise UserError(f'{directory} must hold the ImageNet-V2 class folders 0 ... 999 (named by class index), '
+                            f'found {sorted(names)[:5]}: point --data-path at the unpacked V2 folder')
+        indices = sorted(int(name) for name in names)
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            raise UserError(f'{directory} lacks the class folders {missing[:5]} of ImageNet-V2 (0 ... {indices[-1]}): '
+                            f'unpack the whole archive')
+        classes = [str(i) for i in indices]
+        return classes, {name: int(name) for name in classes}
+
+
+def imagenet_split(data_path: str, is_train: bool, transform=None, loader=load_rgb) -> ImageFolder:
+    """train/ or val/ of ``data_path`` as class folders, or val/ as downloaded (flat, with its ground truth)."""
+    val_dir = os.path.join(data_path, 'val')
+    val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
+    if val_images:  # ImageNet as downloaded
+        return imagenet_val_as_downloaded(data_path, val_images, transform, loader)
+    return image_folder(data_path, 'train' if is_train else 'val', transform, loader)
+
+
 def _cifar(cls, data_path: str, is_train: bool, transform):
     try:
         return cls(data_path, train=is_train, transform=transform, download=True)
@@ -304,7 +347,7 @@ def _cifar(cls, data_path: str, is_train: bool, transform):
 def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) -> Tuple[Dataset, int]:
     """The ``settings.data_set`` split, read and transformed by ``pipeline``, and its number of classes."""
     data_set, data_path, transform = settings.data_set, settings.data_path, pipeline.transform
-    if not os.path.isdir(data_path) and data_set in ('IMNET', 'INAT', 'INAT19'):
+    if not os.path.isdir(data_path) and data_set in ('IMNET', 'IMNETV2', 'INAT', 'INAT19'):
         raise UserError(f'--data-path {data_path} is not a directory: point it at the dataset root')
 
     if data_set in ('CIFAR', 'CIFAR100'):
@@ -312,12 +355,13 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
     elif data_set == 'CIFAR10':
         dataset, nb_classes = _cifar(datasets.CIFAR10, data_path, is_train, transform), 10
     elif data_set == 'IMNET':
-        val_dir = os.path.join(data_path, 'val')
-        val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
-        if val_images:  # ImageNet as downloaded
-            dataset = imagenet_val_as_downloaded(data_path, val_images, transform, pipeline.open_image)
-        else:
-            dataset = _image_folder(data_path, 'train' if is_train else 'val', transform, pipeline.open_image)
+        dataset = imagenet_split(data_path, is_train, transform, pipeline.open_image)
+        nb_classes = len(dataset.classes)
+    elif data_set == 'IMNETV2':  # evaluation only: main.py builds no training split for it
+        try:
+            dataset = ImageNetV2Folder(data_path, transform=transform, loader=pipeline.open_image)
+        except FileNotFoundError as e:  # torchvision's words for a class folder without images
+            raise UserError(f'{data_path}: {str(e).split(". ")[0]}: unpack the whole ImageNet-V2 archive') from None
         nb_classes = len(dataset.classes)
     elif data_set in ('INAT', 'INAT19'):
         year = 2018 if data_set == 'INAT' else 2019
@@ -339,6 +383,25 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
     return dataset, nb_classes
 
 
+def class_names(dataset) -> List[str]:
+    """The names of the dataset's classes, in label order (class folders, CIFAR's names, iNat's level)."""
+    return [str(name) for name in dataset.classes]
+
+
+def imagenet_descriptions(classes: List[str]) -> Optional[List[str]]:
+    """The human-readable names (timm's ImageNet metadata) of ``classes`` when they are ImageNet synset ids
+    (n01440764 ...: ImageNet-1k, -22k or a subset); None for other data."""
+    from timm.data import ImageNetInfo
+    if not classes or not all(len(name) == 9 and name[0] == 'n' and name[1:].isdigit() for name in classes):
+        return None
+    for subset in ('imagenet-1k', 'imagenet-22k'):
+        info = ImageNetInfo(subset)
+        known = set(info.label_names())
+        if all(name in known for name in classes):
+            return [info.label_name_to_description(name) for name in classes]
+    return None
+
+
 def check_same_classes(dataset_train, dataset_val) -> None:
     """Train and val must label the same classes with the same indices."""
     train_classes = getattr(dataset_train, 'classes', None)
@@ -351,15 +414,15 @@ def check_same_classes(dataset_train, dataset_val) -> None:
 
 
 class EvalTransform:
-    """Resize to ``size / crop_ratio`` (bicubic), center crop ``size``, ImageNet normalisation."""
+    """Resize to ``size / crop_ratio`` (bicubic), center crop ``size``, normalisation (ImageNet's by default)."""
 
-    def __init__(self, input_size: int, crop_ratio: float = 0.875):
+    def __init__(self, input_size: int, crop_ratio: float = 0.875, mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: Tuple[float, ...] = IMAGENET_DEFAULT_STD):
         steps = []
         if input_size > 32:  # small inputs (CIFAR-sized) are used as they are
             steps.append(transforms.Resize(int(input_size / crop_ratio),
                                            interpolation=transforms.InterpolationMode.BICUBIC))
-        steps += [transforms.CenterCrop(input_size), transforms.ToTensor(),
-                  transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps += [transforms.CenterCrop(input_size), transforms.ToTensor(), transforms.Normalize(mean, std)]
         self.transform = transforms.Compose(steps)
 
     def __call__(self, img):
@@ -378,7 +441,8 @@ class ThreeAugment:
     blur, colour jitter, normalisation. ``simple_crop`` (--src) resizes and takes a padded random
     crop instead of RandomResizedCrop."""
 
-    def __init__(self, input_size: int, color_jitter: float = 0.3, simple_crop: bool = False):
+    def __init__(self, input_size: int, color_jitter: float = 0.3, simple_crop: bool = False,
+                 mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: Tuple[float, ...] = IMAGENET_DEFAULT_STD):
         bicubic = transforms.InterpolationMode.BICUBIC
         if simple_crop:
             crop = [transforms.Resize(input_size, interpolation=bicubic),
@@ -391,7 +455,7 @@ class ThreeAugment:
                                                  RandomGaussianBlur()])]
         if color_jitter:
             steps.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
-        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
         self.transform = transforms.Compose(steps)
 
     def __call__(self, img):
@@ -409,7 +473,8 @@ def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, 
     geometry, pixels, tensor = create_transform(
         input_size=settings.input_size, is_training=True, color_jitter=settings.color_jitter,
         auto_augment=settings.auto_augment, interpolation=settings.interpolation, re_prob=settings.reprob,
-        re_mode=settings.remode, re_count=settings.recount, hflip=settings.hflip, separate=True)
+        re_mode=settings.remode, re_count=settings.recount, hflip=settings.hflip, mean=settings.mean, std=settings.std,
+        separate=True)
     if settings.input_size <= 32:
         padding = max(1, settings.input_size // 8)
         geometry.transforms[0] = transforms.RandomCrop(settings.input_size, padding=padding, pad_if_needed=True)
@@ -419,9 +484,10 @@ def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, 
 def build_transform(is_train: bool, settings: TransformSettings):
     """The reference train or eval transform (timm's and torchvision's): a PIL image in, a normalised tensor out."""
     if not is_train:
-        return EvalTransform(settings.input_size, settings.eval_crop_ratio)
+        return EvalTransform(settings.input_size, settings.eval_crop_ratio, settings.mean, settings.std)
     if settings.three_augment:
-        return ThreeAugment(settings.input_size, settings.color_jitter, simple_crop=settings.simple_crop)
+        return ThreeAugment(settings.input_size, settings.color_jitter, simple_crop=settings.simple_crop,
+                            mean=settings.mean, std=settings.std)
     return transforms.Compose([step for stage in timm_train_stages(settings) for step in stage.transforms])
 
 
@@ -433,7 +499,8 @@ def build_pipeline(is_train: bool, settings: TransformSettings) -> Pipeline:
         return fast_train_pipeline(settings)
     if settings.input_size <= 32:  # evaluated without resizing: nothing for the fast path to do
         return Pipeline(build_transform(False, settings))
-    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, BatchStage())
+    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily,
+                    BatchStage(settings.mean, settings.std))
 
 
 def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
@@ -449,7 +516,7 @@ def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
     # the tensor stage's own RandomErasing (timm's, when --reprob > 0), applied per batch instead
     erasing = next((step for step in tensor.transforms if isinstance(step, RandomErasing)), None)
     return Pipeline(FastTrainTransform(crop, geometry.transforms[1:] + pixels.transforms), open_lazily,
-                    BatchStage(erasing=erasing))
+                    BatchStage(settings.mean, settings.std, erasing))
 
 
 # What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and

@@ -7,12 +7,19 @@ import torch
 from timm.data import Mixup
 
 from losses import Criterion
+from real_labels import real_correct, split_targets
 from seeding import Stream, seed_everything, stream_seed
 from utils import MetricLogger, UserError, all_reduce_max, all_reduce_sum, count_over_ranks, get_rank
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run must stop without saving."""
+
+
+class DataWaitExpired(BaseException):
+    """A stop signal came while the trainer waited for a batch, and the batch did not come in time (a data
+    worker stuck in a read): raised out of the wait by checkpoint.StopSignals. A BaseException: no
+    ``except Exception`` around a read swallows it."""
 
 
 class UnreadableDataError(UserError):
@@ -137,40 +144,48 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
     last_micro = first_micro + len(data_loader) - 1
     finite = FiniteLossGuard(epoch, device)
 
-    for micro, batch in enumerate(metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', first_micro),
-                                  start=first_micro):
-        step, phase = divmod(micro, accum_steps)
-        updating = phase == accum_steps - 1
-        samples, targets, bad_paths = split_batch(batch)
-        unreadable.update(dict.fromkeys(bad_paths))
-        if bad_paths and options.strict_data:
-            raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
-                                      'or drop --strict-data to skip such images')
-        seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+    steps_done = start_step  # optimizer steps of this epoch finished: what a stop while waiting for data saves
+    batches = checkpointer.watch(data_loader) if checkpointer is not None else data_loader
+    try:
+        for micro, batch in enumerate(metric_logger.log_every(batches, print_freq, f'Epoch: [{epoch}]', first_micro),
+                                      start=first_micro):
+            step, phase = divmod(micro, accum_steps)
+            updating = phase == accum_steps - 1
+            samples, targets, bad_paths = split_batch(batch)
+            unreadable.update(dict.fromkeys(bad_paths))
+            if bad_paths and options.strict_data:
+                raise UnreadableDataError(f'unreadable image {bad_paths[0]}: remove or replace it, '
+                                          'or drop --strict-data to skip such images')
+            seed_everything(stream_seed(seed, rank, epoch, micro, Stream.STEP))
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                samples, targets = mixup_fn(samples, targets)
 
-        if phase == 0:
-            optimizer.zero_grad(set_to_none=True)
-        with gradient_sync(model, updating):
-            with autocast(device, options.amp_dtype):
-                outputs = model(criterion.model_inputs(samples))
-                loss = criterion(samples, outputs, targets)
-            loss_scaler(loss / accum_steps, optimizer, clip_grad=options.clip_grad, parameters=model.parameters(),
-                        need_update=updating)
-        if updating and model_ema is not None:
-            model_ema.update(model)
+            if phase == 0:
+                optimizer.zero_grad(set_to_none=True)
+            with gradient_sync(model, updating):
+                with autocast(device, options.amp_dtype):
+                    outputs = model(criterion.model_inputs(samples))
+                    loss = criterion(samples, outputs, targets)
+                loss_scaler(loss / accum_steps, optimizer, clip_grad=options.clip_grad, parameters=model.parameters(),
+                            need_update=updating)
+            if updating and model_ema is not None:
+                model_ema.update(model)
 
-        # Reading the loss back forces a device sync: do it only when a progress line is printed.
-        metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
-        finite.update(loss.detach(), step)
-        if micro % print_freq == 0 or micro == last_micro:
-            finite.check()
-        if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-            checkpointer.after_step(epoch, step + 1, lambda: metric_logger.summed_state_dict(device),
-                                    before_save=finite.check)
+            # Reading the loss back forces a device sync: do it only when a progress line is printed.
+            metric_logger.update(loss=loss.detach().float(), lr=optimizer.param_groups[0]['lr'])
+            finite.update(loss.detach(), step)
+            if micro % print_freq == 0 or micro == last_micro:
+                finite.check()
+            if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
+                checkpointer.after_step(epoch, step + 1, lambda: metric_logger.summed_state_dict(device),
+                                        before_save=finite.check)
+            if updating:
+                steps_done = step + 1
+    except DataWaitExpired:
+        checkpointer.stop_waiting_for_data(epoch, steps_done, lambda: metric_logger.summed_state_dict(device),
+                                         before_save=finite.check)
 
     unreadable_images = count_over_ranks(unreadable)  # an image drawn by several ranks counts once
     if unreadable_images:
@@ -218,9 +233,12 @@ class HeadLogits(torch.nn.Module):
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
 def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both') -> dict:
+             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10, eval_head: str = 'both',
+             label: str = '') -> dict:
     """Top-1 / top-5 accuracy (%) and cross-entropy loss of the ``eval_head`` classifier, summed exactly
-    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both).
+    over all ranks; for a distilled model also the top-1 of each head (acc1_cls, acc1_dist, acc1_both);
+    with ReaL labels in the targets (real_labels.attach) also the ReaL top-1 (real_acc1) of the images
+    that have any. ``label`` (e.g. 'EMA model') starts the printed lines of this evaluation.
 
     ``model`` returns logits, or logits per head (HeadLogits; a bare distilled model is wrapped in it here).
     """
@@ -232,13 +250,14 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     totals = {}  # name -> float64 sum on the device: read back once, at the end
     count = 0  # images, counted on the host: a device tensor made from it would be a copy per batch
     unreadable = []
-    for batch in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+    prefix = f'{label}: ' if label else ''
+    for batch in metric_logger.log_every(data_loader, print_freq, f'{prefix}Test:'):
         images, target, bad_paths = split_batch(batch)
         unreadable += bad_paths
         if len(images) == 0:
             continue
         images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        target, real = split_targets(target.to(device, non_blocking=True))
         with autocast(device, amp_dtype):
             outputs = model(images)
         logits = outputs if isinstance(outputs, dict) else {'both': outputs}
@@ -246,11 +265,14 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
             raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
         output = logits[eval_head].float()
         n = images.shape[0]
-        top5 = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+        predicted = output.topk(min(5, output.shape[1]), dim=1).indices
+        top5 = predicted.eq(target[:, None])
         count += n
         batch_sums = {'loss': criterion(output, target), 'acc1': top5[:, 0].sum(), 'acc5': top5.sum()}
         if len(logits) > 1:
             batch_sums.update({f'acc1_{name}': out.argmax(dim=1).eq(target).sum() for name, out in logits.items()})
+        if real is not None:
+            batch_sums['real_correct'], batch_sums['real_images'] = real_correct(predicted[:, 0], real)
         for name, value in batch_sums.items():
             totals[name] = totals.get(name, 0) + value.double()
         metric_logger.update(n, loss=batch_sums['loss'] / n, acc1=100 * batch_sums['acc1'] / n)
@@ -263,10 +285,18 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     local = torch.stack([totals[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=device)])
     *values, count = all_reduce_sum(local).tolist()
     sums = dict(zip(names, values))
+    real_correct_sum, real_images = sums.pop('real_correct', None), sums.pop('real_images', None)
     stats = {name: (value / count if name == 'loss' else 100 * value / count) for name, value in sums.items()}
-    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
-          f'({int(count)} images, {eval_head} head)')
-    if 'acc1_cls' in stats:
-        print(f'* Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
+    distilled = 'acc1_cls' in stats
+    heads = {'both': ', both heads averaged', 'cls': ', class head', 'dist': ', distillation head'}
+    print(f'* {prefix}Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+          f'({int(count)} images{heads[eval_head] if distilled else ""})')
+    if distilled:
+        print(f'* {prefix}Acc@1 per head: cls {stats["acc1_cls"]:.3f}  dist {stats["acc1_dist"]:.3f}  '
               f'both {stats["acc1_both"]:.3f}')
+    if real_images is not None:
+        stats['real_acc1'] = 100 * real_correct_sum / real_images if real_images else float('nan')
+        stats['real_images'] = int(real_images)
+        print(f'* {prefix}ReaL Acc@1 {stats["real_acc1"]:.3f} ({int(real_images)} images with ReaL labels, '
+              f'{int(count - real_images)} without left out)')
     return stats

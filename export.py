@@ -3,16 +3,21 @@
     python export.py output/run/checkpoint.pth -o model.safetensors [--ema]
 
 The file holds the state dict of the model (or, with --ema, of the EMA model) under timm's key
-names, with the model name, class count and input size as metadata. timm loads it with:
+names, with the model name, class count and input size as metadata. timm loads it with (after
+``import models`` for a model of models/, as the printed lines do):
 
     timm.create_model(NAME, pretrained=True,
                       pretrained_cfg_overlay=dict(file='model.safetensors', num_classes=N))
 
 (``num_classes`` in the overlay too: when it differs from the pretrained config's own class count,
-timm drops the classifier weights and keeps a random head.)
+timm drops the classifier weights and keeps a random head; ``mean`` and ``std`` too when the run's
+normalisation, --mean/--std, differs from the model's pretrained config: timm's resolve_data_config then
+preprocesses as the run did.)
 """
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Dict, Optional
 
 import safetensors.torch
@@ -23,6 +28,8 @@ import models  # noqa: F401  (registers our models, whose default input size loa
 import utils
 import weights
 from utils import UserError
+
+REPO = Path(__file__).resolve().parent
 
 
 def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch.Tensor]:
@@ -39,13 +46,16 @@ def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch
 
 
 def export_metadata(checkpoint: dict, state: Dict[str, torch.Tensor], ema: bool) -> Dict[str, str]:
-    """String metadata (all safetensors allows): model name and input size from the run's args."""
+    """String metadata (all safetensors allows): model name, input size and normalisation from the run's args."""
     args = checkpoint.get('args') or {}
     metadata = {'format': 'pt', 'weights': 'ema' if ema else 'model'}  # 'format': what timm/HF tools expect
     if args.get('model'):
         metadata['model'] = str(args['model'])
     if args.get('input_size'):
         metadata['input_size'] = str(args['input_size'])
+    for key in ('mean', 'std'):
+        if args.get(key):
+            metadata[key] = ','.join(str(float(v)) for v in args[key])
     num_classes = args.get('nb_classes') or num_classes_of(state)
     if num_classes:
         metadata['num_classes'] = str(num_classes)
@@ -80,11 +90,28 @@ def export(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, st
 
 
 def load_hint(output: str, metadata: Dict[str, str]) -> str:
-    """The timm call that loads the exported file, for the user to copy."""
+    """The Python lines that load the exported file, for the user to copy: they run as printed in a fresh
+    interpreter, from any directory (absolute paths; our models/ registered in timm first)."""
     name = metadata.get('model', 'MODEL_NAME')
     num_classes = metadata.get('num_classes', 'NUM_CLASSES')
-    return (f"timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
-            f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}))")
+    lines = []
+    if timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith('models.'):
+        lines.append(f"import sys; sys.path.insert(0, {str(REPO)!r}); import models  "
+                     f"# registers {name} (models/ of this repository) in timm")
+    lines.append('import timm')
+    lines.append(f"model = timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
+                 f"pretrained_cfg_overlay=dict(file={os.path.abspath(output)!r}, num_classes={num_classes}"
+                 f"{normalisation_overlay(name, metadata)}))")
+    return '\n'.join(lines)
+
+
+def normalisation_overlay(name: str, metadata: Dict[str, str]) -> str:
+    """', mean=(...), std=(...)' when the run's normalisation is not the model's pretrained config's."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    own = {key: tuple(float(v) for v in metadata[key].split(',')) for key in ('mean', 'std') if key in metadata}
+    if len(own) < 2 or (cfg is not None and (tuple(cfg.mean), tuple(cfg.std)) == (own['mean'], own['std'])):
+        return ''
+    return f", mean={own['mean']}, std={own['std']}"
 
 
 def img_size_argument(name: str, metadata: Dict[str, str]) -> str:
@@ -111,7 +138,8 @@ def cli(argv=None) -> int:
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    print(f"wrote {args.output} ({metadata['weights']} weights); load it with:\n  {load_hint(args.output, metadata)}")
+    hint = load_hint(args.output, metadata).replace('\n', '\n  ')
+    print(f"wrote {args.output} ({metadata['weights']} weights); load it in Python with:\n  {hint}")
     return 0
 
 

@@ -23,11 +23,11 @@ import contextlib
 import datetime
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
@@ -37,192 +37,249 @@ from torch.utils.data.distributed import DistributedSampler
 import checkpoint
 import config
 import fast_data
+import inference
 import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
 import utils
 import weights
-from datasets import (DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset, build_pipeline,
-                      check_same_classes, collate_skipping)
+import real_labels
+from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset,
+                      build_pipeline, check_same_classes, class_names, collate_skipping, imagenet_descriptions)
 from engine import HeadLogits, LossScaler, NonFiniteLossError, TrainOptions, evaluate, is_distilled, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import RASampler, ResumableSampler
-from teacher import prepare_teacher
+from teacher import InputSpec, TeacherInputs, prepare_teacher
 from utils import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The original DeiT flags (same names and defaults), plus a few marked 'new'."""
-    parser = argparse.ArgumentParser('DeiT training and evaluation script', add_help=False)
-    parser.add_argument('--config', default='', metavar='FILE.yaml',
-                        help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
-    parser.add_argument('--batch-size', default=64, type=int, help='per-GPU (per-process) batch size')
-    parser.add_argument('--grad-accum-steps', default=1, type=int, metavar='K',
-                        help='(new) micro-batches of --batch-size per optimizer step: the effective batch '
-                             '(which --lr scales with) is batch-size x K x processes')
-    parser.add_argument('--epochs', default=300, type=int)
-    parser.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on mixed targets')
-    parser.add_argument('--unscale-lr', action='store_true',
-                        help='do not scale --lr by the effective batch / 512 (batch * accum * world / 512)')
+    """The original DeiT flags (same names, defaults and destinations), plus a few marked '(new)', in the
+    groups of the README; `python main.py --help` shows each flag's default."""
+    parser = config.CommandLineParser(add_help=False)
 
-    # Model
-    parser.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
-                        help='any timm model name, or one of models/')
-    parser.add_argument('--input-size', default=224, type=int, help='image size')
-    parser.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
-    parser.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate')
-    parser.add_argument('--grad-checkpointing', action='store_true',
-                        help="(new) timm's activation checkpointing of the student: less memory, one more forward")
-    parser.add_argument('--model-ema', action='store_true')
-    parser.add_argument('--no-model-ema', action='store_false', dest='model_ema')
-    parser.set_defaults(model_ema=True)
-    parser.add_argument('--model-ema-decay', type=float, default=0.99996)
-    parser.add_argument('--model-ema-force-cpu', action='store_true')
+    data = parser.add_argument_group('data')
+    data.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str, metavar='DIR',
+                      help='dataset root (IMNET: a folder with train/ and val/ class folders)')
+    data.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
+                      help='IMNET is any ImageFolder with train/ and val/; IMNETV2 (--eval only) ImageNet-V2\'s '
+                           'class-index folders 0 ... 999 in --data-path')
+    data.add_argument('--nb-classes', default=None, type=int, metavar='N',
+                      help='(new) expected number of classes, checked against the data; unset: taken from the data')
+    data.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str,
+                      help='iNaturalist label level (INAT, INAT19)')
+    data.add_argument('--eval-crop-ratio', default=0.875, type=float, metavar='RATIO',
+                      help='validation: resize to --input-size / RATIO, then centre-crop --input-size')
+    data.add_argument('--strict-data', action='store_true',
+                      help='(new) fail on an unreadable image instead of skipping and counting it')
+    data.add_argument('--mean', type=float, nargs=3, default=None, metavar='M',
+                      help="(new) the student's input normalisation mean; unset: that of the --resume checkpoint, "
+                           "of the --finetune weights (a hub tag's pretrained config), else ImageNet's")
+    data.add_argument('--std', type=float, nargs=3, default=None, metavar='S',
+                      help='(new) the input normalisation std; unset: chosen as --mean')
 
-    # Optimizer
-    parser.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
-    parser.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
-    parser.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
-    parser.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='gradient norm clip')
-    parser.add_argument('--momentum', type=float, default=0.9, metavar='M')
-    parser.add_argument('--weight-decay', type=float, default=0.05)
+    model = parser.add_argument_group('model')
+    model.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
+                       help='any timm model name, or one of models/')
+    model.add_argument('--input-size', default=224, type=int, metavar='PIXELS', help='image size (square)')
+    model.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    model.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path (stochastic depth) rate')
+    model.add_argument('--model-ema', action='store_true',
+                       help='keep an exponential moving average of the weights, evaluated each epoch')
+    model.add_argument('--no-model-ema', action='store_false', dest='model_ema', help='no EMA model')
+    model.set_defaults(model_ema=True)
+    model.add_argument('--model-ema-decay', type=float, default=0.99996, metavar='DECAY',
+                       help='EMA decay per optimizer step')
+    model.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA model on the CPU')
+    model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
+                       help="fine-tune from this checkpoint file or URL, or (new) timm's pretrained weights "
+                            'NAME.tag (classifier and position embedding adapted); unset: no fine-tuning')
+    model.add_argument('--finetune-partial', action='store_true',
+                       help='(new) --finetune loads the weights that fit and leaves the others as initialised '
+                            '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
+                            'classifier unset is refused')
+    model.add_argument('--attn-only', action='store_true',
+                       help='train only the attention layers, the position embedding and the classifier')
 
-    # Learning-rate schedule
-    parser.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
-    parser.add_argument('--lr', type=float, default=5e-4, metavar='LR', help='for a total batch of 512')
-    parser.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
-    parser.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT')
-    parser.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV')
-    parser.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR')
-    parser.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
-    parser.add_argument('--decay-epochs', type=float, default=30, metavar='N')
-    parser.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
-    parser.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
-                        help='epochs at --min-lr run after --epochs (default none: the original\'s default '
-                             'of 10 was never run)')
-    parser.add_argument('--patience-epochs', type=int, default=10, metavar='N')
-    parser.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+    distillation = parser.add_argument_group('distillation')
+    distillation.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
+                              help='timm model name of the teacher')
+    distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
+                              help='teacher checkpoint file or https URL (torch or safetensors); needed when '
+                                   'distilling, unless --teacher-pretrained')
+    distillation.add_argument('--teacher-pretrained', action='store_true',
+                              help="(new) the teacher is timm's pretrained --teacher-model NAME[.tag] (from the hub "
+                                   'cache, downloaded once), fed its own normalisation and input size')
+    distillation.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
+                              help='none: no teacher; soft: KL divergence to the teacher; hard: its predicted labels')
+    distillation.add_argument('--distillation-alpha', default=0.5, type=float, metavar='ALPHA',
+                              help='weight of the distillation loss (1 - ALPHA: the label loss)')
+    distillation.add_argument('--distillation-tau', default=1.0, type=float, metavar='TAU',
+                              help='temperature of soft distillation')
+    distillation.add_argument('--distillation-token', action='store_true', default=True,
+                              help='distil through the distillation token (needs a *_distilled_* model)')
+    distillation.add_argument('--no-distillation-token', action='store_false', dest='distillation_token',
+                              help='classic distillation on the class head of a model without distillation token')
+    distillation.add_argument('--eval-head', default='both', choices=('cls', 'dist', 'both'),
+                              help='classifier of a distilled model that test_acc1 reports; all three are logged')
 
-    # Augmentation
-    parser.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT')
-    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
-                        help='AutoAugment policy, "none" to disable')
-    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    parser.add_argument('--train-interpolation', type=str, default='bicubic',
-                        help='random, bilinear or bicubic')
-    parser.add_argument('--repeated-aug', action='store_true')
-    parser.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
-    parser.set_defaults(repeated_aug=True)
-    parser.add_argument('--ThreeAugment', action='store_true',
-                        help='DeiT III: one of grayscale / solarize / blur per image, plus colour jitter')
-    parser.add_argument('--src', action='store_true', help='DeiT III: simple random crop instead of RRC')
-    parser.add_argument('--train-mode', action='store_true')
-    parser.add_argument('--no-train-mode', action='store_false', dest='train_mode')
-    parser.set_defaults(train_mode=True)
+    optimisation = parser.add_argument_group('optimisation')
+    optimisation.add_argument('--batch-size', default=64, type=int, help='per-GPU (per-process) batch size')
+    optimisation.add_argument('--grad-accum-steps', default=1, type=int, metavar='K',
+                              help='(new) micro-batches of --batch-size per optimizer step: the effective batch '
+                                   '(which --lr scales with) is batch-size x K x processes')
+    optimisation.add_argument('--epochs', default=300, type=int, help='training epochs')
+    optimisation.add_argument('--unscale-lr', action='store_true',
+                              help='do not scale --lr by the effective batch / 512 (batch * accum * world / 512)')
+    optimisation.add_argument('--bce-loss', action='store_true', help='binary cross-entropy on mixed targets')
+    optimisation.add_argument('--cosub', action='store_true',
+                              help='DeiT III co-training: the batch runs twice, each copy learns from the labels '
+                                   'and from the other copy (BCE)')
+    optimisation.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='timm optimizer name')
+    optimisation.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON', help='optimizer epsilon')
+    optimisation.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
+                              help="optimizer betas; unset: the optimizer's own")
+    optimisation.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                              help='clip the gradient norm to NORM; unset: no clipping')
+    optimisation.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
+    optimisation.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    optimisation.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                              help="(new) layer-wise lr decay (BEiT/MAE fine-tuning): each layer's lr is scaled "
+                                   "by RATE per layer above it (timm's parameter groups); unset: off")
+    optimisation.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
+                              help='timm learning-rate schedule')
+    optimisation.add_argument('--lr', type=float, default=5e-4, metavar='LR',
+                              help='learning rate for a total batch of 512 (scaled, see --unscale-lr)')
+    optimisation.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                              help='epoch fractions where lr noise starts (and ends); unset: no noise')
+    optimisation.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT', help='lr noise limit')
+    optimisation.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV', help='lr noise std-dev')
+    optimisation.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR', help='lr at the start of warmup')
+    optimisation.add_argument('--min-lr', type=float, default=1e-5, metavar='LR', help='lower bound of the schedule')
+    optimisation.add_argument('--decay-epochs', type=float, default=30, metavar='N',
+                              help='epochs between decays (step schedules)')
+    optimisation.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='epochs of linear warmup')
+    optimisation.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+                              help="epochs at --min-lr run after --epochs (the original's default of 10 was "
+                                   "never run)")
+    optimisation.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                              help='epochs without improvement before a plateau schedule decays')
+    optimisation.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
+                              help='lr factor per decay (step schedules)')
 
-    # Random erasing
-    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT')
-    parser.add_argument('--remode', type=str, default='pixel')
-    parser.add_argument('--recount', type=int, default=1)
-    parser.add_argument('--resplit', action='store_true', default=False)
+    augmentation = parser.add_argument_group('augmentation')
+    augmentation.add_argument('--color-jitter', type=float, default=0.3, metavar='PCT', help='colour jitter factor')
+    augmentation.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                              help='AutoAugment policy, "none" to disable')
+    augmentation.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    augmentation.add_argument('--train-interpolation', type=str, default='bicubic',
+                              help='random, bilinear or bicubic')
+    augmentation.add_argument('--repeated-aug', action='store_true',
+                              help='repeated augmentation: each image 3 times per epoch, differently augmented')
+    augmentation.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug',
+                              help='each image once per epoch')
+    augmentation.set_defaults(repeated_aug=True)
+    augmentation.add_argument('--ThreeAugment', action='store_true',
+                              help='DeiT III: one of grayscale / solarize / blur per image, plus colour jitter')
+    augmentation.add_argument('--src', action='store_true',
+                              help='DeiT III: simple random crop instead of RRC')
+    augmentation.add_argument('--train-mode', action='store_true',
+                              help='the model in training mode (dropout, drop path) while it trains')
+    augmentation.add_argument('--no-train-mode', action='store_false', dest='train_mode',
+                              help='the model in eval mode while it trains')
+    augmentation.set_defaults(train_mode=True)
+    augmentation.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
+    augmentation.add_argument('--remode', type=str, default='pixel', help='random erasing fill: const, rand or pixel')
+    augmentation.add_argument('--recount', type=int, default=1, help='random erasing count')
+    augmentation.add_argument('--resplit', action='store_true', default=False,
+                              help="accepted as in the original, which does not use it")
+    augmentation.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, on if > 0')
+    augmentation.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, on if > 0')
+    augmentation.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, metavar='FRACTION',
+                              help='cutmix box min/max fractions (overrides --cutmix alpha); unset: alpha')
+    augmentation.add_argument('--mixup-prob', type=float, default=1.0,
+                              help='probability of mixup or cutmix per batch')
+    augmentation.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                              help='probability of cutmix instead of mixup when both are on')
+    augmentation.add_argument('--mixup-mode', type=str, default='batch', help='batch, pair or elem')
 
-    # Mixup / CutMix
-    parser.add_argument('--mixup', type=float, default=0.8, help='mixup alpha, on if > 0')
-    parser.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha, on if > 0')
-    parser.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    parser.add_argument('--mixup-prob', type=float, default=1.0)
-    parser.add_argument('--mixup-switch-prob', type=float, default=0.5)
-    parser.add_argument('--mixup-mode', type=str, default='batch', help='batch, pair or elem')
+    runs = parser.add_argument_group('runs and checkpoints')
+    runs.add_argument('--config', default='', metavar='FILE.yaml',
+                      help='(new) defaults for any flag from a YAML file (keys: flag names); flags win')
+    runs.add_argument('--output_dir', default='', metavar='DIR',
+                      help='where to save checkpoints, log.txt and args.yaml; unset: nothing is saved')
+    runs.add_argument('--device', default=utils.DEFAULT_DEVICE,
+                      help='cuda, cuda:N or cpu (the default falls back to cpu where CUDA is absent)')
+    runs.add_argument('--seed', default=0, type=int, help='random seed: every random number of the run derives from it')
+    runs.add_argument('--resume', default='', metavar='FILE_OR_URL',
+                      help="resume from this checkpoint file or URL; 'auto': the checkpoint in --output_dir if "
+                           "there is one, else start fresh; unset: start fresh")
+    runs.add_argument('--start-over', action='store_true',
+                      help='(new) start a new run in an --output_dir that holds another run\'s checkpoints: '
+                           'its files are moved to DIR/previous-<time>/ first (without this flag such a run '
+                           'is refused)')
+    runs.add_argument('--start_epoch', default=0, type=int, metavar='N',
+                      help='first epoch (a resumed checkpoint sets it)')
+    runs.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
+    runs.add_argument('--real-labels', default='', metavar='real.json',
+                      help='(new) with --eval on ImageNet\'s validation images: also the ReaL top-1 (Beyer et al. '
+                           '2020; real.json of google-research/reassessed-imagenet)')
+    runs.add_argument('--print-freq', default=10, type=int, metavar='N', help='(new) steps between progress lines')
+    runs.add_argument('--tensorboard', action='store_true', default=None,
+                      help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
+                           'tensorboard package is installed and --output_dir is set')
+    runs.add_argument('--no-tensorboard', action='store_false', dest='tensorboard', help='(new) no TensorBoard events')
+    runs.add_argument('--save-interval-steps', default=0, type=int, metavar='N',
+                      help='(new) also write a step checkpoint every N optimizer steps (0: off)')
+    runs.add_argument('--save-interval-minutes', default=0, type=float, metavar='M',
+                      help='(new) also write a step checkpoint every M minutes (0: off)')
+    runs.add_argument('--keep-last', default=2, type=int, metavar='K',
+                      help='(new) step checkpoints to keep besides checkpoint.pth and best_checkpoint.pth')
+    runs.add_argument('--deterministic', action='store_true',
+                      help='(new) deterministic kernels: bit-identical results for the same command')
 
-    # Distillation
-    parser.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL')
-    parser.add_argument('--teacher-path', type=str, default='', help='teacher checkpoint file or https URL')
-    parser.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str)
-    parser.add_argument('--distillation-alpha', default=0.5, type=float)
-    parser.add_argument('--distillation-tau', default=1.0, type=float)
-    parser.add_argument('--distillation-token', action='store_true', default=True,
-                        help='distil through the distillation token (needs a *_distilled_* model)')
-    parser.add_argument('--no-distillation-token', action='store_false', dest='distillation_token',
-                        help="classic distillation on the class head of a model without distillation token")
-    parser.add_argument('--eval-head', default='both', choices=('cls', 'dist', 'both'),
-                        help='classifier of a distilled model that test_acc1 reports; all three are logged')
-    parser.add_argument('--cosub', action='store_true',
-                        help='DeiT III co-training: the batch runs twice, each copy learns from the labels '
-                             'and from the other copy (BCE)')
+    distributed = parser.add_argument_group(
+        'distributed', 'torchrun, torch.distributed.launch and submitit set the processes through the environment')
+    distributed.add_argument('--dist-eval', action='store_true', default=True,
+                             help='each process evaluates its shard of the validation set (exact: every image '
+                                  'counted once)')
+    distributed.add_argument('--no-dist-eval', action='store_false', dest='dist_eval',
+                             help='(new) every process evaluates the whole validation set (the original default)')
+    distributed.add_argument('--distributed', action='store_true', default=False,
+                             help='accepted as in the original, which also ignores it: the environment decides')
+    distributed.add_argument('--world_size', default=1, type=int, metavar='N',
+                             help='accepted as in the original: the environment (WORLD_SIZE) decides')
+    distributed.add_argument('--dist_url', default='env://', metavar='URL', help='process-group init method')
+    distributed.add_argument('--local-rank', '--local_rank', default=0, type=int, metavar='RANK',
+                             help='set by torch.distributed.launch without --use_env')
 
-    # Fine-tuning
-    parser.add_argument('--finetune', default='', help='fine-tune from this checkpoint file or URL')
-    parser.add_argument('--attn-only', action='store_true',
-                        help='train only the attention layers, the position embedding and the classifier')
-
-    # Dataset
-    parser.add_argument('--data-path', default='/datasets01/imagenet_full_size/061417/', type=str)
-    parser.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
-                        help='IMNET is any ImageFolder with train/ and val/')
-    parser.add_argument('--nb-classes', default=None, type=int,
-                        help='(new) expected number of classes, checked against the data')
-    parser.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str)
-    parser.add_argument('--eval-crop-ratio', default=0.875, type=float)
-
-    # Run
-    parser.add_argument('--output_dir', default='', help='where to save checkpoints and log.txt')
-    parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu (cpu if CUDA is absent)')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--resume', default='', help="resume from this checkpoint file or URL; 'auto': "
-                        "the checkpoint in --output_dir if there is one, else start fresh")
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N')
-    parser.add_argument('--eval', action='store_true', help='only evaluate (with --resume)')
-    parser.add_argument('--dist-eval', action='store_true', default=True,
-                        help='each process evaluates its shard of the validation set (default; exact: every '
-                             'image counted once)')
-    parser.add_argument('--no-dist-eval', action='store_false', dest='dist_eval',
-                        help='(new) every process evaluates the whole validation set (the original default)')
-    parser.add_argument('--num_workers', default=None, type=int,
-                        help='data-loader worker processes (default: 10, at most the cores per process)')
-    parser.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
-    parser.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
-    parser.add_argument('--amp', action='store_true', default=None,
-                        help='(new) mixed precision; default: on where bf16 is native and faster (CUDA; a CPU '
-                             'where a start-up probe measures it), fp16 on a GPU without bf16')
-    parser.add_argument('--no-amp', action='store_false', dest='amp', help='(new) fp32 throughout')
-    parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
-                        help='(new) autocast dtype (implies --amp); fp16 uses loss scaling, bf16 does not '
-                             '(default: bf16 where native, else fp16)')
-    parser.add_argument('--print-freq', default=10, type=int, help='(new) steps between progress lines')
-    parser.add_argument('--tensorboard', action='store_true', default=None,
-                        help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
-                             'tensorboard package is installed and --output_dir is set')
-    parser.add_argument('--no-tensorboard', action='store_false', dest='tensorboard')
-    parser.add_argument('--save-interval-steps', default=0, type=int,
-                        help='(new) also write a step checkpoint every N optimizer steps (0: off)')
-    parser.add_argument('--save-interval-minutes', default=0, type=float,
-                        help='(new) also write a step checkpoint every M minutes (0: off)')
-    parser.add_argument('--keep-last', default=2, type=int,
-                        help='(new) step checkpoints to keep besides checkpoint.pth and best_checkpoint.pth')
-    parser.add_argument('--deterministic', action='store_true',
-                        help='(new) deterministic kernels: bit-identical results for the same command')
-    parser.add_argument('--strict-data', action='store_true',
-                        help='(new) fail on an unreadable image instead of skipping it')
-    parser.add_argument('--fast-data', action='store_true', default=True,
-                        help='(new) uint8 images from the workers, DCT-scaled JPEG decoding, normalisation and '
-                             'erasing per batch on the device (same augmentation distribution; default on)')
-    parser.add_argument('--no-fast-data', action='store_false', dest='fast_data',
-                        help="(new) timm's stock per-image transforms (the reference pipeline)")
-    parser.add_argument('--no-tf32', action='store_false', dest='tf32',
-                        help='(new) full fp32 matmuls and convolutions on CUDA; by default they use TF32 tensor '
-                             'cores (Ampere and newer: --no-amp runs, the fp32 parts of an AMP run)')
-    parser.add_argument('--compile', action='store_true',
-                        help='(new) torch.compile the student and the teacher (eager if unavailable)')
-
-    # Distributed (filled from the environment set by torchrun / launch / submitit)
-    parser.add_argument('--distributed', action='store_true', default=False,
-                        help='accepted as in the original, which also ignores it: the environment decides')
-    parser.add_argument('--world_size', default=1, type=int)
-    parser.add_argument('--dist_url', default='env://')
-    parser.add_argument('--local-rank', '--local_rank', default=0, type=int,
-                        help='set by torch.distributed.launch without --use_env')
+    performance = parser.add_argument_group('performance')
+    performance.add_argument('--num_workers', default=None, type=int, metavar='N',
+                             help='data-loader worker processes; unset: 10, at most the cores per process')
+    performance.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the DataLoader')
+    performance.add_argument('--no-pin-mem', action='store_false', dest='pin_mem', help='no pinned memory')
+    performance.set_defaults(pin_mem=True)
+    performance.add_argument('--amp', action='store_true', default=None,
+                             help='(new) mixed precision; unset: on where bf16 is native and faster (CUDA; a CPU '
+                                  'where a start-up probe measures it), fp16 on a GPU without bf16')
+    performance.add_argument('--no-amp', action='store_false', dest='amp', help='(new) fp32 throughout')
+    performance.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'),
+                             help='(new) autocast dtype (implies --amp); fp16 uses loss scaling, bf16 does not; '
+                                  'unset: bf16 where native, else fp16')
+    performance.add_argument('--fast-data', action='store_true', default=True,
+                             help='(new) uint8 images from the workers, DCT-scaled JPEG decoding, normalisation and '
+                                  'erasing per batch on the device (same augmentation distribution)')
+    performance.add_argument('--no-fast-data', action='store_false', dest='fast_data',
+                             help="(new) timm's stock per-image transforms (the reference pipeline)")
+    performance.add_argument('--no-tf32', action='store_false', dest='tf32',
+                             help='(new) full fp32 matmuls and convolutions on CUDA; by default they use TF32 '
+                                  'tensor cores (Ampere and newer: --no-amp runs, the fp32 parts of an AMP run)')
+    performance.add_argument('--compile', action='store_true',
+                             help='(new) torch.compile the student and the teacher (eager if unavailable)')
+    performance.add_argument('--grad-checkpointing', action='store_true',
+                             help="(new) timm's activation checkpointing of the student: less memory, one more "
+                                  "forward")
     return parser
 
 
@@ -247,10 +304,15 @@ def validate_args(args) -> None:
     if args.distillation_type != 'none':
         if not timm.is_model(args.teacher_model):
             raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
-        if not args.teacher_path:
-            raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path '
-                            '(a checkpoint file or https URL of the teacher)')
-        if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
+        if args.teacher_pretrained and args.teacher_path:
+            raise UserError('--teacher-pretrained and --teacher-path both give the teacher weights: keep one')
+        if args.teacher_pretrained:
+            weights.check_hub_weights(args.teacher_model, '--teacher-model')
+        elif not args.teacher_path:
+            raise UserError(f'--distillation-type {args.distillation_type} needs the teacher weights: --teacher-path '
+                            "(a checkpoint file or https URL) or --teacher-pretrained (timm's weights of "
+                            '--teacher-model NAME.tag)')
+        elif not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
         check_distillation_head(args.model, args.distillation_token)
     if args.grad_checkpointing:
@@ -263,14 +325,30 @@ def validate_args(args) -> None:
         raise UserError(f'--batch-size {args.batch_size} must be even with mixup/cutmix (they pair the images of '
                         f'a batch): use an even --batch-size, or --mixup 0 --cutmix 0')
     check_input_size(args.model, args.input_size)
+    if args.data_set in EVAL_ONLY_DATA_SETS and not args.eval:
+        raise UserError(f'--data-set {args.data_set} is a test set without training images: use it with --eval')
+    if args.real_labels and not args.eval:
+        raise UserError('--real-labels scores an evaluation: add --eval (and --resume CHECKPOINT)')
+    if args.real_labels and not os.path.isfile(args.real_labels):
+        raise UserError(f'--real-labels {args.real_labels} does not exist: download real.json of '
+                        f'google-research/reassessed-imagenet')
     if args.eval and not (args.resume or args.finetune):
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto' and not args.output_dir:
         raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-    for name in ('resume', 'finetune'):
-        path = getattr(args, name)
-        if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
-            raise UserError(f'--{name} {path} does not exist: check the path')
+    if args.resume and args.resume != 'auto' and not utils.is_url(args.resume) and not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume} does not exist: check the path')
+    if args.finetune and not utils.is_url(args.finetune) and not os.path.isfile(args.finetune):
+        if '.' not in args.finetune or not timm.is_model(args.finetune):
+            raise UserError(f"--finetune {args.finetune} does not exist: check the path, or name timm's "
+                            'pretrained weights as NAME.tag (timm.list_pretrained())')
+        weights.check_hub_weights(args.finetune, '--finetune')
+    if (args.mean is None) != (args.std is None):
+        raise UserError('--mean and --std go together: give both, or neither (the weights\' own, else ImageNet\'s)')
+    if args.std is not None and min(args.std) <= 0:
+        raise UserError(f'--std must be positive, got {args.std}')
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UserError(f'--layer-decay must be in (0, 1] (e.g. 0.65-0.75 for ViT-S/B fine-tuning), got {args.layer_decay}')
 
 
 def resolve_args(args) -> Optional[torch.dtype]:
@@ -298,9 +376,26 @@ def resolve_args(args) -> Optional[torch.dtype]:
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     args.resume = checkpoint.resume_source(args.resume, args.output_dir)
+    args.mean, args.std = student_normalisation(args.mean, args.std, args.resume, args.finetune)
     if not args.unscale_lr:
         args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     return precision.dtype
+
+
+def student_normalisation(mean: Optional[list], std: Optional[list], resume: str, finetune: str
+                          ) -> Tuple[list, list]:
+    """The student's input mean and std: --mean/--std, else those the weights it starts from were trained
+    with (the --resume checkpoint's, the --finetune source's: a hub tag's pretrained config or a checkpoint's
+    recorded args), else ImageNet's. Settled in args, so that checkpoints record it for --eval and export."""
+    if mean is not None:
+        return list(mean), list(std)
+    for flag, source in (('--resume', resume), ('--finetune', finetune)):
+        found = weights.normalisation_of(source) if source else None
+        if found is not None:
+            if found != (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)):
+                print(f'normalisation: mean {found[0]} std {found[1]}, as the weights of {flag} {source}')
+            return found
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
 
 
 def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
@@ -398,18 +493,33 @@ def samples_per_step(args) -> int:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
-    """Train and val loaders with their samplers (repeated augmentation, sharded eval)."""
+def build_data(args) -> Tuple[Optional[DataLoader], DataLoader, int, List[str]]:
+    """Train and val loaders with their samplers (repeated augmentation, sharded eval), the number of
+    classes and their names. --eval builds no training split (its folder walk alone takes minutes on
+    ImageNet): the validation split names the classes."""
     settings = DataSettings.from_args(args)
     pipeline_train, pipeline_val = build_pipeline(True, settings.transform), build_pipeline(False, settings.transform)
-    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
-    dataset_val, _ = build_dataset(False, settings, pipeline_val)
-    check_same_classes(dataset_train, dataset_val)
-    world, rank = utils.get_world_size(), utils.get_rank()
-    samples_train, samples_val = RobustSamples(dataset_train, replace=True), RobustSamples(dataset_val, replace=False)
-    if not args.eval:
-        samples_train.check_readable('training')
+    dataset_val, nb_classes = build_dataset(False, settings, pipeline_val)
+    if args.real_labels:
+        labelled = real_labels.attach(dataset_val, args.real_labels, nb_classes)
+        print(f'ReaL labels: {labelled} of {len(dataset_val)} validation images have any ({args.real_labels})')
+    samples_val = RobustSamples(dataset_val, replace=False)
     samples_val.check_readable('validation')
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.dist_eval and args.distributed:
+        # Strided shards without padding: every image counted once, so the reduced metrics are exact.
+        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
+    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
+                            batch_size=int(1.5 * args.batch_size), drop_last=False, **loader_options(args))
+    if pipeline_val.batch:
+        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
+    if args.eval:
+        return None, loader_val, nb_classes, class_names(dataset_val)
+
+    dataset_train, nb_classes = build_dataset(True, settings, pipeline_train)
+    check_same_classes(dataset_train, dataset_val)
+    samples_train = RobustSamples(dataset_train, replace=True)
+    samples_train.check_readable('training')
 
     # Both orders depend only on (seed, epoch): a resumed run sees the same order.
     if args.repeated_aug:
@@ -418,31 +528,28 @@ def build_data(args) -> Tuple[DataLoader, DataLoader, int]:
         order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     # Whole optimizer steps only: a partial last step would average fewer samples than the others.
     sampler_train = ResumableSampler(order, seed=args.seed, rank=rank, group_size=samples_per_step(args))
-    if args.dist_eval and args.distributed:
-        # Strided shards without padding: every image counted once, so the reduced metrics are exact.
-        samples_val = RobustSamples(Subset(dataset_val, range(rank, len(dataset_val), world)), replace=False)
+    loader_train = DataLoader(samples_train, sampler=sampler_train,
+                              batch_size=args.batch_size, drop_last=True, **loader_options(args))
+    if pipeline_train.batch:
+        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
+                                               rank=rank)
+    if len(loader_train) == 0:
+        raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
+                        f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
+                        f'lower --batch-size or --grad-accum-steps')
+    return loader_train, loader_val, nb_classes, class_names(dataset_train)
 
+
+def loader_options(args) -> dict:
+    """DataLoader settings both splits share: workers, pinned memory, the collate that skips unreadable images."""
     pin = args.pin_mem and args.device.type == 'cuda'
-    workers = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
+    options = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
                    collate_fn=collate_skipping, worker_init_fn=init_data_worker,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
-        workers['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
-    loader_train = DataLoader(samples_train, sampler=sampler_train,
-                              batch_size=args.batch_size, drop_last=True, **workers)
-    loader_val = DataLoader(samples_val, sampler=SequentialSampler(samples_val),
-                            batch_size=int(1.5 * args.batch_size), drop_last=False, **workers)
-    if pipeline_train.batch:
-        loader_train = fast_data.DeviceBatches(loader_train, pipeline_train.batch, args.device, seed=args.seed,
-                                               rank=rank)
-    if pipeline_val.batch:
-        loader_val = fast_data.DeviceBatches(loader_val, pipeline_val.batch, args.device)
-    if len(loader_train) == 0 and not args.eval:
-        raise UserError(f'{len(order)} training samples per process are fewer than one optimizer step '
-                        f'(--batch-size {args.batch_size} x --grad-accum-steps {args.grad_accum_steps}): '
-                        f'lower --batch-size or --grad-accum-steps')
-    return loader_train, loader_val, nb_classes
+        options['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
+    return options
 
 
 def init_data_worker(worker_id: int) -> None:
@@ -471,7 +578,7 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
-        load_finetune_weights(model, args.finetune)
+        load_finetune_weights(model, args.finetune, partial=args.finetune_partial)
     if args.attn_only:
         train_attention_only(model)
     model.to(device)
@@ -503,13 +610,8 @@ def student_for_evaluation(model: torch.nn.Module, model_without_ddp: torch.nn.M
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
     """The student, for --input-size where the architecture takes an image size."""
-    kwargs = dict(pretrained=False, num_classes=nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
-    try:
-        model = timm.create_model(args.model, img_size=args.input_size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        model = timm.create_model(args.model, **kwargs)  # e.g. convnets: any input size
+    model = inference.create_model(args.model, nb_classes, args.input_size, pretrained=False, drop_rate=args.drop,
+                                   drop_path_rate=args.drop_path)
     if args.distillation_type != 'none' and args.distillation_token:
         model.set_distilled_training(True)  # return (cls, dist) logits while training
     if args.grad_checkpointing:
@@ -548,17 +650,37 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
         model, device_ids=[gpu] if device.type == 'cuda' else None, gradient_as_bucket_view=True)
 
 
-def load_finetune_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid."""
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(path), path)
+def load_finetune_weights(model: torch.nn.Module, path: str, partial: bool = False) -> None:
+    """Start from a checkpoint, or timm's pretrained weights NAME.tag: classifiers of another shape are
+    dropped, pos_embed resized to the grid.
+
+    Every other weight of the model must come from the checkpoint, unless ``partial`` (--finetune-partial:
+    a backbone on purpose): a checkpoint of another architecture would otherwise leave a random model.
+    """
+    if weights.is_hub_weights(path):
+        # timm's own loader (hub cache, its checkpoint filters), then the same fitting as a file's
+        checkpoint_data = {'model': weights.create_pretrained(
+            path, '--finetune', 'give a checkpoint file or URL to --finetune').state_dict()}
+    else:
+        checkpoint_data = weights.load_checkpoint(path)
+    state = weights.model_state_from_checkpoint(checkpoint_data, path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
     for k in [k for k in state if k.startswith(prefixes) and k in own and state[k].shape != own[k].shape]:
         print(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)})')
         del state[k]
     weights.interpolate_pos_embed(state, model)
-    message = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)
-    print(f'Fine-tuning from {path}: {message}')
+    result = weights.load_state_checked(model, state, f'--finetune {path}', strict=False)  # refuses other shapes
+    unset = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if unset and not partial:
+        raise UserError(weights.describe_partial_fit(model, state, unset, checkpoint_data, f'--finetune {path}')
+                        + ': fine-tune from a checkpoint of this --model, or add --finetune-partial to load '
+                          'only the weights that fit')
+    kept = result.missing_keys
+    print(f'Fine-tuning from {path}: {len(own) - len(kept)} of the model\'s {len(own)} tensors loaded'
+          + (f'; {len(kept)} keep their initialisation ({", ".join(kept[:4])}{" ..." if len(kept) > 4 else ""})'
+             if kept else '')
+          + (f'; {len(result.unexpected_keys)} checkpoint tensors unused' if result.unexpected_keys else ''))
 
 
 def train_attention_only(model: torch.nn.Module) -> None:
@@ -573,18 +695,66 @@ def train_attention_only(model: torch.nn.Module) -> None:
         model.pos_embed.requires_grad = True
 
 
-def build_teacher(args, nb_classes: int, device: torch.device,
+def student_inputs(args) -> InputSpec:
+    """What the student's batches are (--input-size, --mean, --std; resized bicubically as DeiT's)."""
+    return InputSpec(args.input_size, tuple(args.mean), tuple(args.std), 'bicubic')
+
+
+def teacher_inputs(args, teacher_checkpoint: Optional[dict]) -> InputSpec:
+    """What the teacher was trained on: timm's pretrained config of --teacher-model with --teacher-pretrained;
+    the size and normalisation a --teacher-path checkpoint recorded (one of this trainer's, or of the
+    original scripts'); that of an explicit tag, --teacher-model NAME.tag; else the student's inputs,
+    as the original DeiT feeds its teacher."""
+    recorded = weights.checkpoint_args(teacher_checkpoint)  # {} with --teacher-pretrained
+    if recorded.get('input_size'):
+        return InputSpec(int(recorded['input_size']), tuple(recorded.get('mean') or IMAGENET_DEFAULT_MEAN),
+                         tuple(recorded.get('std') or IMAGENET_DEFAULT_STD), 'bicubic')
+    tagged = args.teacher_pretrained or '.' in args.teacher_model
+    cfg = weights.hub_pretrained_cfg(args.teacher_model) if tagged else None
+    if cfg is not None:
+        return InputSpec.from_data_config(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+    return student_inputs(args)
+
+
+def load_teacher_checkpoint(args) -> Optional[dict]:
+    """The --teacher-path checkpoint (read once, before the data: its args say what the teacher receives)."""
+    if args.distillation_type == 'none' or args.teacher_pretrained:
+        return None
+    return weights.load_checkpoint(args.teacher_path)
+
+
+def describe_teacher_inputs(student: InputSpec, teacher: InputSpec) -> str:
+    """The one line saying what the teacher receives."""
+    if (teacher.size, teacher.mean, teacher.std) == (student.size, student.mean, student.std):
+        return f"teacher receives: the student's batch as it is ({student.describe()})"
+    return (f'teacher receives: {teacher.describe(interpolation=True)}, converted on the device from the '
+            f"student's batch ({student.describe()})")
+
+
+def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, device: torch.device,
                   amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
-    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
-    inference-only module (teacher.py: BatchNorm folded, channels_last) in the student's precision."""
+    """The frozen teacher: timm's pretrained --teacher-model (--teacher-pretrained) or the model with the
+    weights of --teacher-path, as an inference-only module (teacher.py: BatchNorm folded, channels_last) in
+    the student's precision, fed the student's batch converted to its own inputs (teacher_inputs)."""
     if args.distillation_type == 'none':
         return None
     print(f'Creating teacher model: {args.teacher_model}')
-    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
-    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
+    if args.teacher_pretrained:
+        classes = weights.hub_pretrained_cfg(args.teacher_model).num_classes
+        if classes != nb_classes:
+            raise UserError(f"--teacher-model {args.teacher_model} predicts {classes} classes, the data has "
+                            f'{nb_classes}: fine-tune it to your classes first (--model {args.teacher_model.split(".")[0]} '
+                            f'--finetune {args.teacher_model}), then distil with --teacher-path '
+                            'OUTPUT/checkpoint.pth (README, "Distil on your own data")')
+        teacher = weights.create_pretrained(args.teacher_model, '--teacher-model',
+                                            'give the teacher weights as a file with --teacher-path')
+    else:
+        teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
+        state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
+        weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                                   f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    inputs = TeacherInputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint))
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +768,15 @@ def optimizer_name(opt: str) -> str:
         print(f"--opt {opt}: timm's LAMB (timm.optim.Lamb)")
         return 'lamb'
     return opt
+
+
+def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for the flags (create_optimizer_v2): no weight decay on norms, biases and the
+    model's no_weight_decay() parameters; with --layer-decay, timm's per-layer parameter groups, whose
+    'lr_scale' timm's schedulers apply."""
+    opt = optimizer_name(args.opt)
+    return create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'opt': opt},
+                               **speedups.optimizer_kwargs(device, opt))
 
 
 def criterion_of(args, teacher: Optional[torch.nn.Module]) -> Criterion:
@@ -663,13 +842,19 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    finally:
+        signals.disarm()
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
         prepare_output_dir(args.output_dir)
+    resume_requested = args.resume == 'auto'
     amp_dtype = resolve_args(args)
+    teacher_checkpoint = load_teacher_checkpoint(args)
+    if teacher_checkpoint is not None or args.teacher_pretrained and args.distillation_type != 'none':
+        print(describe_teacher_inputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint)))
     device = args.device
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
@@ -679,10 +864,12 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     speedups.keep_freed_memory_for(device)
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
+        checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
     print(args)
 
     # Data
-    loader_train, loader_val, nb_classes = build_data(args)
+    loader_train, loader_val, nb_classes, classes = build_data(args)
     args.nb_classes = nb_classes  # recorded with the run: known once the data is read
     mixup_fn = build_mixup(args, nb_classes)
 
@@ -691,21 +878,24 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f'number of params: {n_parameters}')
     evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
-    teacher = build_teacher(args, nb_classes, device, amp_dtype)
+    teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
+    del teacher_checkpoint  # its weights now live in the teacher
 
     # Optimisation
-    opt = optimizer_name(args.opt)
-    optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
-                                    **speedups.optimizer_kwargs(device, opt))
+    optimizer = build_optimizer(args, model_without_ddp, device)
     loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
     lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
     criterion = criterion_of(args, teacher)
     options = train_options(args, amp_dtype)
     state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch)
+                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch,
+                                     classes=classes, class_descriptions=imagenet_descriptions(classes))
     if args.resume:
-        state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
-                     accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
+        state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
+                     batch_size=args.batch_size, accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(),
+                     scaled_lr=args.lr)
+    else:
+        lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
     if args.eval:
         test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
@@ -752,7 +942,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                          'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
             if model_ema is not None:
                 with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
-                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head)
+                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
+                                         label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
             epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
@@ -772,7 +963,8 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
 def cli(argv=None) -> int:
     """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
-    parser = argparse.ArgumentParser('DeiT training and evaluation script', parents=[get_args_parser()])
+    parser = config.CommandLineParser(description='DeiT training and evaluation script',
+                                      parents=[get_args_parser()])
     args = config.parse_args(parser, argv)
     try:
         main(args)

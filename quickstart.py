@@ -46,7 +46,8 @@ def run_stage(stage: Stage, out: Path, threads: int, progress: bool = True) -> d
     """Run main.py for one stage into ``out``, printing one progress line per epoch (``progress``)
     or none; returns its last log line and the seconds it took."""
     out.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, str(REPO / 'main.py'), *stage.argv, '--output_dir', str(out)]
+    # --start-over: running a stage again keeps the earlier run's files in out/previous-<time>/
+    argv = [sys.executable, str(REPO / 'main.py'), *stage.argv, '--output_dir', str(out), '--start-over']
     # A fixed thread count: the same numbers on every run on the same machine.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED='1')
     if progress:

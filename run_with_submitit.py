@@ -24,24 +24,26 @@ REPO = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser('Submitit for DeiT', parents=[trainer.get_args_parser()])
-    parser.add_argument('--ngpus', default=8, type=int, help='GPUs per node; 0 runs CPU tasks (gloo)')
-    parser.add_argument('--nodes', default=2, type=int, help='number of nodes')
-    parser.add_argument('--ntasks-per-node', default=None, type=int,
-                        help='tasks (ranks) per node; default: --ngpus, or 1 with --ngpus 0')
-    parser.add_argument('--timeout', default=2800, type=int, help='job time limit in minutes')
-    parser.add_argument('--job_dir', default='experiments/%j', type=str,
-                        help='submitit logs; %%j is the job id. Default output_dir when none is given')
-    parser.add_argument('--partition', default=None, type=str, help='Slurm partition (default: the cluster\'s)')
-    parser.add_argument('--use_volta32', action='store_true', help='constrain to 32 GB V100 nodes')
-    parser.add_argument('--comment', default='', type=str, help='Slurm job comment')
-    parser.add_argument('--qos', default=None, type=str, help='Slurm quality of service')
-    parser.add_argument('--account', default=None, type=str, help='Slurm account')
-    parser.add_argument('--cpus-per-task', default=10, type=int, help='CPUs per task (data-loader workers)')
-    parser.add_argument('--mem-per-gpu', default=40, type=int, help='GB of memory per GPU')
-    parser.add_argument('--constraint', default=None, type=str, help='Slurm node constraint')
-    parser.add_argument('--exclude', default=None, type=str, help='nodes to exclude')
-    parser.add_argument('--job-name', default='deit', type=str, help='Slurm job name')
+    parser = config.CommandLineParser(description='Submit DeiT training to Slurm with submitit',
+                                      parents=[trainer.get_args_parser()])
+    slurm = parser.add_argument_group('Slurm submission')
+    slurm.add_argument('--ngpus', default=8, type=int, help='GPUs per node; 0 runs CPU tasks (gloo)')
+    slurm.add_argument('--nodes', default=2, type=int, help='number of nodes')
+    slurm.add_argument('--ntasks-per-node', default=None, type=int,
+                       help='tasks (ranks) per node; default: --ngpus, or 1 with --ngpus 0')
+    slurm.add_argument('--timeout', default=2800, type=int, help='job time limit in minutes')
+    slurm.add_argument('--job_dir', default='experiments/%j', type=str,
+                       help='submitit logs; %%j is the job id. Also the output_dir when none is given')
+    slurm.add_argument('--partition', default=None, type=str, help="Slurm partition; unset: the cluster's default")
+    slurm.add_argument('--use_volta32', action='store_true', help='constrain to 32 GB V100 nodes')
+    slurm.add_argument('--comment', default='', type=str, help='Slurm job comment')
+    slurm.add_argument('--qos', default=None, type=str, help="Slurm quality of service; unset: the cluster's default")
+    slurm.add_argument('--account', default=None, type=str, help="Slurm account; unset: the cluster's default")
+    slurm.add_argument('--cpus-per-task', default=10, type=int, help='CPUs per task (data-loader workers)')
+    slurm.add_argument('--mem-per-gpu', default=40, type=int, help='GB of memory per GPU')
+    slurm.add_argument('--constraint', default=None, type=str, help='Slurm node constraint; unset: none')
+    slurm.add_argument('--exclude', default=None, type=str, help='nodes to exclude; unset: none')
+    slurm.add_argument('--job-name', default='deit', type=str, help='Slurm job name')
     return config.parse_args(parser, argv)
 
 

@@ -79,11 +79,20 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
+class _DefaultDevice(str):
+    """--device's default ('cuda'), told apart from a --device cuda the user gave."""
+
+
+DEFAULT_DEVICE = _DefaultDevice('cuda')
+
+
 def resolve_device(requested: str) -> torch.device:
-    """The requested device, or the CPU with one warning line when CUDA is asked for but absent."""
+    """The requested device, or the CPU where CUDA is absent: with one warning line when the user asked
+    for CUDA, silently for the default (DEFAULT_DEVICE)."""
     device = torch.device(requested)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        print(f"warning: --device {requested} requested but CUDA is not available; using the CPU")
+        if not isinstance(requested, _DefaultDevice):
+            print(f"warning: --device {requested} requested but CUDA is not available; using the CPU")
         return torch.device('cpu')
     return device
 

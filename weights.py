@@ -9,8 +9,11 @@ import pickle
 import re
 import zipfile
 from pathlib import PosixPath, PurePath
+from typing import Optional, Tuple
 from urllib.parse import urlparse
 
+import huggingface_hub
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer, checkpoint_filter_fn
@@ -32,17 +35,9 @@ def load_checkpoint(path: str) -> dict:
     URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
     torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
-    local = path
-    if is_url(path):
-        url = urlparse(path)
-        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
-            raise UserError(f'refusing to download {path} over plain http: use an https URL')
-        try:
-            local = download_once(path)
-        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
-            raise UserError(f'could not download {path}: {first_line(e)}') from None
-    elif not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist: check the path')
+    local = local_copy(path)
+    if is_safetensors(local):
+        return read_safetensors(local, path)
     damage = checkpoint_damage(local)
     if damage:
         raise UserError(f'cannot read checkpoint {path}: {damage}')
@@ -58,6 +53,119 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f'cannot read checkpoint {path}: {first_line(e)}') from None
     return with_plain_args(checkpoint, path)
 
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header ('{')."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
+
+
+def read_safetensors(local: str, path: str) -> dict:
+    """The tensors of a safetensors file (timm's and the hub's weight format) as a bare state dict.
+
+    safetensors holds tensors only, so it needs no weights_only guard; its header is checked
+    against the file size, so a truncated copy is refused here, not half-loaded.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(local, device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f'cannot read safetensors file {path}: {first_line(e)} (a truncated or corrupted '
+                        f'copy?)') from None
+
+
+def local_copy(path: str) -> str:
+    """The local file of a checkpoint path or URL (https, or http from 127.0.0.1 for tests; downloaded
+    once into the torch.hub cache)."""
+    if is_url(path):
+        url = urlparse(path)
+        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
+            raise UserError(f'refusing to download {path} over plain http: use an https URL')
+        try:
+            return download_once(path)
+        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
+            raise UserError(f'could not download {path}: {first_line(e)}') from None
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the path')
+    return path
+
+
+def recorded_args(path: str) -> dict:
+    """The run arguments the checkpoint at ``path`` recorded (ours, the original scripts'), read without
+    its tensors (memory-mapped); {} when it records none, or when it cannot be read so (safetensors, a
+    legacy or damaged file), in which case reading it in full, load_checkpoint, says what is wrong."""
+    local = local_copy(path)
+    try:
+        with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return {}
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
+
+
+def hub_pretrained_cfg(name: str):
+    """timm's pretrained config of ``name`` (``NAME`` or ``NAME.tag``; a bare name is its default tag),
+    or None when timm publishes no weights under that name."""
+    if not timm.is_model(name):
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # a tag timm does not know
+        return None
+    return cfg if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file) else None
+
+
+def is_hub_weights(source: str) -> bool:
+    """``source`` names timm pretrained weights (``NAME.tag``), not a checkpoint file or URL."""
+    return bool(source) and not is_url(source) and not os.path.exists(source) and hub_pretrained_cfg(source) is not None
+
+
+def check_hub_weights(name: str, flag: str) -> None:
+    """A UserError unless timm publishes pretrained weights under ``name``."""
+    if hub_pretrained_cfg(name) is None:
+        tags = timm.list_pretrained(f'{name.split(".")[0]}.*')[:4] if timm.is_model(name) else []
+        raise UserError(f'{flag} {name}: timm has no pretrained weights of that name'
+                        + (f' (its tags: {", ".join(tags)} ...)' if tags else '')
+                        + '; see timm.list_pretrained(), or give a checkpoint file or https URL')
+
+
+def create_pretrained(name: str, flag: str, alternative: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)``: timm's weights, through timm's hub cache
+    (HF_HUB_CACHE, downloaded there once; HF_HUB_OFFLINE=1 reads only the cache).
+
+    Weights that are neither cached nor downloadable are one UserError line saying how to fill the
+    cache, or which flag takes a local file instead (``alternative``).
+    """
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # not cached and the hub unreachable (LocalEntryNotFoundError), HTTP errors, ...
+        cache = huggingface_hub.constants.HF_HUB_CACHE
+        raise UserError(f"{flag} {name}: timm's pretrained weights are not in the hub cache ({cache}) and could "
+                        f'not be downloaded ({first_line(e)}): fill the cache where the hub is reachable '
+                        f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy "
+                        f'{cache} here, or point HF_HUB_CACHE at a copy), or {alternative}') from None
+
+
+def normalisation_of(source: str) -> Optional[Tuple[list, list]]:
+    """The input mean and std the weights at ``source`` were trained with: a hub tag's pretrained config,
+    or the args a checkpoint recorded (ours); None when the source does not say."""
+    if is_hub_weights(source):
+        cfg = hub_pretrained_cfg(source)
+        return list(cfg.mean), list(cfg.std)
+    args = recorded_args(source)
+    if args.get('mean') is None or args.get('std') is None:
+        return None
+    return list(args['mean']), list(args['std'])
+
+
+def checkpoint_args(checkpoint) -> dict:
+    """The run arguments a checkpoint recorded (ours, the original scripts'), or {}."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    return args if isinstance(args, dict) else {}
 
 
 def download_once(url: str) -> str:
@@ -87,9 +195,15 @@ def checkpoint_damage(path: str) -> str:
     archive without checking its CRCs (a flipped bit loads silently), and reads any file as a pickle."""
     try:
         with open(path, 'rb') as f:
-            first = f.read(1)
+            head = f.read(4)
         if not zipfile.is_zipfile(path):  # legacy torch files and plain pickles start with PROTO (0x80)
-            return '' if first == b'\x80' else 'not a PyTorch checkpoint (neither a zip archive nor a pickle)'
+            if head[:1] == b'\x80':
+                return ''
+            if head == b'PK\x03\x04':  # a zip's first entry, without the central directory written last
+                return ('truncated: a zip archive whose end is missing (a half-written .tmp file or an '
+                        'interrupted copy); use the complete checkpoint')
+            return ('not a PyTorch checkpoint (neither a zip archive nor a pickle; safetensors files load '
+                    'as they are)')
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (OSError, zipfile.BadZipFile) as e:
@@ -144,6 +258,35 @@ def describe_state_mismatch(model: torch.nn.Module, state: dict, strict: bool = 
             problems.append(f'unexpected keys: {", ".join(unexpected[:4])}'
                             + (' ...' if len(unexpected) > 4 else ''))
     return '; '.join(problems)
+
+
+# Module names that say which family of timm models a state dict comes from, most specific first.
+_FAMILIES = ((('patch_embed', 'blocks', 'dist_token'), 'a distilled DeiT'), (('patch_embed', 'blocks'), 'a ViT/DeiT'),
+             (('conv1', 'layer1'), 'a ResNet'), (('stem', 's1'), 'a RegNet'), (('stem', 'stages'), 'a ConvNeXt-like convnet'),
+             (('conv_stem', 'blocks'), 'an EfficientNet/MobileNet'), (('patch_embed', 'layers'), 'a Swin'))
+
+
+def describe_architecture(state: dict, checkpoint) -> str:
+    """What model a checkpoint seems to hold: the --model it records, else its top-level modules and the
+    family they suggest."""
+    recorded = checkpoint.get('args', {}).get('model') if isinstance(checkpoint, dict) and isinstance(
+        checkpoint.get('args'), dict) else None
+    if recorded:
+        return f'a {recorded} (its recorded --model)'
+    tops = list(dict.fromkeys(k.split('.')[0] for k in state))
+    family = next((name for keys, name in _FAMILIES if all(k in tops for k in keys)), 'an unknown model')
+    return f'{family} ({", ".join(tops[:6])}{" ..." if len(tops) > 6 else ""})'
+
+
+def describe_partial_fit(model: torch.nn.Module, state: dict, unset: list, checkpoint, source: str) -> str:
+    """One line: how much of ``model`` the checkpoint ``state`` sets, what it leaves unset, what it seems to hold."""
+    own = model.state_dict()
+    fits = sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
+    unused = [k for k in state if k not in own]
+    return (f'{source} sets {fits} of the model\'s {len(own)} weight tensors and leaves {len(unset)} at random '
+            f'(e.g. {", ".join(unset[:3])}); {len(unused)} of its {len(state)} tensors match nothing in the model'
+            + (f' (e.g. {", ".join(unused[:3])})' if unused else '')
+            + f'; it seems to hold {describe_architecture(state, checkpoint)}')
 
 
 # The original DeiT III code (models_v2.py) names the two branches of its parallel blocks norm1/norm11,

@@ -1,14 +1,17 @@
 """User mistakes end in one 'error:' line and a non-zero exit, before any work is done."""
 import hashlib
 import http.server
+import re
 import threading
 from functools import partial
 
 import pytest
 import torch
 
+import main
+import run_with_submitit
 from conftest import FAST, assert_one_line_error, run_cli, run_main
-from utils import UserError
+from utils import UserError, resolve_device
 from weights import load_checkpoint
 
 
@@ -50,6 +53,28 @@ def test_a_script_error_is_the_same_line_from_a_real_process(tmp_path):
         assert_one_line_error(run_cli(*args, check=False))
 
 
+def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(capsys):
+    proc = run_cli('--batchsize', '3', check=False)
+    assert proc.stderr == 'error: unrecognized argument --batchsize: did you mean --batch-size?\n'
+    assert proc.returncode == 2 and proc.stdout == ''
+    with pytest.raises(SystemExit) as exited:  # run_with_submitit.py extends main.py's parser
+        run_with_submitit.parse_args(['--output-dir', 'x', '--gpus', '1'])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == \
+        'error: unrecognized argument --output-dir (and 1 more): did you mean --output_dir?\n'
+
+
+def test_help_shows_every_flag_in_its_group_with_its_default():
+    proc = run_cli('--help', check=False)
+    assert proc.returncode == 0
+    groups = re.findall(r'^(\w[\w ]*):$', proc.stdout, re.M)
+    assert groups == ['options', 'data', 'model', 'distillation', 'optimisation', 'augmentation',
+                      'runs and checkpoints', 'distributed', 'performance']
+    assert 'training epochs (default: 300)' in proc.stdout and '(default: 0.0005)' in proc.stdout
+    assert '(default: None)' not in proc.stdout and '(default: )' not in proc.stdout
+    assert not [a.option_strings for a in main.get_args_parser()._actions if not a.help]
+
+
 def test_device_falls_back_to_cpu_with_one_warning(imagefolder):
     if torch.cuda.is_available():
         pytest.skip('CUDA is present: there is nothing to fall back from')
@@ -58,6 +83,23 @@ def test_device_falls_back_to_cpu_with_one_warning(imagefolder):
     assert [line for line in printed if line.startswith('warning:') and 'cuda' in line] == [
         'warning: --device cuda requested but CUDA is not available; using the CPU']
     assert '* Acc@1' in proc.stdout  # and the evaluation ran, on the CPU
+
+
+def test_the_default_device_falls_back_to_cpu_without_a_warning(capsys):
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is present: there is nothing to fall back from')
+    assert resolve_device(main.get_args_parser().parse_args([]).device) == torch.device('cpu')
+    assert capsys.readouterr().out == ''
+    assert resolve_device(main.get_args_parser().parse_args(['--device', 'cuda']).device) == torch.device('cpu')
+    assert capsys.readouterr().out.startswith('warning: --device cuda requested')
+
+
+def test_evaluation_lines_name_the_ema_model_and_no_head_of_a_plain_model(imagefolder):
+    proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1)
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
+    assert len(summaries) == 2, summaries
+    assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
+    assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
 
 
 @pytest.fixture

@@ -215,7 +215,7 @@ def test_imagenet_as_downloaded_flat_val_is_labelled_by_its_ground_truth(tmp_pat
     assert [(p.split('/')[-1], val.classes[label]) for p, label in val.samples] == sorted(truth.items())
     image, label = val[0]
     assert image.shape == (3, 32, 32) and val.classes[label] == truth['ILSVRC2012_val_00000001.JPEG']
-    _, loader_val, _ = main.build_data(args)
+    _, loader_val, _, _ = main.build_data(args)
     assert sorted(torch.cat([targets for _, targets, _ in loader_val]).tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 

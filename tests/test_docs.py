@@ -15,7 +15,7 @@ import main
 import quickstart
 import run_with_submitit
 from conftest import REPO
-from tools import distillation_study, gpu_check, plot, teacher_agreement
+from tools import distillation_study, gpu_check, pack_shards, plot, teacher_agreement
 
 DOCS = [REPO / 'README.md', REPO / 'CONTRIBUTING.md', *sorted((REPO / 'docs').glob('*.md'))]
 FENCED = re.compile(r'```(\w*)\n(.*?)```', re.S)
@@ -67,7 +67,7 @@ def parse(program: str, argv: List[str]) -> None:
     """Parse argv as `program` would, with its real parser; a bad flag or value raises SystemExit."""
     own_flags_then_main = {'quickstart.py': quickstart, 'tools.distillation_study': distillation_study}
     parsers = {'benchmark.py': benchmark, 'export.py': export, 'tools.plot': plot, 'tools.gpu_check': gpu_check,
-               'tools.teacher_agreement': teacher_agreement}
+               'tools.teacher_agreement': teacher_agreement, 'tools.pack_shards': pack_shards}
     if argv == ['--help']:
         argv = []
     if program == 'main.py':
@@ -90,7 +90,7 @@ def documented_commands() -> List[Tuple[str, str]]:
 def test_the_docs_give_commands_of_every_program():
     programs = {program_and_argv(command)[0] for _, command in documented_commands()}
     assert {'main.py', 'run_with_submitit.py', 'benchmark.py', 'quickstart.py', 'export.py', 'tools.plot',
-            'tools.gpu_check', 'tools.distillation_study', 'tools.teacher_agreement'} <= programs
+            'tools.gpu_check', 'tools.distillation_study', 'tools.teacher_agreement', 'tools.pack_shards'} <= programs
 
 
 @pytest.mark.parametrize('where,command', documented_commands(),

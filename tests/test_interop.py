@@ -1,6 +1,10 @@
 """Curves as pictures, torch.hub entry points and safetensors export."""
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -178,7 +182,8 @@ def test_exported_safetensors_load_into_timm_with_the_checkpoints_logits(real_ru
     checkpoint = torch.load(real_run / 'checkpoint.pth', weights_only=True)
     output = tmp_path / 'model.safetensors'
     assert export.cli([str(real_run / 'checkpoint.pth'), '-o', str(output), *(['--ema'] if ema else [])]) == 0
-    assert f"pretrained_cfg_overlay=dict(file='{output}', num_classes=3)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"pretrained_cfg_overlay=dict(file='{output}', num_classes=3)" in printed
 
     # the documented call: num_classes in the overlay, so that timm keeps the exported head
     loaded = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=str(output), num_classes=3))
@@ -192,8 +197,17 @@ def test_exported_safetensors_load_into_timm_with_the_checkpoints_logits(real_ru
     from safetensors import safe_open
     with safe_open(str(output), 'pt') as f:
         assert f.metadata() == {'format': 'pt', 'model': MODEL, 'num_classes': '3', 'input_size': '16',
-                                'weights': 'ema' if ema else 'model'}
+                                'weights': 'ema' if ema else 'model', 'mean': '0.485,0.456,0.406',
+                                'std': '0.229,0.224,0.225'}  # the run's normalisation (ImageNet's)
     assert [p.name for p in tmp_path.iterdir()] == ['model.safetensors']  # no temporary left behind
+    if ema:  # the printed lines, as printed, in a fresh interpreter started elsewhere
+        saved = str(real_run / 'checkpoint.pth')
+        code = textwrap.dedent(printed.split('load it in Python with:\n', 1)[1]) + textwrap.dedent(f"""
+            import torch
+            assert torch.equal(model.head.weight, torch.load({saved!r})['model_ema']['head.weight'])
+            """)
+        subprocess.run([sys.executable, '-c', code], cwd=tmp_path, check=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
 
 
 def test_export_ema_of_a_checkpoint_without_ema_is_one_error_line(tmp_path, capsys):

@@ -266,7 +266,8 @@ def prepare_data(out: Path, sizes: Sizes) -> Tuple[Path, Path]:
 def common_flags(data: Path, sizes: Sizes, device: str) -> List[str]:
     return ['--data-path', str(data), '--input-size', str(sizes.input_size), '--device', device,
             '--epochs', '2', '--warmup-epochs', '1', '--cooldown-epochs', '0', '--batch-size', str(sizes.batch),
-            '--num_workers', str(sizes.workers), '--print-freq', str(sizes.print_freq), '--compile']
+            '--num_workers', str(sizes.workers), '--print-freq', str(sizes.print_freq), '--compile',
+            '--start-over']  # a check run again into the same --out keeps the earlier runs' files aside
 
 
 def distilled_flags(teacher: Path, sizes: Sizes) -> List[str]:

@@ -1,0 +1,85 @@
+"""predict.py: the classes of new images, as --eval computes them; unreadable files skipped, never a traceback."""
+import csv
+import io
+import random
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import timm
+import torch
+from conftest import FAST, run_cli
+from imagefolder import make_image
+
+import predict
+import weights
+
+
+def run_predict(*args):
+    """predict.cli in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = predict.cli(list(map(str, args)))
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_rows(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def random_vit_checkpoint(path, classes, input_size=48):
+    """An untrained test_vit that records its run as main.py does (model, input size, classes)."""
+    torch.manual_seed(0)
+    model = timm.create_model('test_vit', num_classes=len(classes), img_size=input_size)
+    torch.save({'model': model.state_dict(), 'classes': classes,
+                'args': {'model': 'test_vit', 'input_size': input_size, 'eval_crop_ratio': 0.875}}, path)
+    return path
+
+
+def test_predictions_agree_with_eval_on_the_same_labelled_images(imagefolder, tmp_path):
+    classes = ['class_0', 'class_1', 'class_2']
+    ckpt = random_vit_checkpoint(tmp_path / 'vit.pth', classes)  # 48 px: the fast data path's eval transform
+    evaluated = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--input-size', 48,
+                        '--eval', '--resume', ckpt)
+    eval_acc1 = float(next(line for line in evaluated.stdout.splitlines() if line.startswith('* Acc@1')).split()[2])
+    code, out, err = run_predict('--resume', ckpt, imagefolder / 'val', '--topk', 2, '--output', tmp_path / 'p.csv',
+                                 '--device', 'cpu', '--no-amp', '--num_workers', 0, '--batch-size', 5)
+    assert code == 0 and not err, err
+    rows = read_rows(tmp_path / 'p.csv')
+    assert len(rows) == 24 and list(rows[0]) == ['path', 'class_1', 'prob_1', 'class_2', 'prob_2']
+    correct = sum(row['class_1'] == row['path'].split('/')[-2] for row in rows)
+    assert 100 * correct / len(rows) == pytest.approx(eval_acc1, abs=1e-3)
+    assert all(float(row['prob_1']) >= float(row['prob_2']) for row in rows)
+    assert len({row['class_1'] for row in rows}) > 1  # not a constant answer: the comparison means something
+
+
+def test_a_trained_checkpoint_records_its_classes_and_model_which_predict_reads(teacher_checkpoint, imagefolder,
+                                                                                tmp_path):
+    assert weights.load_checkpoint(str(teacher_checkpoint))['classes'] == ['class_0', 'class_1', 'class_2']
+    code, _, err = run_predict('--resume', teacher_checkpoint, str(imagefolder / 'val' / 'class_1' / '*.jpg'),
+                               '--output', tmp_path / 'p.csv', '--device', 'cpu', '--num_workers', 0)
+    rows = read_rows(tmp_path / 'p.csv')
+    assert code == 0 and len(rows) == 8 and {row['class_1'] for row in rows} <= {'class_0', 'class_1', 'class_2'}
+
+
+def test_unreadable_files_are_skipped_with_one_line_each_and_the_rest_predicted(tmp_path):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    make_image(0, random.Random(0), (64, 48)).save(folder / 'good.jpg')
+    (folder / 'corrupt.jpg').write_bytes((folder / 'good.jpg').read_bytes()[:200] + b'\x00' * 300)
+    (folder / 'notes.txt').write_text('not an image')
+    make_image(1, random.Random(1), (1, 1)).save(folder / 'tiny.png')
+    ckpt = random_vit_checkpoint(tmp_path / 'vit.pth', ['a', 'b', 'c'])
+    code, out, err = run_predict('--resume', ckpt, folder, '--output', tmp_path / 'p.csv', '--device', 'cpu',
+                                 '--num_workers', 0)
+    assert code == 0 and 'Traceback' not in err
+    skipped = err.splitlines()
+    assert len(skipped) == 2 and all(line.startswith('skipped ') for line in skipped), err
+    assert {line.split()[1] for line in skipped} == {str(folder / 'corrupt.jpg'), str(folder / 'notes.txt')}
+    assert [row['path'] for row in read_rows(tmp_path / 'p.csv')] == [str(folder / 'good.jpg'), str(folder / 'tiny.png')]
+    assert '2 unreadable files skipped' in out
+
+
+def test_a_path_that_names_nothing_is_one_clear_line(tmp_path):
+    code, _, err = run_predict('--resume', tmp_path / 'none.pth', tmp_path / 'missing*.jpg')
+    assert code == 2 and err.startswith('error: ') and 'no such file' in err and len(err.splitlines()) == 1
