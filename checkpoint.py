@@ -116,7 +116,7 @@ class TrainingState:
             given = f'--layer-decay {saved_decay}' if saved_decay is not None else 'no --layer-decay'
             raise utils.UserError(f'--resume {path} was trained with {given}: resume with the same, or start '
                                   f'from its weights with --finetune')
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        load_optimizer_state(self.optimizer, ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)
         self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
@@ -144,6 +144,30 @@ def check_format_version(ckpt: dict, path: str) -> None:
         raise utils.UserError(f'--resume {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} this '
                               f'code reads: resume it with the version of deit that wrote it (or newer), or start '
                               f'from its weights with --finetune')
+
+
+# How the optimizer runs, not what it learnt: this run's choice (speedups.optimizer_kwargs, the device), never
+# the saved one. GradScaler hands the loss scale to an optimizer built fused, so a fused optimizer made
+# non-fused by a checkpoint fails its first fp16 step.
+OPTIMIZER_IMPLEMENTATION = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the implementation flags the optimizer was built with
+    (load_state_dict replaces them with the saved ones) and filling the options a group was saved
+    without (apex's FusedLAMB saves no trust_clip / always_adapt, which timm's Lamb reads) from the
+    built group."""
+    built = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, built):
+        for key, value in options.items():
+            if key in OPTIMIZER_IMPLEMENTATION or key not in group:
+                group[key] = value
+        if group.get('fused') or group.get('capturable'):  # these keep 'step' as a float32 tensor by the parameter
+            for param in group['params']:
+                step = optimizer.state.get(param, {}).get('step')
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[param]['step'] = step.to(device=param.device, dtype=torch.float32)
 
 
 def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
@@ -572,10 +596,10 @@ class Checkpointer:
         The last step of an epoch (``epoch_trained``) is always saved: whatever happens in the evaluation
         before checkpoint.pth is written (an error, a kill, an out-of-memory), the epoch's training is kept.
 
-        ``metrics()`` gives the epoch's running averages and ``before_save()`` raises if the state must
-        not be saved (a non-finite loss, a failed rank; a collective, called on every rank); both are
-        called only when a checkpoint is written or a rank said it ``failed``, since reading device
-        values back waits for the device.
+        ``metrics()`` gives the epoch's running sums of all ranks and ``before_save()`` raises if the state
+        must not be saved (a non-finite loss, a failed rank); both are collectives, called on every rank,
+        and only when a checkpoint is written or a rank said it ``failed``, since reading device values
+        back waits for the device.
         """
         signum, overdue, a_rank_failed = self._requests(failed)
         if a_rank_failed:

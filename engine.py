@@ -10,7 +10,7 @@ from losses import Criterion
 from real_labels import real_correct, split_targets
 from seeding import Stream, seed_everything, stream_seed
 from utils import (MetricLogger, RunError, UserError, agree_on_failure, all_reduce_max, all_reduce_sum,
-                   failing_together, get_rank, get_world_size, print_error, raise_everywhere)
+                   count_over_ranks, failing_together, get_rank, get_world_size, print_error, raise_everywhere)
 
 
 class NonFiniteLossError(RunError):
@@ -153,7 +153,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
     accum_steps, print_freq = options.accum_steps, options.print_freq
     seed, rank = options.seed, get_rank()
     metric_logger = MetricLogger()
-    if metrics_state:
+    if metrics_state and rank == 0:  # the sums of every rank (summed_state_dict): counted once, here
         metric_logger.load_state_dict(metrics_state)
     unreadable = {}  # path (error) -> None: each image counted once, however often it was drawn or retried
     first_micro = start_step * accum_steps
@@ -195,18 +195,23 @@ def train_one_epoch(model: torch.nn.Module, criterion: Criterion, data_loader, o
             if micro % print_freq == 0 or micro == last_micro:
                 finite.check()
             if updating and checkpointer is not None:  # metrics and finiteness read only when saving: a device sync
-                checkpointer.after_step(epoch, step + 1, metric_logger.state_dict, before_save=finite.check,
-                                        failed=finite.failure is not None, epoch_trained=micro == last_micro)
+                checkpointer.after_step(epoch, step + 1, lambda: metric_logger.summed_state_dict(device),
+                                        before_save=finite.check, failed=finite.failure is not None,
+                                        epoch_trained=micro == last_micro)
             if updating:
                 steps_done = step + 1
     except DataWaitExpired:
-        checkpointer.stop_waiting_for_data(epoch, steps_done, metric_logger.state_dict, before_save=finite.check)
+        checkpointer.stop_waiting_for_data(epoch, steps_done, lambda: metric_logger.summed_state_dict(device),
+                                         before_save=finite.check)
 
-    if unreadable:
-        print(f'warning: epoch {epoch}: {len(unreadable)} unreadable images were skipped, e.g. {next(iter(unreadable))}')
+    unreadable_images = count_over_ranks(unreadable)  # an image drawn by several ranks counts once
+    if unreadable_images:
+        example = next(iter(unreadable), None)
+        print(f'warning: epoch {epoch}: {unreadable_images} unreadable images were skipped'
+              + (f', e.g. {example}' if example else ''))
     metric_logger.synchronize_between_processes(device)
     averages = metric_logger.averages()
-    averages['unreadable_images'] = len(unreadable)
+    averages['unreadable_images'] = unreadable_images
     averages['images_per_sec'] = metric_logger.images_per_sec
     print(f'Averaged stats: loss {averages["loss"]:.4f}  lr {averages["lr"]:.3g}')
     return averages
@@ -217,12 +222,12 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 
     'both' is the average of the two heads, what a distilled model returns in eval mode (the
     paper's joint classifier); the heads are read separately to fill Table 3 in one evaluation.
+    ``model`` is the bare model (no DDP or torch.compile wrapper): see HeadLogits.
     """
-    net = model.module if hasattr(model, 'module') else model  # DDP
-    if not hasattr(net, 'head_dist'):
+    if not is_distilled(model):
         return {'both': model(images)}
-    features = net.forward_features(images)
-    cls, dist = net.head(features[:, 0]), net.head_dist(features[:, 1])
+    features = model.forward_features(images)
+    cls, dist = model.head(features[:, 0]), model.head_dist(features[:, 1])
     return {'cls': cls, 'dist': dist, 'both': (cls + dist) / 2}
 
 
@@ -230,6 +235,21 @@ def head_logits(model: torch.nn.Module, images: torch.Tensor) -> dict:
 EVALUATION_SUMS = ('acc1', 'acc5', 'loss')
 HEAD_SUMS = ('acc1_both', 'acc1_cls', 'acc1_dist')
 REAL_SUMS = ('real_correct', 'real_images')  # with ReaL labels
+def is_distilled(model: torch.nn.Module) -> bool:
+    """Whether the bare ``model`` has a distillation head (a DDP wrapper hides it: pass its .module)."""
+    return hasattr(model, 'head_dist')
+
+
+class HeadLogits(torch.nn.Module):
+    """head_logits of a distilled model as one module: what evaluate runs for it, and what --compile
+    compiles (the training module returns the heads' average in eval mode, not each head)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return head_logits(self.model, images)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (no_grad still tracks versions)
@@ -244,7 +264,11 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
     A rank may have no image to evaluate (a --dist-eval shard of a validation set smaller than the
     world, or one whose images are all unreadable): it adds nothing. Only a split without any readable
     image fails.
+
+    ``model`` returns logits, or logits per head (HeadLogits; a bare distilled model is wrapped in it here).
     """
+    if is_distilled(model):
+        model = HeadLogits(model)
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     metric_logger = MetricLogger()
@@ -261,7 +285,8 @@ def evaluate(data_loader, model: torch.nn.Module, device: torch.device,
             images = images.to(device, non_blocking=True)
             target, real = split_targets(target.to(device, non_blocking=True))
             with autocast(device, amp_dtype):
-                logits = head_logits(model, images)
+                outputs = model(images)
+            logits = outputs if isinstance(outputs, dict) else {'both': outputs}
             if eval_head not in logits:
                 raise UserError(f'--eval-head {eval_head} needs a distilled model: use --eval-head both')
             output = logits[eval_head].float()

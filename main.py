@@ -47,7 +47,7 @@ import real_labels
 from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples,
                       build_dataset, build_pipeline, check_same_classes, class_names, collate_skipping,
                       imagenet_descriptions)
-from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
+from engine import HeadLogits, LossScaler, TrainOptions, evaluate, is_distilled, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
 from samplers import BlockSampler, RASampler, ResumableSampler
@@ -379,6 +379,8 @@ def resolve_args(args) -> Optional[torch.dtype]:
     precision = choose_precision(args.amp, args.amp_dtype, args.device, args.distributed)
     args.amp, args.amp_dtype = precision.dtype is not None, dtype_flag(precision.dtype)  # repeatable from args.yaml
     print(f'precision: student {precision.name} ({precision.reason})')
+    if precision.warning:
+        print(f'warning: {precision.warning}')
     if args.distillation_type != 'none':
         print(f'precision: teacher {precision.name} (the student\'s)')
     if args.tensorboard is None:
@@ -556,12 +558,19 @@ def loader_options(args) -> dict:
     """DataLoader settings both splits share: workers, pinned memory, the collate that skips unreadable images."""
     pin = args.pin_mem and args.device.type == 'cuda'
     options = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
-                   collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
+                   collate_fn=collate_skipping, worker_init_fn=init_data_worker,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
         options['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     return options
+
+
+def init_data_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: stop signals are the trainer's, and the trainer's kept memory is not
+    the worker's (speedups.release_kept_memory)."""
+    checkpoint.ignore_stop_signals(worker_id)
+    speedups.release_kept_memory()
 
 
 def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
@@ -605,6 +614,17 @@ def training_student(model: torch.nn.Module, args) -> torch.nn.Module:
     if args.compile:
         model = speedups.compile_or_eager(model, 'student')
     return model
+
+
+def student_for_evaluation(model: torch.nn.Module, model_without_ddp: torch.nn.Module, compile: bool,
+                           device: torch.device) -> torch.nn.Module:
+    """What evaluates the student: the module that trains (under DDP, compiled with --compile); for a
+    distilled student, whose training module returns only the heads' average in eval mode,
+    engine.HeadLogits around it, compiled too with --compile (outside DDP: evaluation has no gradients)."""
+    if not is_distilled(model_without_ddp):
+        return model
+    heads = HeadLogits(model_without_ddp)
+    return torch.compile(heads) if compile and not speedups.compiler_problem(device.type) else heads
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -866,7 +886,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     seeding.seed_everything(args.seed)
     set_determinism(args.deterministic, device)
     set_fp32_precision(device, args.tf32)
-    speedups.keep_freed_memory()
+    speedups.keep_freed_memory_for(device)
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
     if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
@@ -905,8 +925,9 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         else:
             lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
     model = training_student(model_without_ddp, args)
+    evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+        test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
     if args.resume and state.start_epoch >= num_epochs:
@@ -942,7 +963,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                 start_step=start_step, checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
             lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
 
-            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+            test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy
             state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
             print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '

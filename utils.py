@@ -120,7 +120,9 @@ def init_distributed_mode(args) -> None:
     else:
         print('Not using distributed mode')
         args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.rank, args.world_size, args.gpu = 0, 1, args.device.index or 0
+        if args.device.type == 'cuda':  # --device cuda:N: its context, its properties (bf16), not GPU 0's
+            torch.cuda.set_device(args.gpu)
         return
 
     args.distributed = True
@@ -328,13 +330,21 @@ class MetricLogger:
 
     def synchronize_between_processes(self, device: torch.device) -> None:
         """Sum the sums and counts over all ranks, so that the averages are the whole job's."""
+        state = self.summed_state_dict(device)
+        self.sums.update(state['sums'])
+        self.counts.update(state['counts'])
+
+    def summed_state_dict(self, device: torch.device) -> dict:
+        """state_dict with the sums and counts of all ranks (a collective: every rank calls it): what a
+        step checkpoint saves, for rank 0 alone to restore."""
         if not is_dist_avail_and_initialized() or not self.sums:
-            return
+            return self.state_dict()
         names = sorted(self.sums)
         totals = torch.tensor([[float(self.sums[k]), self.counts[k]] for k in names], dtype=torch.float64,
                               device=device)
-        for name, (total, count) in zip(names, all_reduce_sum(totals).tolist()):
-            self.sums[name], self.counts[name] = total, int(count)
+        summed = all_reduce_sum(totals).tolist()
+        return {'sums': {k: total for k, (total, _) in zip(names, summed)},
+                'counts': {k: int(count) for k, (_, count) in zip(names, summed)}}
 
     def global_avg(self, name: str) -> float:
         return float(self.sums[name]) / max(self.counts[name], 1)
@@ -385,6 +395,16 @@ class MetricLogger:
         self.images_per_sec = images / max(elapsed, 1e-9)
         print(('\n' if live else '') + f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
               f'({self.images_per_sec:.1f} img/s)', flush=True)
+
+
+def count_over_ranks(items: Iterable) -> int:
+    """How many distinct ``items`` (hashable, picklable) all ranks hold together (a collective)."""
+    local = list(items)
+    if not is_dist_avail_and_initialized():
+        return len(set(local))
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, local)
+    return len(set().union(*gathered))
 
 
 def tensorboard_available() -> bool:
