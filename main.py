@@ -21,6 +21,8 @@ if __name__ == '__main__':  # a stop signal while torch and timm load (seconds):
 import argparse
 import contextlib
 import datetime
+import difflib
+import re
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -75,8 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) fail on an unreadable image instead of skipping and counting it')
 
     model = parser.add_argument_group('model')
-    model.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
-                       help='any timm model name, or one of models/')
+    # no type=str (strings anyway): argparse would convert the default to a plain str, losing ParserDefault
+    model.add_argument('--model', default=utils.ParserDefault('deit_base_patch16_224'), metavar='MODEL',
+                       help='any timm model name, or one of models/; unset with --resume/--finetune: the model '
+                            'the checkpoint records, if it records one')
     model.add_argument('--input-size', default=224, type=int, metavar='PIXELS', help='image size (square)')
     model.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     model.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path (stochastic depth) rate')
@@ -98,8 +102,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='train only the attention layers, the position embedding and the classifier')
 
     distillation = parser.add_argument_group('distillation')
-    distillation.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
-                              help='timm model name of the teacher')
+    distillation.add_argument('--teacher-model', default=utils.ParserDefault('regnety_160'), metavar='MODEL',
+                              help='timm model name of the teacher; unset: the model the --teacher-path '
+                                   'checkpoint records, if it records one')
     distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
                               help='teacher checkpoint file or https URL; needed when distilling')
     distillation.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
@@ -287,11 +292,10 @@ def validate_args(args) -> None:
         if getattr(args, name) < 0:
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
     if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split("_")[0]}*')[:5]
-        raise UserError(f'unknown --model {args.model}' + (f': did you mean one of {close}?' if close else ''))
+        raise UserError(unknown_model(args.model, '--model'))
     if args.distillation_type != 'none':
         if not timm.is_model(args.teacher_model):
-            raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
+            raise UserError(unknown_model(args.teacher_model, '--teacher-model'))
         if not args.teacher_path:
             raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path '
                             '(a checkpoint file or https URL of the teacher)')
@@ -323,6 +327,47 @@ def validate_args(args) -> None:
         path = getattr(args, name)
         if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
             raise UserError(f'--{name} {path} does not exist: check the path')
+
+
+def unknown_model(name: str, flag: str) -> str:
+    """The error for a model name timm does not know: a size variant of a known model as that model at
+    another --input-size (deit_tiny_patch16_384 -> --model deit_tiny_patch16_224 --input-size 384), else
+    the closest known names (difflib's similarity ratio)."""
+    sized = re.fullmatch(r'(.+_)(\d+)', name)
+    if sized and flag == '--model':
+        variants = [m for m in timm.list_models(f'{sized[1]}*') if re.fullmatch(re.escape(sized[1]) + r'\d+', m)]
+        if variants:
+            base = f'{sized[1]}224' if f'{sized[1]}224' in variants else variants[0]
+            return f'unknown {flag} {name}: use --model {base} --input-size {sized[2]}'
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f'unknown {flag} {name}' + (f': did you mean {" or ".join(close)}?' if close else ': use a timm model '
+                                       'name (python -c "import timm; print(timm.list_models())")')
+
+
+def adopt_recorded_models(args) -> None:
+    """--model and --teacher-model left unset take the model their checkpoint records (its args.model, as
+    the original scripts' checkpoints record it too): --resume / --finetune for the student, --teacher-path
+    for the teacher. One line says so; a model given on the command line or in a --config is kept."""
+    student_checkpoint = args.resume if args.resume != 'auto' else ''
+    student_checkpoint = student_checkpoint or args.finetune
+    if utils.is_parser_default(args.model) and student_checkpoint:
+        args.model = checkpoint_model(student_checkpoint, '--resume' if args.resume == student_checkpoint
+                                      else '--finetune', '--model', args.model)
+    if args.distillation_type != 'none' and utils.is_parser_default(args.teacher_model) and args.teacher_path:
+        args.teacher_model = checkpoint_model(args.teacher_path, '--teacher-path', '--teacher-model',
+                                              args.teacher_model)
+
+
+def checkpoint_model(path: str, source: str, flag: str, default: str) -> str:
+    """The model the checkpoint at ``path`` records (said in one line), else ``default``; a missing file is
+    left to validate_args, which names it."""
+    if not utils.is_url(path) and not os.path.isfile(path):
+        return default
+    recorded = weights.recorded_model(weights.load_checkpoint(path))
+    if not recorded or recorded == default:
+        return default
+    print(f'{flag} {recorded}: the model {source} {path} records (give {flag} to choose another)')
+    return recorded
 
 
 def resolve_args(args) -> Optional[torch.dtype]:
@@ -634,9 +679,10 @@ def build_teacher(args, nb_classes: int, device: torch.device,
         return None
     print(f'Creating teacher model: {args.teacher_model}')
     teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
-    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+    checkpoint_data = weights.load_checkpoint(args.teacher_path)
+    state = weights.model_state_from_checkpoint(checkpoint_data, args.teacher_path)
+    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} ({nb_classes} classes in the data)',
+                               checkpoint=checkpoint_data, flag='--teacher-model', name=args.teacher_model)
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
 
 
@@ -719,6 +765,7 @@ def main(args) -> None:
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
+    adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
         prepare_output_dir(args.output_dir)

@@ -1,4 +1,5 @@
 """User mistakes end in one 'error:' line and a non-zero exit, before any work is done."""
+import argparse
 import hashlib
 import http.server
 import re
@@ -43,7 +44,36 @@ def test_distillation_needs_a_distilled_student(imagefolder, teacher_checkpoint)
 def test_foreign_checkpoint_names_the_mismatch(imagefolder, teacher_checkpoint):
     proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--eval',
                    '--resume', teacher_checkpoint, check=False)
-    assert_one_line_error(proc, 'does not fit the model', 'missing keys')
+    assert_one_line_error(proc, 'does not fit the model (--model deit_tiny_patch4_32)', 'missing keys',
+                          'it holds a regnety_002 (its recorded model): give --model regnety_002, or leave --model out')
+
+
+def test_eval_without_model_uses_the_model_the_checkpoint_records(imagefolder, teacher_checkpoint):
+    proc = run_cli('--data-path', imagefolder, *FAST, '--eval', '--resume', teacher_checkpoint)
+    assert f'--model regnety_002: the model --resume {teacher_checkpoint} records (give --model to choose another)' \
+        in proc.stdout.splitlines()
+    assert '* Acc@1' in proc.stdout
+
+
+def test_finetune_and_teacher_path_of_an_original_checkpoint_give_their_recorded_models(tmp_path, capsys):
+    original = tmp_path / 'original.pth'  # the original scripts record their args as a Namespace
+    torch.save({'model': {}, 'args': argparse.Namespace(model='deit_tiny_patch4_32')}, original)
+    teacher = tmp_path / 'teacher.pth'
+    torch.save({'model': {}, 'args': {'model': 'regnety_002'}}, teacher)
+    args = main.get_args_parser().parse_args(['--finetune', str(original), '--distillation-type', 'hard',
+                                              '--teacher-path', str(teacher)])
+    main.adopt_recorded_models(args)
+    assert (args.model, args.teacher_model) == ('deit_tiny_patch4_32', 'regnety_002')
+    assert f'--teacher-model regnety_002: the model --teacher-path {teacher} records' in capsys.readouterr().out
+    given = main.get_args_parser().parse_args(['--finetune', str(original), '--model', 'deit_tiny_patch16_224'])
+    main.adopt_recorded_models(given)
+    assert given.model == 'deit_tiny_patch16_224'  # a model given is kept: fine-tuning to another one is allowed
+
+
+def test_an_unknown_model_suggests_the_input_size_form_or_the_closest_names():
+    assert main.unknown_model('deit_tiny_patch16_384', '--model') == \
+        'unknown --model deit_tiny_patch16_384: use --model deit_tiny_patch16_224 --input-size 384'
+    assert main.unknown_model('resnet5O', '--model').startswith('unknown --model resnet5O: did you mean resnet50 or')
 
 
 def test_a_script_error_is_the_same_line_from_a_real_process(tmp_path):
