@@ -56,6 +56,11 @@ from teacher import prepare_teacher
 from utils import UserError
 
 
+def checkpoint_or_none(value: str) -> str:
+    """A checkpoint flag's value; 'none' is unset (''), e.g. to drop the download URL a recipe gives."""
+    return '' if value.strip().lower() == 'none' else value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The original DeiT flags (same names, defaults and destinations), plus a few marked '(new)', in the
     groups of the README; `python main.py --help` shows each flag's default."""
@@ -91,9 +96,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--model-ema-decay', type=float, default=0.99996, metavar='DECAY',
                        help='EMA decay per optimizer step')
     model.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA model on the CPU')
-    model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
+    model.add_argument('--finetune', default='', type=checkpoint_or_none, metavar='FILE_OR_URL',
                        help='fine-tune from this checkpoint file or URL (classifier and position embedding '
-                            'adapted); unset: no fine-tuning')
+                            "adapted); unset or 'none' (overrides a --config's): no fine-tuning")
     model.add_argument('--finetune-partial', action='store_true',
                        help='(new) --finetune loads the weights that fit and leaves the others as initialised '
                             '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
@@ -105,8 +110,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     distillation.add_argument('--teacher-model', default=utils.ParserDefault('regnety_160'), metavar='MODEL',
                               help='timm model name of the teacher; unset: the model the --teacher-path '
                                    'checkpoint records, if it records one')
-    distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
-                              help='teacher checkpoint file or https URL; needed when distilling')
+    distillation.add_argument('--teacher-path', type=checkpoint_or_none, default='', metavar='FILE_OR_URL',
+                              help="teacher checkpoint file or https URL; needed when distilling ('none': unset)")
     distillation.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
                               help='none: no teacher; soft: KL divergence to the teacher; hard: its predicted labels')
     distillation.add_argument('--distillation-alpha', default=0.5, type=float, metavar='ALPHA',
@@ -376,8 +381,8 @@ def resolve_args(args) -> Optional[torch.dtype]:
     --tensorboard, --resume (auto, or the newest checkpoint after a torchrun restart) and --lr (scaled to
     the effective batch unless --unscale-lr).
 
-    The resolved values stay in ``args`` (one record: what print(args), args.yaml and every checkpoint
-    show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
+    The resolved values stay in ``args`` (one record: what the settings summary, args.yaml and every
+    checkpoint show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
     (None: fp32). Only --nb-classes (from the data) and --start_epoch (from the resumed checkpoint) are
     filled later, where they become known.
     """
@@ -396,6 +401,31 @@ def resolve_args(args) -> Optional[torch.dtype]:
     if not args.unscale_lr:
         args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     return precision.dtype
+
+
+def settings_summary(args) -> str:
+    """The resolved settings that say what this run does, in a few lines (every setting: args.yaml)."""
+    world = utils.get_world_size()
+    task = 'evaluate' if args.eval else f'train {args.epochs} epoch{"s" if args.epochs != 1 else ""}'
+    lines = [f'{task}: --model {args.model} at {args.input_size} px on {args.data_set} {args.data_path}']
+    if not args.eval:
+        lines.append(f'  batch {args.batch_size} x {args.grad_accum_steps} accumulation x {world} processes, '
+                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}, '
+                     f'{args.sched} schedule, {args.warmup_epochs} warmup epochs, '
+                     f'EMA {"on" if args.model_ema else "off"}')
+    if args.distillation_type != 'none':
+        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({args.teacher_path})')
+    starts = [f'--{name} {getattr(args, name)}' for name in ('resume', 'finetune') if getattr(args, name)]
+    if starts:
+        lines.append(f'  from {", ".join(starts)}')
+    precision = args.amp_dtype if args.amp else 'fp32'
+    if args.eval:
+        saved = 'nothing saved (--eval)'
+    else:
+        saved = f'output in {args.output_dir} (every setting: args.yaml)' if args.output_dir else \
+            'nothing saved (no --output_dir)'
+    lines.append(f'  device {args.device}, {precision}, {args.num_workers} data workers, seed {args.seed}; {saved}')
+    return '\n'.join(lines)
 
 
 def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
@@ -782,7 +812,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
     if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
         checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
-    print(args)
+    print(settings_summary(args))
 
     # Data
     loader_train, loader_val, nb_classes, classes = build_data(args)

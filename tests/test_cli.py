@@ -9,6 +9,7 @@ from functools import partial
 import pytest
 import torch
 
+import config
 import main
 import run_with_submitit
 from conftest import FAST, assert_one_line_error, run_cli, run_main
@@ -70,6 +71,13 @@ def test_finetune_and_teacher_path_of_an_original_checkpoint_give_their_recorded
     assert given.model == 'deit_tiny_patch16_224'  # a model given is kept: fine-tuning to another one is allowed
 
 
+def test_finetune_none_drops_the_url_a_recipe_gives():
+    recipe = ['--config', 'configs/deit_base_patch16_384_finetune.yaml']
+    parser = config.CommandLineParser(parents=[main.get_args_parser()])
+    assert config.parse_args(parser, recipe).finetune.startswith('https://')
+    assert config.parse_args(parser, [*recipe, '--finetune', 'none']).finetune == ''
+
+
 def test_an_unknown_model_suggests_the_input_size_form_or_the_closest_names():
     assert main.unknown_model('deit_tiny_patch16_384', '--model') == \
         'unknown --model deit_tiny_patch16_384: use --model deit_tiny_patch16_224 --input-size 384'
@@ -124,10 +132,12 @@ def test_the_default_device_falls_back_to_cpu_without_a_warning(capsys):
     assert capsys.readouterr().out.startswith('warning: --device cuda requested')
 
 
-def test_evaluation_lines_name_the_ema_model_and_no_head_of_a_plain_model(imagefolder):
+def test_a_run_prints_a_settings_summary_and_evaluation_lines_naming_the_ema_model(imagefolder):
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1)
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
     assert len(summaries) == 2, summaries
+    assert 'Namespace(' not in proc.stdout
+    assert 'train 1 epochs: --model test_vit at 32 px on IMNET' in proc.stdout  # the settings summary
     assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
     assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
 
