@@ -102,7 +102,8 @@ class TrainingState:
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
         check_format_version(ckpt, path)
-        weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
+        weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}',
+                                   checkpoint=ckpt, name=str(self.run_args.get('model', '')))
         print(f'Resumed model weights from {path}')
         if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
             return

@@ -21,6 +21,8 @@ if __name__ == '__main__':  # a stop signal while torch and timm load (seconds):
 import argparse
 import contextlib
 import datetime
+import difflib
+import re
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -55,6 +57,11 @@ from teacher import InputSpec, TeacherInputs, prepare_teacher
 from utils import UserError
 
 
+def checkpoint_or_none(value: str) -> str:
+    """A checkpoint flag's value; 'none' is unset (''), e.g. to drop the download URL a recipe gives."""
+    return '' if value.strip().lower() == 'none' else value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The original DeiT flags (same names, defaults and destinations), plus a few marked '(new)', in the
     groups of the README; `python main.py --help` shows each flag's default."""
@@ -87,8 +94,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) the input normalisation std; unset: chosen as --mean')
 
     model = parser.add_argument_group('model')
-    model.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
-                       help='any timm model name, or one of models/')
+    # no type=str (strings anyway): argparse would convert the default to a plain str, losing ParserDefault
+    model.add_argument('--model', default=utils.ParserDefault('deit_base_patch16_224'), metavar='MODEL',
+                       help='any timm model name, or one of models/; unset with --resume/--finetune: the model '
+                            'the checkpoint records, if it records one')
     model.add_argument('--input-size', default=224, type=int, metavar='PIXELS', help='image size (square)')
     model.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     model.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path (stochastic depth) rate')
@@ -99,9 +108,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--model-ema-decay', type=float, default=0.99996, metavar='DECAY',
                        help='EMA decay per optimizer step')
     model.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA model on the CPU')
-    model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
+    model.add_argument('--finetune', default='', type=checkpoint_or_none, metavar='FILE_OR_URL',
                        help="fine-tune from this checkpoint file or URL, or (new) timm's pretrained weights "
-                            'NAME.tag (classifier and position embedding adapted); unset: no fine-tuning')
+                            "NAME.tag (classifier and position embedding adapted); unset or 'none' (overrides a "
+                            "--config's): no fine-tuning")
     model.add_argument('--finetune-partial', action='store_true',
                        help='(new) --finetune loads the weights that fit and leaves the others as initialised '
                             '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
@@ -110,11 +120,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='train only the attention layers, the position embedding and the classifier')
 
     distillation = parser.add_argument_group('distillation')
-    distillation.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
-                              help='timm model name of the teacher')
-    distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
-                              help='teacher checkpoint file or https URL (torch or safetensors); needed when '
-                                   'distilling, unless --teacher-pretrained')
+    distillation.add_argument('--teacher-model', default=utils.ParserDefault('regnety_160'), metavar='MODEL',
+                              help='timm model name of the teacher; unset: the model the --teacher-path '
+                                   'checkpoint records, if it records one')
+    distillation.add_argument('--teacher-path', type=checkpoint_or_none, default='', metavar='FILE_OR_URL',
+                              help="teacher checkpoint file or https URL (torch or safetensors); needed when "
+                                   "distilling, unless --teacher-pretrained ('none': unset)")
     distillation.add_argument('--teacher-pretrained', action='store_true',
                               help="(new) the teacher is timm's pretrained --teacher-model NAME[.tag] (from the hub "
                                    'cache, downloaded once), fed its own normalisation and input size')
@@ -306,11 +317,10 @@ def validate_args(args) -> None:
         if getattr(args, name) < 0:
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
     if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split("_")[0]}*')[:5]
-        raise UserError(f'unknown --model {args.model}' + (f': did you mean one of {close}?' if close else ''))
+        raise UserError(unknown_model(args.model, '--model'))
     if args.distillation_type != 'none':
         if not timm.is_model(args.teacher_model):
-            raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
+            raise UserError(unknown_model(args.teacher_model, '--teacher-model'))
         if args.teacher_pretrained and args.teacher_path:
             raise UserError('--teacher-pretrained and --teacher-path both give the teacher weights: keep one')
         if args.teacher_pretrained:
@@ -361,14 +371,55 @@ def validate_args(args) -> None:
         raise UserError(f'--layer-decay must be in (0, 1] (e.g. 0.65-0.75 for ViT-S/B fine-tuning), got {args.layer_decay}')
 
 
+def unknown_model(name: str, flag: str) -> str:
+    """The error for a model name timm does not know: a size variant of a known model as that model at
+    another --input-size (deit_tiny_patch16_384 -> --model deit_tiny_patch16_224 --input-size 384), else
+    the closest known names (difflib's similarity ratio)."""
+    sized = re.fullmatch(r'(.+_)(\d+)', name)
+    if sized and flag == '--model':
+        variants = [m for m in timm.list_models(f'{sized[1]}*') if re.fullmatch(re.escape(sized[1]) + r'\d+', m)]
+        if variants:
+            base = f'{sized[1]}224' if f'{sized[1]}224' in variants else variants[0]
+            return f'unknown {flag} {name}: use --model {base} --input-size {sized[2]}'
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f'unknown {flag} {name}' + (f': did you mean {" or ".join(close)}?' if close else ': use a timm model '
+                                       'name (python -c "import timm; print(timm.list_models())")')
+
+
+def adopt_recorded_models(args) -> None:
+    """--model and --teacher-model left unset take the model their checkpoint records (its args.model, as
+    the original scripts' checkpoints record it too): --resume / --finetune for the student, --teacher-path
+    for the teacher. One line says so; a model given on the command line or in a --config is kept."""
+    student_checkpoint = args.resume if args.resume != 'auto' else ''
+    student_checkpoint = student_checkpoint or args.finetune
+    if utils.is_parser_default(args.model) and student_checkpoint:
+        args.model = checkpoint_model(student_checkpoint, '--resume' if args.resume == student_checkpoint
+                                      else '--finetune', '--model', args.model)
+    if args.distillation_type != 'none' and utils.is_parser_default(args.teacher_model) and args.teacher_path:
+        args.teacher_model = checkpoint_model(args.teacher_path, '--teacher-path', '--teacher-model',
+                                              args.teacher_model)
+
+
+def checkpoint_model(path: str, source: str, flag: str, default: str) -> str:
+    """The model the checkpoint at ``path`` records (said in one line), else ``default``; a missing file is
+    left to validate_args, which names it."""
+    if not utils.is_url(path) and not os.path.isfile(path):
+        return default
+    recorded = weights.recorded_model({'args': weights.recorded_args(path)})
+    if not recorded or recorded == default:
+        return default
+    print(f'{flag} {recorded}: the model {source} {path} records (give {flag} to choose another)')
+    return recorded
+
+
 def resolve_args(args) -> Optional[torch.dtype]:
     """Settle, once and before anything is built, what the flags leave to this machine and launch:
     --num_workers, --device, the processes (torchrun, Slurm: rank, world_size, gpu), --amp / --amp-dtype,
     --tensorboard, --resume (auto, or the newest checkpoint after a torchrun restart) and --lr (scaled to
     the effective batch unless --unscale-lr).
 
-    The resolved values stay in ``args`` (one record: what print(args), args.yaml and every checkpoint
-    show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
+    The resolved values stay in ``args`` (one record: what the settings summary, args.yaml and every
+    checkpoint show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
     (None: fp32). Only --nb-classes (from the data) and --start_epoch (from the resumed checkpoint) are
     filled later, where they become known.
     """
@@ -406,6 +457,31 @@ def student_normalisation(mean: Optional[list], std: Optional[list], resume: str
                 print(f'normalisation: mean {found[0]} std {found[1]}, as the weights of {flag} {source}')
             return found
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+
+
+def settings_summary(args) -> str:
+    """The resolved settings that say what this run does, in a few lines (every setting: args.yaml)."""
+    world = utils.get_world_size()
+    task = 'evaluate' if args.eval else f'train {args.epochs} epoch{"s" if args.epochs != 1 else ""}'
+    lines = [f'{task}: --model {args.model} at {args.input_size} px on {args.data_set} {args.data_path}']
+    if not args.eval:
+        lines.append(f'  batch {args.batch_size} x {args.grad_accum_steps} accumulation x {world} processes, '
+                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}, '
+                     f'{args.sched} schedule, {args.warmup_epochs} warmup epochs, '
+                     f'EMA {"on" if args.model_ema else "off"}')
+    if args.distillation_type != 'none':
+        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({args.teacher_path})')
+    starts = [f'--{name} {getattr(args, name)}' for name in ('resume', 'finetune') if getattr(args, name)]
+    if starts:
+        lines.append(f'  from {", ".join(starts)}')
+    precision = args.amp_dtype if args.amp else 'fp32'
+    if args.eval:
+        saved = 'nothing saved (--eval)'
+    else:
+        saved = f'output in {args.output_dir} (every setting: args.yaml)' if args.output_dir else \
+            'nothing saved (no --output_dir)'
+    lines.append(f'  device {args.device}, {precision}, {args.num_workers} data workers, seed {args.seed}; {saved}')
+    return '\n'.join(lines)
 
 
 def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
@@ -771,7 +847,8 @@ def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, dev
         teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
         state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
         weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                                   f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
+                                                   f'(teacher {args.teacher_model}, {nb_classes} classes in the data)',
+                                   checkpoint=teacher_checkpoint, flag='--teacher-model', name=args.teacher_model)
     inputs = TeacherInputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint))
     return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype, inputs=inputs)
 
@@ -871,6 +948,7 @@ def main(args) -> None:
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
+    adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
         prepare_output_dir(args.output_dir)
@@ -891,7 +969,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
     if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
         checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
-    print(args)
+    print(settings_summary(args))
 
     # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
     # another node cannot read) ends every rank here, before the first collective of training.

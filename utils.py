@@ -89,11 +89,16 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
-class _DefaultDevice(str):
-    """--device's default ('cuda'), told apart from a --device cuda the user gave."""
+class ParserDefault(str):
+    """A flag's default value, told apart from the same value given on the command line or in a --config
+    (argparse stores a string default as it is): e.g. the default --device falls back to the CPU silently."""
 
 
-DEFAULT_DEVICE = _DefaultDevice('cuda')
+def is_parser_default(value) -> bool:
+    return isinstance(value, ParserDefault)
+
+
+DEFAULT_DEVICE = ParserDefault('cuda')
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -101,7 +106,7 @@ def resolve_device(requested: str) -> torch.device:
     for CUDA, silently for the default (DEFAULT_DEVICE)."""
     device = torch.device(requested)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        if not isinstance(requested, _DefaultDevice):
+        if not is_parser_default(requested):
             print(f"warning: --device {requested} requested but CUDA is not available; using the CPU")
         return torch.device('cpu')
     return device

@@ -266,11 +266,17 @@ _FAMILIES = ((('patch_embed', 'blocks', 'dist_token'), 'a distilled DeiT'), (('p
              (('conv_stem', 'blocks'), 'an EfficientNet/MobileNet'), (('patch_embed', 'layers'), 'a Swin'))
 
 
+def recorded_model(checkpoint) -> Optional[str]:
+    """The --model a checkpoint records in its args (ours and the original scripts' do), else None."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    model = args.get('model') if isinstance(args, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def describe_architecture(state: dict, checkpoint) -> str:
     """What model a checkpoint seems to hold: the --model it records, else its top-level modules and the
     family they suggest."""
-    recorded = checkpoint.get('args', {}).get('model') if isinstance(checkpoint, dict) and isinstance(
-        checkpoint.get('args'), dict) else None
+    recorded = recorded_model(checkpoint)
     if recorded:
         return f'a {recorded} (its recorded --model)'
     tops = list(dict.fromkeys(k.split('.')[0] for k in state))
@@ -324,13 +330,19 @@ def timm_key_names(state: dict, model: torch.nn.Module) -> dict:
     return {**others, **checkpoint_filter_fn(layer_scale, model, adapt_layer_scale=True)}
 
 
-def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True):
-    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line.
+def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True,
+                       checkpoint=None, flag: str = '--model', name: str = ''):
+    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line: with the
+    ``checkpoint`` and the model's ``name`` (given by ``flag``), the line names both models and the fix.
 
     A state in the original DeiT III key layout is renamed first (timm_key_names).
     """
     state = timm_key_names(state, model)
     problems = describe_state_mismatch(model, state, strict)
     if problems:
-        raise UserError(f'{source} does not fit the model: {problems}')
+        built = f' ({flag} {name})' if name else ''
+        recorded = recorded_model(checkpoint)
+        fix = (f'; it holds a {recorded} (its recorded model): give {flag} {recorded}, or leave {flag} out'
+               if recorded and recorded != name else '')
+        raise UserError(f'{source} does not fit the model{built}: {problems}{fix}')
     return model.load_state_dict(state, strict=strict)
