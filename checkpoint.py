@@ -7,6 +7,7 @@ becomes a clean stop; reading checkpoint files and fitting their weights to a mo
 import collections
 import fcntl
 import glob
+import multiprocessing
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ from timm.utils import ModelEmaV3
 import seeding
 import utils
 import weights
-from engine import LossScaler
+from engine import DataWaitExpired, LossScaler
 
 STEP_CHECKPOINT = re.compile(r'checkpoint-e(\d+)-s(\d+)\.pth$')
 
@@ -96,12 +97,13 @@ class TrainingState:
         }
 
     def resume(self, path: str, *, weights_only: bool, opt: str, batch_size: int, accum_steps: int,
-               world_size: int, scaled_lr: float) -> None:
+               world_size: int, scaled_lr: float, layer_decay: Optional[float] = None) -> None:
         """Restore the checkpoint at ``path``: its weights only with ``weights_only`` (--eval), else
         everything, so that training continues at ``start_epoch`` / ``start_step`` where it stopped."""
         ckpt = weights.load_checkpoint(path)
         check_format_version(ckpt, path)
-        weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}')
+        weights.load_state_checked(self.model, weights.model_state_from_checkpoint(ckpt, path), f'--resume {path}',
+                                   checkpoint=ckpt, name=str(self.run_args.get('model', '')))
         print(f'Resumed model weights from {path}')
         if weights_only or not all(k in ckpt for k in ('optimizer', 'lr_scheduler', 'epoch')):
             return
@@ -110,7 +112,12 @@ class TrainingState:
         if saved_opt != opt:
             raise utils.UserError(f'--resume {path} was trained with --opt {saved_opt}: resume with the same '
                                   f'--opt, or start from its weights with --finetune')
-        self.optimizer.load_state_dict(ckpt['optimizer'])
+        saved_decay = saved_args.get('layer_decay')
+        if saved_decay != layer_decay:  # other parameter groups: the optimizer state would not fit them
+            given = f'--layer-decay {saved_decay}' if saved_decay is not None else 'no --layer-decay'
+            raise utils.UserError(f'--resume {path} was trained with {given}: resume with the same, or start '
+                                  f'from its weights with --finetune')
+        load_optimizer_state(self.optimizer, ckpt['optimizer'])
         self.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
         note_other_total_batch(saved_args, batch_size, world_size, scaled_lr, self.lr_scheduler.base_values[0], path)
         self.loss_scaler.load_state_dict(ckpt.get('scaler') or {})
@@ -138,6 +145,30 @@ def check_format_version(ckpt: dict, path: str) -> None:
         raise utils.UserError(f'--resume {path} has checkpoint format {version}, newer than the {FORMAT_VERSION} this '
                               f'code reads: resume it with the version of deit that wrote it (or newer), or start '
                               f'from its weights with --finetune')
+
+
+# How the optimizer runs, not what it learnt: this run's choice (speedups.optimizer_kwargs, the device), never
+# the saved one. GradScaler hands the loss scale to an optimizer built fused, so a fused optimizer made
+# non-fused by a checkpoint fails its first fp16 step.
+OPTIMIZER_IMPLEMENTATION = ('fused', 'foreach', 'capturable', 'differentiable')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping the implementation flags the optimizer was built with
+    (load_state_dict replaces them with the saved ones) and filling the options a group was saved
+    without (apex's FusedLAMB saves no trust_clip / always_adapt, which timm's Lamb reads) from the
+    built group."""
+    built = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, built):
+        for key, value in options.items():
+            if key in OPTIMIZER_IMPLEMENTATION or key not in group:
+                group[key] = value
+        if group.get('fused') or group.get('capturable'):  # these keep 'step' as a float32 tensor by the parameter
+            for param in group['params']:
+                step = optimizer.state.get(param, {}).get('step')
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[param]['step'] = step.to(device=param.device, dtype=torch.float32)
 
 
 def step_to_resume_at(ckpt: dict, path: str, batch_size: int, accum_steps: int, world_size: int) -> int:
@@ -311,11 +342,12 @@ def previous_run_refusal(output_dir: str, start_over: bool, resume_requested: bo
 
 def set_aside_previous_run(output_dir: str, start_over: bool, resume_requested: bool) -> None:
     """previous_run_refusal on rank 0 (the one that writes), its verdict shared: every rank refuses alike."""
-    verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
+    with utils.failing_together():  # moving the files aside may fail on rank 0
+        verdict = [previous_run_refusal(output_dir, start_over, resume_requested) if utils.is_main_process() else None]
     if utils.is_dist_avail_and_initialized():
-        torch.distributed.broadcast_object_list(verdict, src=0)
+        torch.distributed.broadcast_object_list(verdict, src=0, device=utils.collective_device())
     if verdict[0]:
-        raise utils.UserError(verdict[0])
+        utils.raise_everywhere(utils.UserError(verdict[0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,13 +382,54 @@ def claim_output_dir(output_dir: str) -> Optional[IO[str]]:
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()} (since {time.strftime("%Y-%m-%d %H:%M:%S")})\n')
     lock.flush()
+    os.fsync(lock.fileno())  # other nodes read it (check_same_output_dir)
     remove_stale_temporaries(output_dir)
     return lock
+
+
+def claim_output_dir_of_the_job(output_dir: str) -> Optional[IO[str]]:
+    """claim_output_dir by rank 0, its outcome known to every rank (a refusal ends them all), then every
+    rank checks that it sees the directory rank 0 claimed (check_same_output_dir)."""
+    with utils.failing_together():
+        lock = claim_output_dir(output_dir)
+    if utils.get_world_size() > 1:
+        holder = [read_lock_holder(output_dir) if utils.is_main_process() else None]
+        torch.distributed.broadcast_object_list(holder, src=0, device=utils.collective_device())
+        with utils.failing_together():
+            check_same_output_dir(output_dir, holder[0])
+    return lock
+
+
+def read_lock_holder(output_dir: str) -> str:
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE)) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def check_same_output_dir(output_dir: str, holder: str, patience_s: float = 10) -> None:
+    """Refuse an --output_dir that is not the one rank 0 writes (a node-local path on a multi-node run):
+    the checkpoint rank 0 writes there must be readable by every rank to resume. A network file system
+    may show a new file late: ``patience_s`` seconds are given to it before refusing."""
+    deadline = time.time() + patience_s
+    while read_lock_holder(output_dir) != holder:
+        if time.time() > deadline:
+            raise utils.UserError(
+                f'--output_dir {output_dir} on {socket.gethostname()} is not the directory rank 0 writes ({holder}): '
+                f'every node must see the same --output_dir (a shared file system), or the checkpoints '
+                f'rank 0 writes cannot be resumed by the others')
+        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------------------------
+
+# How long a stop signal waits for a batch that does not come (a data worker stuck in a read) before the run
+# stops with the step checkpoint of the last finished step: well inside the 30 s that Slurm and torchrun
+# leave between SIGTERM and SIGKILL, and far longer than a healthy loader keeps the trainer waiting.
+DATA_WAIT_SECONDS = 10.0
 
 # The signals that ask a run to stop; workers ignore them all (ignore_stop_signals).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
@@ -376,6 +449,7 @@ class StopSignals:
         self.signum: Optional[int] = None
         self.submitit_handler = None
         self.where = 'before training started'
+        self.waiting_for_data = False  # set around each fetch of a training batch (Checkpointer.watch)
 
     def install(self) -> None:
         usr2 = signal.getsignal(signal.SIGUSR2)
@@ -404,6 +478,26 @@ class StopSignals:
         print(f'Received {signal.Signals(signum).name}: stopping after the current step '
               f'(send it again to stop at once)', flush=True)
         self.signum = signum
+        # A step whose batch never comes never ends: check, from DATA_WAIT_SECONDS on, whether the trainer still
+        # waits for data (SIGALRM interrupts a blocked read in this process as well as the wait for a worker).
+        signal.signal(signal.SIGALRM, self._data_deadline)
+        signal.setitimer(signal.ITIMER_REAL, DATA_WAIT_SECONDS, 1.0)
+
+    def _data_deadline(self, signum, frame) -> None:
+        if self.waiting_for_data:
+            self.disarm()
+            raise DataWaitExpired()
+
+    @staticmethod
+    def disarm() -> None:
+        """No more data deadline (the run is over)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def ignore(self) -> None:
+        """From now on the stop signals are ignored: the run is ending anyway."""
+        for signum in ((signal.SIGUSR2, signal.SIGINT) if self.submitit_handler else
+                       (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+            signal.signal(signum, signal.SIG_IGN)
 
     def hand_over(self, signum: int) -> None:
         """Under submitit, let its SIGUSR2 handler (checkpoint and requeue) act on that signal."""
@@ -458,10 +552,11 @@ class RankAgreement:
 
     def drain(self) -> List[int]:
         """The maximum of every exchange still in flight (all ranks call it at the same point)."""
-        result = [0, 0]
+        result = None
         while self.pending:
-            result = [max(a, b) for a, b in zip(result, self.read_oldest())]
-        return result
+            values = self.read_oldest()
+            result = values if result is None else [max(a, b) for a, b in zip(result, values)]
+        return result or [0]
 
 
 class Checkpointer:
@@ -484,32 +579,58 @@ class Checkpointer:
         self.agreement = RankAgreement(device) if utils.get_world_size() > 1 else None
         self.last_save = time.time()
 
-    def _requests(self) -> Tuple[Optional[int], bool]:
-        """(stop signal, time-based save due), the same on every rank."""
+    def _requests(self, failed: bool) -> Tuple[Optional[int], bool, bool]:
+        """(stop signal, time-based save due, a rank failed), the same on every rank."""
         overdue = bool(self.every_seconds) and time.time() - self.last_save >= self.every_seconds
         if self.agreement is None:
-            return self.signals.signum, overdue
-        agreed = self.agreement.exchange([self.signals.signum or 0, int(overdue)])
+            return self.signals.signum, overdue, failed
+        agreed = self.agreement.exchange([self.signals.signum or 0, int(overdue), int(failed)])
         if agreed is None:
-            return None, False
-        return agreed[0] or None, bool(agreed[1])
+            return None, False, False
+        return agreed[0] or None, bool(agreed[1]), bool(agreed[2])
 
     def after_step(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
-                   before_save: Callable[[], None] = lambda: None) -> None:
+                   before_save: Callable[[], None] = lambda: None, failed: bool = False,
+                   epoch_trained: bool = False) -> None:
         """Called with the number of finished steps of the epoch; raises TrainingInterrupted to stop.
 
-        ``metrics()`` gives the epoch's running averages and ``before_save()`` raises if the state must
-        not be saved (a non-finite loss; a collective, called on every rank); both are called only
-        when a checkpoint is written, since reading device values back waits for the device.
+        The last step of an epoch (``epoch_trained``) is always saved: whatever happens in the evaluation
+        before checkpoint.pth is written (an error, a kill, an out-of-memory), the epoch's training is kept.
+
+        ``metrics()`` gives the epoch's running sums of all ranks and ``before_save()`` raises if the state
+        must not be saved (a non-finite loss, a failed rank); both are collectives, called on every rank,
+        and only when a checkpoint is written or a rank said it ``failed``, since reading device values
+        back waits for the device.
         """
-        signum, overdue = self._requests()
-        due = (self.every_steps and steps_done % self.every_steps == 0) or overdue
+        signum, overdue, a_rank_failed = self._requests(failed)
+        if a_rank_failed:
+            before_save()  # raises on every rank, a few steps after the failure whatever --print-freq
+        due = (self.every_steps and steps_done % self.every_steps == 0) or overdue or epoch_trained
         path = None
         if self.output_dir and (due or signum):
             before_save()
             path = self.save(epoch, steps_done, metrics())
         if signum:
             raise TrainingInterrupted(signum, f'after step {steps_done} of epoch {epoch}', path)
+
+    def watch(self, loader) -> 'WatchedBatches':
+        """``loader``, its every fetch marked as a wait for data (the stop signals' data deadline)."""
+        return WatchedBatches(loader, self.signals)
+
+    def stop_waiting_for_data(self, epoch: int, steps_done: int, metrics: Callable[[], dict],
+                              before_save: Callable[[], None] = lambda: None) -> None:
+        """A stop signal came and the next batch did not, DATA_WAIT_SECONDS later: save the last finished step
+        (one process; ranks cannot agree on a step while one of them waits) and stop."""
+        path, saved = None, ''
+        if self.output_dir and self.agreement is None:
+            before_save()
+            path = self.save(epoch, steps_done, metrics())
+        elif self.agreement is not None:
+            saved = 'the last checkpoint written is kept (the ranks cannot agree on a step while one waits)'
+        end_data_workers()
+        raise TrainingInterrupted(self.signals.signum or signal.SIGTERM,
+                                  f'after step {steps_done} of epoch {epoch} (the next batch did not come within '
+                                  f'{DATA_WAIT_SECONDS:g} s: a data-loader read is stuck)', path, saved)
 
     def after_epoch(self, epoch: int, path: Optional[str]) -> None:
         """Called once the epoch's checkpoint.pth is written: its step checkpoints are obsolete (removed);
@@ -518,16 +639,18 @@ class Checkpointer:
             self.prune(finished_epoch=epoch)
         signum = self.signals.signum
         if self.agreement is not None:  # every exchange in flight, and one more now (a wait, once an epoch)
-            latest = self.agreement.exchange([signum or 0, 0]) or [0]
+            latest = self.agreement.exchange([signum or 0, 0, 0]) or [0]
             signum = max(latest[0], self.agreement.drain()[0]) or None
         if signum:
             raise TrainingInterrupted(signum, f'at the end of epoch {epoch}', path)
 
     def save(self, epoch: int, steps_done: int, metrics: dict) -> str:
+        """Rank 0 writes the step checkpoint; every rank waits for it and learns whether it was written."""
         path = os.path.join(self.output_dir, f'checkpoint-e{epoch:04d}-s{steps_done:06d}.pth')
-        if utils.is_main_process():
-            save_atomic(self.payload(epoch, steps_done, metrics), path)
-            self.prune()
+        with utils.failing_together():
+            if utils.is_main_process():
+                save_atomic(self.payload(epoch, steps_done, metrics), path)
+                self.prune()
         self.last_save = time.time()
         return path
 
@@ -541,4 +664,41 @@ class Checkpointer:
                 steps.append(((int(match.group(1)), int(match.group(2))), path))
         for newer, ((epoch, _), path) in enumerate(sorted(steps, reverse=True)):
             if newer >= self.keep_last or epoch <= finished_epoch:
-                os.remove(path)
+                try:
+                    os.remove(path)
+                except OSError as e:  # a leftover is harmless: --resume auto reads positions, not names
+                    print(f'warning: cannot remove the obsolete step checkpoint {path}: {e.strerror}')
+
+
+class WatchedBatches:
+    """A data loader whose every fetch sets ``signals.waiting_for_data`` while it waits (its length is the
+    loader's, for the progress line)."""
+
+    def __init__(self, loader, signals: StopSignals):
+        self.loader, self.signals = loader, signals
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.signals.waiting_for_data = True  # starting the workers is a wait too
+        try:
+            batches = iter(self.loader)
+        finally:
+            self.signals.waiting_for_data = False
+        while True:
+            self.signals.waiting_for_data = True
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.signals.waiting_for_data = False
+            yield batch
+
+
+def end_data_workers() -> None:
+    """SIGKILL this process's data-loader workers: one stuck in a read ignores the SIGTERM of the loader's
+    shutdown (ignore_stop_signals), and Python's exit would wait for it forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()

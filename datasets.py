@@ -2,6 +2,7 @@
 transforms, and the pipeline each split gets (the reference transforms, or --fast-data's)."""
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -20,9 +21,11 @@ from torchvision import datasets, transforms
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets import imagenet
-from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder, find_classes
 
-from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, open_lazily
+from data_files import ClassFolders, load_rgb
+from fast_data import BatchStage, FastEvalTransform, FastTrainTransform, from_bytes_lazily, open_lazily
+import shards
 from seeding import preserved_cpu_generators, seed_cpu_generators
 from utils import UserError
 
@@ -30,7 +33,10 @@ from utils import UserError
 # DIGITS-N: N labelled training images of DIGITS (the same validation split), the small-data regime
 # of docs/distillation-study.md.
 DIGITS_SUBSETS = {'DIGITS-100': 100, 'DIGITS-300': 300}
-DATA_SETS = ('IMNET', 'IMNETV2', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS)
+# WDS and HF: read from shards (shards.py), --shuffle blocks can order them.
+SHARDED_DATA_SETS = ('WDS', 'HF')
+DATA_SETS = ('IMNET', 'IMNETV2', 'CIFAR', 'CIFAR10', 'CIFAR100', 'INAT', 'INAT19', 'DIGITS', *DIGITS_SUBSETS,
+             *SHARDED_DATA_SETS)
 EVAL_ONLY_DATA_SETS = ('IMNETV2',)  # a test set without a training split
 INAT_CATEGORIES = ('kingdom', 'phylum', 'class', 'order', 'supercategory', 'family', 'genus', 'name')
 
@@ -50,6 +56,8 @@ class TransformSettings:
     simple_crop: bool  # --src, with three_augment
     eval_crop_ratio: float
     fast: bool  # --fast-data: the fast pipeline wherever it implements the reference
+    mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN  # the normalisation (--mean, --std)
+    std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
     @classmethod
     def for_eval(cls, input_size: int, eval_crop_ratio: float, fast: bool = True) -> 'TransformSettings':
@@ -78,19 +86,27 @@ class DataSettings:
             # handwritten digits are not mirror-symmetric
             hflip=0.0 if args.data_set.startswith('DIGITS') else 0.5,
             three_augment=args.ThreeAugment, simple_crop=args.src, eval_crop_ratio=args.eval_crop_ratio,
-            fast=args.fast_data))
+            fast=args.fast_data,  # --mean/--std as main.resolve_args settles them; unresolved: ImageNet's
+            mean=tuple(args.mean or IMAGENET_DEFAULT_MEAN), std=tuple(args.std or IMAGENET_DEFAULT_STD)))
+
+
+def pil_from_bytes(data: bytes) -> Image.Image:
+    """An image file's bytes as an RGB PIL image, the pixels load_rgb gives for the file."""
+    return Image.open(io.BytesIO(data)).convert('RGB')
 
 
 @dataclass(frozen=True)
 class Pipeline:
     """How a split's images become model inputs.
 
-    ``open_image`` reads an image file (for the datasets made of files), ``transform`` makes a sample
+    ``open_image`` reads an image file (for the datasets made of files), ``open_bytes`` an image file's
+    bytes (for the datasets read from shards), ``transform`` makes a sample
     of it in a data-loader worker, and ``batch``, when set, finishes each collated batch on the
     training device (fast_data.DeviceBatches); without it the samples leave ``transform`` finished.
     """
     transform: Callable[[Any], Any]
-    open_image: Callable[[str], Any] = default_loader
+    open_image: Callable[[str], Any] = load_rgb
+    open_bytes: Callable[[bytes], Any] = pil_from_bytes
     batch: Optional[BatchStage] = None
 
 
@@ -118,7 +134,7 @@ class INatDataset(ImageFolder):
     ``categories.json`` under ``root``; ``category`` picks the taxonomy level used as label."""
 
     def __init__(self, root: str, train: bool = True, year: int = 2018, transform=None,
-                 target_transform=None, category: str = 'name', loader=default_loader):
+                 target_transform=None, category: str = 'name', loader=load_rgb):
         self.root = root
         self.transform = transform
         self.target_transform = target_transform
@@ -195,7 +211,7 @@ def image_folder(root: str, split: str, transform, loader) -> ImageFolder:
     if not os.path.isdir(path):
         raise UserError(f'{path} not found: --data-path must hold train/ and val/ class folders')
     try:
-        return ImageFolder(path, transform=transform, loader=loader)
+        return ClassFolders(path, transform=transform, loader=loader)
     except FileNotFoundError as e:  # torchvision's words for no class folder, or a class folder without images
         if not any(entry.is_dir() for entry in os.scandir(path)):
             raise UserError(f'{path} has no class folders: put the images of each class in a folder of their own '
@@ -212,7 +228,7 @@ class FlatValFolder(ImageFolder):
     loading are ImageFolder's.
     """
 
-    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=default_loader):
+    def __init__(self, root: str, wnid_of: Dict[str, str], classes: List[str], transform=None, loader=load_rgb):
         self.wnid_of, self.train_classes = wnid_of, classes
         super().__init__(root, transform=transform, loader=loader)
 
@@ -323,7 +339,7 @@ class ImageNetV2Folder(ImageFolder):
         return classes, {name: int(name) for name in classes}
 
 
-def imagenet_split(data_path: str, is_train: bool, transform=None, loader=default_loader) -> ImageFolder:
+def imagenet_split(data_path: str, is_train: bool, transform=None, loader=load_rgb) -> ImageFolder:
     """train/ or val/ of ``data_path`` as class folders, or val/ as downloaded (flat, with its ground truth)."""
     val_dir = os.path.join(data_path, 'val')
     val_images = flat_images(val_dir) if not is_train and os.path.isdir(val_dir) else []
@@ -343,7 +359,7 @@ def _cifar(cls, data_path: str, is_train: bool, transform):
 def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) -> Tuple[Dataset, int]:
     """The ``settings.data_set`` split, read and transformed by ``pipeline``, and its number of classes."""
     data_set, data_path, transform = settings.data_set, settings.data_path, pipeline.transform
-    if not os.path.isdir(data_path) and data_set in ('IMNET', 'IMNETV2', 'INAT', 'INAT19'):
+    if not os.path.isdir(data_path) and data_set in ('IMNET', 'IMNETV2', 'INAT', 'INAT19', 'HF'):
         raise UserError(f'--data-path {data_path} is not a directory: point it at the dataset root')
 
     if data_set in ('CIFAR', 'CIFAR100'):
@@ -367,6 +383,10 @@ def build_dataset(is_train: bool, settings: DataSettings, pipeline: Pipeline) ->
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f'cannot read the iNaturalist {year} annotations under {data_path}: {e}') from None
         nb_classes = dataset.nb_classes
+    elif data_set == 'WDS':
+        dataset, nb_classes = shards.build_wds(data_path, is_train, transform, pipeline.open_bytes, settings.nb_classes)
+    elif data_set == 'HF':
+        dataset, nb_classes = shards.build_hf(data_path, is_train, transform, pipeline.open_bytes)
     elif data_set == 'DIGITS' or data_set in DIGITS_SUBSETS:  # embedded: --data-path is not read
         dataset = DigitsDataset(is_train, settings.transform.input_size, transform, DIGITS_SUBSETS.get(data_set))
         nb_classes = 10
@@ -410,15 +430,15 @@ def check_same_classes(dataset_train, dataset_val) -> None:
 
 
 class EvalTransform:
-    """Resize to ``size / crop_ratio`` (bicubic), center crop ``size``, ImageNet normalisation."""
+    """Resize to ``size / crop_ratio`` (bicubic), center crop ``size``, normalisation (ImageNet's by default)."""
 
-    def __init__(self, input_size: int, crop_ratio: float = 0.875):
+    def __init__(self, input_size: int, crop_ratio: float = 0.875, mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: Tuple[float, ...] = IMAGENET_DEFAULT_STD):
         steps = []
         if input_size > 32:  # small inputs (CIFAR-sized) are used as they are
             steps.append(transforms.Resize(int(input_size / crop_ratio),
                                            interpolation=transforms.InterpolationMode.BICUBIC))
-        steps += [transforms.CenterCrop(input_size), transforms.ToTensor(),
-                  transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps += [transforms.CenterCrop(input_size), transforms.ToTensor(), transforms.Normalize(mean, std)]
         self.transform = transforms.Compose(steps)
 
     def __call__(self, img):
@@ -437,7 +457,8 @@ class ThreeAugment:
     blur, colour jitter, normalisation. ``simple_crop`` (--src) resizes and takes a padded random
     crop instead of RandomResizedCrop."""
 
-    def __init__(self, input_size: int, color_jitter: float = 0.3, simple_crop: bool = False):
+    def __init__(self, input_size: int, color_jitter: float = 0.3, simple_crop: bool = False,
+                 mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: Tuple[float, ...] = IMAGENET_DEFAULT_STD):
         bicubic = transforms.InterpolationMode.BICUBIC
         if simple_crop:
             crop = [transforms.Resize(input_size, interpolation=bicubic),
@@ -450,7 +471,7 @@ class ThreeAugment:
                                                  RandomGaussianBlur()])]
         if color_jitter:
             steps.append(transforms.ColorJitter(color_jitter, color_jitter, color_jitter))
-        steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+        steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
         self.transform = transforms.Compose(steps)
 
     def __call__(self, img):
@@ -468,7 +489,8 @@ def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, 
     geometry, pixels, tensor = create_transform(
         input_size=settings.input_size, is_training=True, color_jitter=settings.color_jitter,
         auto_augment=settings.auto_augment, interpolation=settings.interpolation, re_prob=settings.reprob,
-        re_mode=settings.remode, re_count=settings.recount, hflip=settings.hflip, separate=True)
+        re_mode=settings.remode, re_count=settings.recount, hflip=settings.hflip, mean=settings.mean, std=settings.std,
+        separate=True)
     if settings.input_size <= 32:
         padding = max(1, settings.input_size // 8)
         geometry.transforms[0] = transforms.RandomCrop(settings.input_size, padding=padding, pad_if_needed=True)
@@ -478,9 +500,10 @@ def timm_train_stages(settings: TransformSettings) -> Tuple[transforms.Compose, 
 def build_transform(is_train: bool, settings: TransformSettings):
     """The reference train or eval transform (timm's and torchvision's): a PIL image in, a normalised tensor out."""
     if not is_train:
-        return EvalTransform(settings.input_size, settings.eval_crop_ratio)
+        return EvalTransform(settings.input_size, settings.eval_crop_ratio, settings.mean, settings.std)
     if settings.three_augment:
-        return ThreeAugment(settings.input_size, settings.color_jitter, simple_crop=settings.simple_crop)
+        return ThreeAugment(settings.input_size, settings.color_jitter, simple_crop=settings.simple_crop,
+                            mean=settings.mean, std=settings.std)
     return transforms.Compose([step for stage in timm_train_stages(settings) for step in stage.transforms])
 
 
@@ -492,7 +515,8 @@ def build_pipeline(is_train: bool, settings: TransformSettings) -> Pipeline:
         return fast_train_pipeline(settings)
     if settings.input_size <= 32:  # evaluated without resizing: nothing for the fast path to do
         return Pipeline(build_transform(False, settings))
-    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, BatchStage())
+    return Pipeline(FastEvalTransform(settings.input_size, settings.eval_crop_ratio), open_lazily, from_bytes_lazily,
+                    BatchStage(settings.mean, settings.std))
 
 
 def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
@@ -508,7 +532,7 @@ def fast_train_pipeline(settings: TransformSettings) -> Pipeline:
     # the tensor stage's own RandomErasing (timm's, when --reprob > 0), applied per batch instead
     erasing = next((step for step in tensor.transforms if isinstance(step, RandomErasing)), None)
     return Pipeline(FastTrainTransform(crop, geometry.transforms[1:] + pixels.transforms), open_lazily,
-                    BatchStage(erasing=erasing))
+                    from_bytes_lazily, BatchStage(settings.mean, settings.std, erasing))
 
 
 # What a broken image file raises while PIL decodes it (truncated, corrupt, not an image at all), and
@@ -533,6 +557,8 @@ class RobustSamples(Dataset):
         return len(self.dataset)
 
     def _path(self, index: int) -> str:
+        if hasattr(self.dataset, 'sample_name'):  # datasets read from shards
+            return self.dataset.sample_name(index)
         samples = getattr(self.dataset, 'samples', None)
         return samples[index][0] if samples else f'sample {index}'
 

@@ -13,7 +13,9 @@ names, with the model name, class count and input size as metadata. timm loads i
                       pretrained_cfg_overlay=dict(file='model.safetensors', num_classes=N))
 
 (``num_classes`` in the overlay too: when it differs from the pretrained config's own class count,
-timm drops the classifier weights and keeps a random head.)
+timm drops the classifier weights and keeps a random head; ``mean`` and ``std`` too when the run's
+normalisation, --mean/--std, differs from the model's pretrained config: timm's resolve_data_config then
+preprocesses as the run did.)
 """
 import argparse
 import itertools
@@ -46,13 +48,16 @@ def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch
 
 
 def export_metadata(checkpoint: dict, state: Dict[str, torch.Tensor], ema: bool) -> Dict[str, str]:
-    """String metadata (all safetensors allows): model name and input size from the run's args."""
+    """String metadata (all safetensors allows): model name, input size and normalisation from the run's args."""
     args = checkpoint.get('args') or {}
     metadata = {'format': 'pt', 'weights': 'ema' if ema else 'model'}  # 'format': what timm/HF tools expect
     if args.get('model'):
         metadata['model'] = str(args['model'])
     if args.get('input_size'):
         metadata['input_size'] = str(args['input_size'])
+    for key in ('mean', 'std'):
+        if args.get(key):
+            metadata[key] = ','.join(str(float(v)) for v in args[key])
     num_classes = args.get('nb_classes') or num_classes_of(state)
     if num_classes:
         metadata['num_classes'] = str(num_classes)
@@ -97,8 +102,18 @@ def load_hint(output: str, metadata: Dict[str, str]) -> str:
                      f"# registers {name} (models/ of this repository) in timm")
     lines.append('import timm')
     lines.append(f"model = timm.create_model('{name}', pretrained=True{img_size_argument(name, metadata)}, "
-                 f"pretrained_cfg_overlay=dict(file={os.path.abspath(output)!r}, num_classes={num_classes}))")
+                 f"pretrained_cfg_overlay=dict(file={os.path.abspath(output)!r}, num_classes={num_classes}"
+                 f"{normalisation_overlay(name, metadata)}))")
     return '\n'.join(lines)
+
+
+def normalisation_overlay(name: str, metadata: Dict[str, str]) -> str:
+    """', mean=(...), std=(...)' when the run's normalisation is not the model's pretrained config's."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    own = {key: tuple(float(v) for v in metadata[key].split(',')) for key in ('mean', 'std') if key in metadata}
+    if len(own) < 2 or (cfg is not None and (tuple(cfg.mean), tuple(cfg.std)) == (own['mean'], own['std'])):
+        return ''
+    return f", mean={own['mean']}, std={own['std']}"
 
 
 def img_size_argument(name: str, metadata: Dict[str, str]) -> str:

@@ -29,6 +29,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
+from data_files import open_regular_file
 from fast_augment import array_step
 from seeding import Stream, stream_generators
 
@@ -81,8 +82,12 @@ def open_lazily(path: str) -> Union[JpegFile, Image.Image]:
     Colour JPEGs come as a JpegFile (OpenCV decodes them); other files (grey or CMYK JPEGs, PNG, ...)
     are opened lazily by PIL.
     """
-    with open(path, 'rb') as f:
-        data = f.read()
+    with open_regular_file(path) as f:  # a FIFO named like an image would block open() forever
+        return from_bytes_lazily(f.read())
+
+
+def from_bytes_lazily(data: bytes) -> Union[JpegFile, Image.Image]:
+    """An image file's bytes (a shard's member), not decoded yet, as ``open_lazily`` gives a file."""
     frame = jpeg_frame(data)
     if frame is not None and frame[2] == 3 and min(frame[:2]) > 0:
         check_pixel_count(frame[:2])
@@ -212,7 +217,8 @@ class FastEvalTransform:
 @dataclass(frozen=True)
 class BatchStage:
     """What the fast path leaves to each batch, on the training device: normalisation by ``mean`` and
-    ``std`` (timm's ImageNet constants, as the reference transforms), then ``erasing`` (training)."""
+    ``std`` (--mean, --std: timm's ImageNet constants by default, as the reference transforms), then
+    ``erasing`` (training)."""
     mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD
     erasing: Optional[RandomErasing] = None

@@ -21,13 +21,15 @@ if __name__ == '__main__':  # a stop signal while torch and timm load (seconds):
 import argparse
 import contextlib
 import datetime
+import difflib
+import re
 import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import timm
 import torch
-from timm.data import Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler
 from timm.utils import ModelEmaV3
@@ -45,14 +47,20 @@ import utils
 import wandb_log
 import weights
 import real_labels
-from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, DataSettings, RobustSamples, build_dataset,
-                      build_pipeline, check_same_classes, class_names, collate_skipping, imagenet_descriptions)
-from engine import LossScaler, NonFiniteLossError, TrainOptions, evaluate, train_one_epoch
+from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples,
+                      build_dataset, build_pipeline, check_same_classes, class_names, collate_skipping,
+                      imagenet_descriptions)
+from engine import HeadLogits, LossScaler, TrainOptions, evaluate, is_distilled, train_one_epoch
 from losses import DISTILLATION_TYPES, Criterion, build_criterion, check_loss_flags
 from precision import Precision, dtype_flag, resolve_precision
-from samplers import RASampler, ResumableSampler
-from teacher import prepare_teacher
+from samplers import BlockSampler, RASampler, ResumableSampler
+from teacher import InputSpec, TeacherInputs, prepare_teacher
 from utils import UserError
+
+
+def checkpoint_or_none(value: str) -> str:
+    """A checkpoint flag's value; 'none' is unset (''), e.g. to drop the download URL a recipe gives."""
+    return '' if value.strip().lower() == 'none' else value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,7 +73,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='dataset root (IMNET: a folder with train/ and val/ class folders)')
     data.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str,
                       help='IMNET is any ImageFolder with train/ and val/; IMNETV2 (--eval only) ImageNet-V2\'s '
-                           'class-index folders 0 ... 999 in --data-path')
+                           'class-index folders 0 ... 999 in --data-path; WDS, WebDataset shards in timm\'s layout '
+                           '(a folder with _info.json, or a brace pattern of the train shards); HF, a Hugging Face '
+                           'dataset on disk (save_to_disk, or Parquet files) with image and label columns')
+    data.add_argument('--shuffle', default='global', choices=('global', 'blocks'),
+                      help='(new) training order: global, a permutation of all samples (the folder order); '
+                           'blocks, shards shuffled and samples shuffled within blocks of shards, so that each '
+                           'worker reads a few shards at a time (WDS and HF only)')
     data.add_argument('--nb-classes', default=None, type=int, metavar='N',
                       help='(new) expected number of classes, checked against the data; unset: taken from the data')
     data.add_argument('--inat-category', default='name', choices=INAT_CATEGORIES, type=str,
@@ -74,10 +88,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='validation: resize to --input-size / RATIO, then centre-crop --input-size')
     data.add_argument('--strict-data', action='store_true',
                       help='(new) fail on an unreadable image instead of skipping and counting it')
+    data.add_argument('--mean', type=float, nargs=3, default=None, metavar='M',
+                      help="(new) the student's input normalisation mean; unset: that of the --resume checkpoint, "
+                           "of the --finetune weights (a hub tag's pretrained config), else ImageNet's")
+    data.add_argument('--std', type=float, nargs=3, default=None, metavar='S',
+                      help='(new) the input normalisation std; unset: chosen as --mean')
 
     model = parser.add_argument_group('model')
-    model.add_argument('--model', default='deit_base_patch16_224', type=str, metavar='MODEL',
-                       help='any timm model name, or one of models/')
+    # no type=str (strings anyway): argparse would convert the default to a plain str, losing ParserDefault
+    model.add_argument('--model', default=utils.ParserDefault('deit_base_patch16_224'), metavar='MODEL',
+                       help='any timm model name, or one of models/; unset with --resume/--finetune: the model '
+                            'the checkpoint records, if it records one')
     model.add_argument('--input-size', default=224, type=int, metavar='PIXELS', help='image size (square)')
     model.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     model.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path (stochastic depth) rate')
@@ -88,9 +109,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--model-ema-decay', type=float, default=0.99996, metavar='DECAY',
                        help='EMA decay per optimizer step')
     model.add_argument('--model-ema-force-cpu', action='store_true', help='keep the EMA model on the CPU')
-    model.add_argument('--finetune', default='', metavar='FILE_OR_URL',
-                       help='fine-tune from this checkpoint file or URL (classifier and position embedding '
-                            'adapted); unset: no fine-tuning')
+    model.add_argument('--finetune', default='', type=checkpoint_or_none, metavar='FILE_OR_URL',
+                       help="fine-tune from this checkpoint file or URL, or (new) timm's pretrained weights "
+                            "NAME.tag (classifier and position embedding adapted); unset or 'none' (overrides a "
+                            "--config's): no fine-tuning")
     model.add_argument('--finetune-partial', action='store_true',
                        help='(new) --finetune loads the weights that fit and leaves the others as initialised '
                             '(e.g. a backbone); without it, a checkpoint that leaves any weight besides the '
@@ -99,10 +121,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='train only the attention layers, the position embedding and the classifier')
 
     distillation = parser.add_argument_group('distillation')
-    distillation.add_argument('--teacher-model', default='regnety_160', type=str, metavar='MODEL',
-                              help='timm model name of the teacher')
-    distillation.add_argument('--teacher-path', type=str, default='', metavar='FILE_OR_URL',
-                              help='teacher checkpoint file or https URL; needed when distilling')
+    distillation.add_argument('--teacher-model', default=utils.ParserDefault('regnety_160'), metavar='MODEL',
+                              help='timm model name of the teacher; unset: the model the --teacher-path '
+                                   'checkpoint records, if it records one')
+    distillation.add_argument('--teacher-path', type=checkpoint_or_none, default='', metavar='FILE_OR_URL',
+                              help="teacher checkpoint file or https URL (torch or safetensors); needed when "
+                                   "distilling, unless --teacher-pretrained ('none': unset)")
+    distillation.add_argument('--teacher-pretrained', action='store_true',
+                              help="(new) the teacher is timm's pretrained --teacher-model NAME[.tag] (from the hub "
+                                   'cache, downloaded once), fed its own normalisation and input size')
     distillation.add_argument('--distillation-type', default='none', choices=DISTILLATION_TYPES, type=str,
                               help='none: no teacher; soft: KL divergence to the teacher; hard: its predicted labels')
     distillation.add_argument('--distillation-alpha', default=0.5, type=float, metavar='ALPHA',
@@ -136,6 +163,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                               help='clip the gradient norm to NORM; unset: no clipping')
     optimisation.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
     optimisation.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
+    optimisation.add_argument('--layer-decay', type=float, default=None, metavar='RATE',
+                              help="(new) layer-wise lr decay (BEiT/MAE fine-tuning): each layer's lr is scaled "
+                                   "by RATE per layer above it (timm's parameter groups); unset: off")
     optimisation.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER',
                               help='timm learning-rate schedule')
     optimisation.add_argument('--lr', type=float, default=5e-4, metavar='LR',
@@ -291,20 +321,27 @@ def validate_args(args) -> None:
         if getattr(args, name) < 0:
             raise UserError(f'--{name.replace("_", "-")} must not be negative, got {getattr(args, name)}')
     if not timm.is_model(args.model):
-        close = timm.list_models(f'*{args.model.split("_")[0]}*')[:5]
-        raise UserError(f'unknown --model {args.model}' + (f': did you mean one of {close}?' if close else ''))
+        raise UserError(unknown_model(args.model, '--model'))
     if args.distillation_type != 'none':
         if not timm.is_model(args.teacher_model):
-            raise UserError(f'unknown --teacher-model {args.teacher_model}: use a timm model name')
-        if not args.teacher_path:
-            raise UserError(f'--distillation-type {args.distillation_type} needs --teacher-path '
-                            '(a checkpoint file or https URL of the teacher)')
-        if not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
+            raise UserError(unknown_model(args.teacher_model, '--teacher-model'))
+        if args.teacher_pretrained and args.teacher_path:
+            raise UserError('--teacher-pretrained and --teacher-path both give the teacher weights: keep one')
+        if args.teacher_pretrained:
+            weights.check_hub_weights(args.teacher_model, '--teacher-model')
+        elif not args.teacher_path:
+            raise UserError(f'--distillation-type {args.distillation_type} needs the teacher weights: --teacher-path '
+                            "(a checkpoint file or https URL) or --teacher-pretrained (timm's weights of "
+                            '--teacher-model NAME.tag)')
+        elif not utils.is_url(args.teacher_path) and not os.path.isfile(args.teacher_path):
             raise UserError(f'--teacher-path {args.teacher_path} does not exist')
         check_distillation_head(args.model, args.distillation_token)
     if args.grad_checkpointing:
         with torch.device('meta'):
             enable_grad_checkpointing(timm.create_model(args.model, num_classes=2), args.model)
+    if args.shuffle == 'blocks' and args.data_set not in SHARDED_DATA_SETS:
+        raise UserError(f'--shuffle blocks orders the shards of --data-set {" or ".join(SHARDED_DATA_SETS)}; '
+                        f'{args.data_set} has none: drop it')
     if args.src and not args.ThreeAugment:
         raise UserError('--src (simple random crop) is part of the DeiT III pipeline: add --ThreeAugment')
     check_loss_flags(args.bce_loss, args.cosub, mixup_active(args), args.distillation_type)
@@ -325,10 +362,60 @@ def validate_args(args) -> None:
         print('warning: --eval without --resume evaluates a randomly initialised model')
     if args.resume == 'auto' and not args.output_dir:
         raise UserError('--resume auto looks in --output_dir: give --output_dir too')
-    for name in ('resume', 'finetune'):
-        path = getattr(args, name)
-        if path and path != 'auto' and not utils.is_url(path) and not os.path.isfile(path):
-            raise UserError(f'--{name} {path} does not exist: check the path')
+    if args.resume and args.resume != 'auto' and not utils.is_url(args.resume) and not os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume} does not exist: check the path')
+    if args.finetune and not utils.is_url(args.finetune) and not os.path.isfile(args.finetune):
+        if '.' not in args.finetune or not timm.is_model(args.finetune):
+            raise UserError(f"--finetune {args.finetune} does not exist: check the path, or name timm's "
+                            'pretrained weights as NAME.tag (timm.list_pretrained())')
+        weights.check_hub_weights(args.finetune, '--finetune')
+    if (args.mean is None) != (args.std is None):
+        raise UserError('--mean and --std go together: give both, or neither (the weights\' own, else ImageNet\'s)')
+    if args.std is not None and min(args.std) <= 0:
+        raise UserError(f'--std must be positive, got {args.std}')
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UserError(f'--layer-decay must be in (0, 1] (e.g. 0.65-0.75 for ViT-S/B fine-tuning), got {args.layer_decay}')
+
+
+def unknown_model(name: str, flag: str) -> str:
+    """The error for a model name timm does not know: a size variant of a known model as that model at
+    another --input-size (deit_tiny_patch16_384 -> --model deit_tiny_patch16_224 --input-size 384), else
+    the closest known names (difflib's similarity ratio)."""
+    sized = re.fullmatch(r'(.+_)(\d+)', name)
+    if sized and flag == '--model':
+        variants = [m for m in timm.list_models(f'{sized[1]}*') if re.fullmatch(re.escape(sized[1]) + r'\d+', m)]
+        if variants:
+            base = f'{sized[1]}224' if f'{sized[1]}224' in variants else variants[0]
+            return f'unknown {flag} {name}: use --model {base} --input-size {sized[2]}'
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f'unknown {flag} {name}' + (f': did you mean {" or ".join(close)}?' if close else ': use a timm model '
+                                       'name (python -c "import timm; print(timm.list_models())")')
+
+
+def adopt_recorded_models(args) -> None:
+    """--model and --teacher-model left unset take the model their checkpoint records (its args.model, as
+    the original scripts' checkpoints record it too): --resume / --finetune for the student, --teacher-path
+    for the teacher. One line says so; a model given on the command line or in a --config is kept."""
+    student_checkpoint = args.resume if args.resume != 'auto' else ''
+    student_checkpoint = student_checkpoint or args.finetune
+    if utils.is_parser_default(args.model) and student_checkpoint:
+        args.model = checkpoint_model(student_checkpoint, '--resume' if args.resume == student_checkpoint
+                                      else '--finetune', '--model', args.model)
+    if args.distillation_type != 'none' and utils.is_parser_default(args.teacher_model) and args.teacher_path:
+        args.teacher_model = checkpoint_model(args.teacher_path, '--teacher-path', '--teacher-model',
+                                              args.teacher_model)
+
+
+def checkpoint_model(path: str, source: str, flag: str, default: str) -> str:
+    """The model the checkpoint at ``path`` records (said in one line), else ``default``; a missing file is
+    left to validate_args, which names it."""
+    if not utils.is_url(path) and not os.path.isfile(path):
+        return default
+    recorded = weights.recorded_model({'args': weights.recorded_args(path)})
+    if not recorded or recorded == default:
+        return default
+    print(f'{flag} {recorded}: the model {source} {path} records (give {flag} to choose another)')
+    return recorded
 
 
 def resolve_args(args) -> Optional[torch.dtype]:
@@ -337,8 +424,8 @@ def resolve_args(args) -> Optional[torch.dtype]:
     --tensorboard, --resume (auto, or the newest checkpoint after a torchrun restart) and --lr (scaled to
     the effective batch unless --unscale-lr).
 
-    The resolved values stay in ``args`` (one record: what print(args), args.yaml and every checkpoint
-    show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
+    The resolved values stay in ``args`` (one record: what the settings summary, args.yaml and every
+    checkpoint show is what the run used); the autocast dtype is also returned as the torch.dtype the code takes
     (None: fp32). Only --nb-classes (from the data) and --start_epoch (from the resumed checkpoint) are
     filled later, where they become known.
     """
@@ -349,14 +436,58 @@ def resolve_args(args) -> Optional[torch.dtype]:
     precision = choose_precision(args.amp, args.amp_dtype, args.device, args.distributed)
     args.amp, args.amp_dtype = precision.dtype is not None, dtype_flag(precision.dtype)  # repeatable from args.yaml
     print(f'precision: student {precision.name} ({precision.reason})')
+    if precision.warning:
+        print(f'warning: {precision.warning}')
     if args.distillation_type != 'none':
         print(f'precision: teacher {precision.name} (the student\'s)')
     if args.tensorboard is None:
         args.tensorboard = bool(args.output_dir) and utils.tensorboard_available()
     args.resume = checkpoint.resume_source(args.resume, args.output_dir)
+    args.mean, args.std = student_normalisation(args.mean, args.std, args.resume, args.finetune)
     if not args.unscale_lr:
         args.lr = args.lr * samples_per_step(args) * utils.get_world_size() / 512.0
     return precision.dtype
+
+
+def student_normalisation(mean: Optional[list], std: Optional[list], resume: str, finetune: str
+                          ) -> Tuple[list, list]:
+    """The student's input mean and std: --mean/--std, else those the weights it starts from were trained
+    with (the --resume checkpoint's, the --finetune source's: a hub tag's pretrained config or a checkpoint's
+    recorded args), else ImageNet's. Settled in args, so that checkpoints record it for --eval and export."""
+    if mean is not None:
+        return list(mean), list(std)
+    for flag, source in (('--resume', resume), ('--finetune', finetune)):
+        found = weights.normalisation_of(source) if source else None
+        if found is not None:
+            if found != (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)):
+                print(f'normalisation: mean {found[0]} std {found[1]}, as the weights of {flag} {source}')
+            return found
+    return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
+
+
+def settings_summary(args) -> str:
+    """The resolved settings that say what this run does, in a few lines (every setting: args.yaml)."""
+    world = utils.get_world_size()
+    task = 'evaluate' if args.eval else f'train {args.epochs} epoch{"s" if args.epochs != 1 else ""}'
+    lines = [f'{task}: --model {args.model} at {args.input_size} px on {args.data_set} {args.data_path}']
+    if not args.eval:
+        lines.append(f'  batch {args.batch_size} x {args.grad_accum_steps} accumulation x {world} processes, '
+                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}, '
+                     f'{args.sched} schedule, {args.warmup_epochs} warmup epochs, '
+                     f'EMA {"on" if args.model_ema else "off"}')
+    if args.distillation_type != 'none':
+        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({args.teacher_path})')
+    starts = [f'--{name} {getattr(args, name)}' for name in ('resume', 'finetune') if getattr(args, name)]
+    if starts:
+        lines.append(f'  from {", ".join(starts)}')
+    precision = args.amp_dtype if args.amp else 'fp32'
+    if args.eval:
+        saved = 'nothing saved (--eval)'
+    else:
+        saved = f'output in {args.output_dir} (every setting: args.yaml)' if args.output_dir else \
+            'nothing saved (no --output_dir)'
+    lines.append(f'  device {args.device}, {precision}, {args.num_workers} data workers, seed {args.seed}; {saved}')
+    return '\n'.join(lines)
 
 
 def choose_precision(amp: Optional[bool], amp_dtype: Optional[str], device: torch.device,
@@ -482,9 +613,13 @@ def build_data(args) -> Tuple[Optional[DataLoader], DataLoader, int, List[str]]:
     samples_train = RobustSamples(dataset_train, replace=True)
     samples_train.check_readable('training')
 
-    # Both orders depend only on (seed, epoch): a resumed run sees the same order.
+    # Every order depends only on (seed, epoch, world size): a resumed run sees the same order.
+    shard_lengths = dataset_train.shard_lengths if args.shuffle == 'blocks' else None
     if args.repeated_aug:
-        order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        order = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                          shard_lengths=shard_lengths)
+    elif shard_lengths:
+        order = BlockSampler(dataset_train, shard_lengths, num_replicas=world, rank=rank, seed=args.seed)
     else:
         order = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     # Whole optimizer steps only: a partial last step would average fewer samples than the others.
@@ -505,12 +640,19 @@ def loader_options(args) -> dict:
     """DataLoader settings both splits share: workers, pinned memory, the collate that skips unreadable images."""
     pin = args.pin_mem and args.device.type == 'cuda'
     options = dict(num_workers=args.num_workers, pin_memory=pin, persistent_workers=args.num_workers > 0,
-                   collate_fn=collate_skipping, worker_init_fn=checkpoint.ignore_stop_signals,
+                   collate_fn=collate_skipping, worker_init_fn=init_data_worker,
                    # its own generator: creating an iterator must not consume the global RNG stream
                    generator=seeding.loader_generator(args.seed))
     if args.num_workers > 0:
         options['prefetch_factor'] = 4  # absorbs the spread of RandAugment's per-image cost; uint8 batches are small
     return options
+
+
+def init_data_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: stop signals are the trainer's, and the trainer's kept memory is not
+    the worker's (speedups.release_kept_memory)."""
+    checkpoint.ignore_stop_signals(worker_id)
+    speedups.release_kept_memory()
 
 
 def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
@@ -526,9 +668,9 @@ def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
 # ---------------------------------------------------------------------------------------------
 
 def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Optional[torch.dtype]
-                  ) -> Tuple[torch.nn.Module, torch.nn.Module, Optional[ModelEmaV3]]:
-    """The student as it trains (under DDP, compiled with --compile), the same module without those
-    wrappers (what checkpoints save: official key names), and its EMA (--model-ema)."""
+                  ) -> Tuple[torch.nn.Module, Optional[ModelEmaV3]]:
+    """The student without wrappers (what checkpoints save: official key names) and its EMA (--model-ema);
+    training_student wraps it. Rank-local work only: no collective."""
     print(f'Creating model: {args.model}')
     model = build_model(args, nb_classes)
     if args.finetune:
@@ -543,12 +685,28 @@ def build_student(args, nb_classes: int, device: torch.device, amp_dtype: Option
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
+    return model, model_ema
+
+
+def training_student(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The student as it trains: under DDP (whose construction broadcasts rank 0's weights, a collective)
+    and compiled with --compile."""
     if args.distributed:
-        model = distributed_model(model, device, args.gpu)
+        model = distributed_model(model, args.device, args.gpu)
     if args.compile:
         model = speedups.compile_or_eager(model, 'student')
-    return model, model_without_ddp, model_ema
+    return model
+
+
+def student_for_evaluation(model: torch.nn.Module, model_without_ddp: torch.nn.Module, compile: bool,
+                           device: torch.device) -> torch.nn.Module:
+    """What evaluates the student: the module that trains (under DDP, compiled with --compile); for a
+    distilled student, whose training module returns only the heads' average in eval mode,
+    engine.HeadLogits around it, compiled too with --compile (outside DDP: evaluation has no gradients)."""
+    if not is_distilled(model_without_ddp):
+        return model
+    heads = HeadLogits(model_without_ddp)
+    return torch.compile(heads) if compile and not speedups.compiler_problem(device.type) else heads
 
 
 def build_model(args, nb_classes: int) -> torch.nn.Module:
@@ -594,12 +752,18 @@ def distributed_model(model: torch.nn.Module, device: torch.device,
 
 
 def load_finetune_weights(model: torch.nn.Module, path: str, partial: bool = False) -> None:
-    """Start from a checkpoint: classifiers of another shape are dropped, pos_embed resized to the grid.
+    """Start from a checkpoint, or timm's pretrained weights NAME.tag: classifiers of another shape are
+    dropped, pos_embed resized to the grid.
 
     Every other weight of the model must come from the checkpoint, unless ``partial`` (--finetune-partial:
     a backbone on purpose): a checkpoint of another architecture would otherwise leave a random model.
     """
-    checkpoint_data = weights.load_checkpoint(path)
+    if weights.is_hub_weights(path):
+        # timm's own loader (hub cache, its checkpoint filters), then the same fitting as a file's
+        checkpoint_data = {'model': weights.create_pretrained(
+            path, '--finetune', 'give a checkpoint file or URL to --finetune').state_dict()}
+    else:
+        checkpoint_data = weights.load_checkpoint(path)
     state = weights.model_state_from_checkpoint(checkpoint_data, path)
     own = model.state_dict()
     prefixes = tuple(f'{name}.' for name in classifier_names(model))
@@ -632,18 +796,67 @@ def train_attention_only(model: torch.nn.Module) -> None:
         model.pos_embed.requires_grad = True
 
 
-def build_teacher(args, nb_classes: int, device: torch.device,
+def student_inputs(args) -> InputSpec:
+    """What the student's batches are (--input-size, --mean, --std; resized bicubically as DeiT's)."""
+    return InputSpec(args.input_size, tuple(args.mean), tuple(args.std), 'bicubic')
+
+
+def teacher_inputs(args, teacher_checkpoint: Optional[dict]) -> InputSpec:
+    """What the teacher was trained on: timm's pretrained config of --teacher-model with --teacher-pretrained;
+    the size and normalisation a --teacher-path checkpoint recorded (one of this trainer's, or of the
+    original scripts'); that of an explicit tag, --teacher-model NAME.tag; else the student's inputs,
+    as the original DeiT feeds its teacher."""
+    recorded = weights.checkpoint_args(teacher_checkpoint)  # {} with --teacher-pretrained
+    if recorded.get('input_size'):
+        return InputSpec(int(recorded['input_size']), tuple(recorded.get('mean') or IMAGENET_DEFAULT_MEAN),
+                         tuple(recorded.get('std') or IMAGENET_DEFAULT_STD), 'bicubic')
+    tagged = args.teacher_pretrained or '.' in args.teacher_model
+    cfg = weights.hub_pretrained_cfg(args.teacher_model) if tagged else None
+    if cfg is not None:
+        return InputSpec.from_data_config(resolve_data_config(pretrained_cfg=cfg.to_dict()))
+    return student_inputs(args)
+
+
+def load_teacher_checkpoint(args) -> Optional[dict]:
+    """The --teacher-path checkpoint (read once, before the data: its args say what the teacher receives)."""
+    if args.distillation_type == 'none' or args.teacher_pretrained:
+        return None
+    return weights.load_checkpoint(args.teacher_path)
+
+
+def describe_teacher_inputs(student: InputSpec, teacher: InputSpec) -> str:
+    """The one line saying what the teacher receives."""
+    if (teacher.size, teacher.mean, teacher.std) == (student.size, student.mean, student.std):
+        return f"teacher receives: the student's batch as it is ({student.describe()})"
+    return (f'teacher receives: {teacher.describe(interpolation=True)}, converted on the device from the '
+            f"student's batch ({student.describe()})")
+
+
+def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, device: torch.device,
                   amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
-    """The frozen teacher (timm model, average pooling) with its weights from --teacher-path, as an
-    inference-only module (teacher.py: BatchNorm folded, channels_last) in the student's precision."""
+    """The frozen teacher: timm's pretrained --teacher-model (--teacher-pretrained) or the model with the
+    weights of --teacher-path, as an inference-only module (teacher.py: BatchNorm folded, channels_last) in
+    the student's precision, fed the student's batch converted to its own inputs (teacher_inputs)."""
     if args.distillation_type == 'none':
         return None
     print(f'Creating teacher model: {args.teacher_model}')
-    teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes, global_pool='avg')
-    state = weights.model_state_from_checkpoint(weights.load_checkpoint(args.teacher_path), args.teacher_path)
-    weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
-                                               f'(teacher {args.teacher_model}, {nb_classes} classes in the data)')
-    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype)
+    if args.teacher_pretrained:
+        classes = weights.hub_pretrained_cfg(args.teacher_model).num_classes
+        if classes != nb_classes:
+            raise UserError(f"--teacher-model {args.teacher_model} predicts {classes} classes, the data has "
+                            f'{nb_classes}: fine-tune it to your classes first (--model {args.teacher_model.split(".")[0]} '
+                            f'--finetune {args.teacher_model}), then distil with --teacher-path '
+                            'OUTPUT/checkpoint.pth (README, "Distil on your own data")')
+        teacher = weights.create_pretrained(args.teacher_model, '--teacher-model',
+                                            'give the teacher weights as a file with --teacher-path')
+    else:
+        teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
+        state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
+        weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
+                                                   f'(teacher {args.teacher_model}, {nb_classes} classes in the data)',
+                                   checkpoint=teacher_checkpoint, flag='--teacher-model', name=args.teacher_model)
+    inputs = TeacherInputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint))
+    return prepare_teacher(teacher, device, compile=args.compile, amp_dtype=amp_dtype, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,6 +870,15 @@ def optimizer_name(opt: str) -> str:
         print(f"--opt {opt}: timm's LAMB (timm.optim.Lamb)")
         return 'lamb'
     return opt
+
+
+def build_optimizer(args, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """timm's optimizer for the flags (create_optimizer_v2): no weight decay on norms, biases and the
+    model's no_weight_decay() parameters; with --layer-decay, timm's per-layer parameter groups, whose
+    'lr_scale' timm's schedulers apply."""
+    opt = optimizer_name(args.opt)
+    return create_optimizer_v2(model, **{**optimizer_kwargs(cfg=args), 'opt': opt},
+                               **speedups.optimizer_kwargs(device, opt))
 
 
 def criterion_of(args, teacher: Optional[torch.nn.Module]) -> Criterion:
@@ -722,54 +944,74 @@ def main(args) -> None:
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
+    except utils.RunError:
+        # Every rank is stopping: a launcher's SIGTERM, sent to the others once one of them has exited
+        # (torchrun), must not turn their exit code into a signal's while they unwind.
+        signals.ignore()
+        raise
+    finally:
+        signals.disarm()
 
 
 def train(args, signals: checkpoint.StopSignals) -> None:
+    adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
         prepare_output_dir(args.output_dir)
     resume_requested = args.resume == 'auto'
     amp_dtype = resolve_args(args)
+    with utils.failing_together():  # a teacher file that one node cannot read stops every rank
+        teacher_checkpoint = load_teacher_checkpoint(args)
+    if teacher_checkpoint is not None or args.teacher_pretrained and args.distillation_type != 'none':
+        print(describe_teacher_inputs(student_inputs(args), teacher_inputs(args, teacher_checkpoint)))
     device = args.device
     # The same seed on every rank: the model, and its EMA copied before DDP broadcasts rank 0's weights,
     # start identical everywhere; the per-step and per-sample streams add the rank themselves.
     seeding.seed_everything(args.seed)
     set_determinism(args.deterministic, device)
     set_fp32_precision(device, args.tf32)
-    speedups.keep_freed_memory()
+    speedups.keep_freed_memory_for(device)
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
-    owner = checkpoint.claim_output_dir(args.output_dir) if args.output_dir and not args.eval else None
+    owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
     if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
         checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
-    print(args)
+    print(settings_summary(args))
 
-    # Data
-    loader_train, loader_val, nb_classes, classes = build_data(args)
-    args.nb_classes = nb_classes  # recorded with the run: known once the data is read
-    mixup_fn = build_mixup(args, nb_classes)
+    # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
+    # another node cannot read) ends every rank here, before the first collective of training.
+    with utils.failing_together():
+        # Data
+        loader_train, loader_val, nb_classes, classes = build_data(args)
+        args.nb_classes = nb_classes  # recorded with the run: known once the data is read
+        mixup_fn = build_mixup(args, nb_classes)
 
-    # Models
-    model, model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f'number of params: {n_parameters}')
-    teacher = build_teacher(args, nb_classes, device, amp_dtype)
+        # Models
+        model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
+        n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+        print(f'number of params: {n_parameters}')
+        teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
+        del teacher_checkpoint  # its weights now live in the teacher
 
-    # Optimisation
-    opt = optimizer_name(args.opt)
-    optimizer = create_optimizer_v2(model_without_ddp, **{**optimizer_kwargs(cfg=args), 'opt': opt},
-                                    **speedups.optimizer_kwargs(device, opt))
-    loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-    lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
-    criterion = criterion_of(args, teacher)
-    options = train_options(args, amp_dtype)
-    state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                     config.plain_args(args), samples_per_step(args), start_epoch=args.start_epoch,
-                                     classes=classes, class_descriptions=imagenet_descriptions(classes))
-    if args.resume:
-        state.resume(args.resume, weights_only=args.eval, opt=args.opt, batch_size=args.batch_size,
-                     accum_steps=args.grad_accum_steps, world_size=utils.get_world_size(), scaled_lr=args.lr)
+        # Optimisation
+        optimizer = build_optimizer(args, model_without_ddp, device)
+        loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+        lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
+        criterion = criterion_of(args, teacher)
+        options = train_options(args, amp_dtype)
+        state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                         config.plain_args(args), samples_per_step(args),
+                                         start_epoch=args.start_epoch, classes=classes,
+                                         class_descriptions=imagenet_descriptions(classes))
+        if args.resume:
+            state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
+                         batch_size=args.batch_size, accum_steps=args.grad_accum_steps,
+                         world_size=utils.get_world_size(), scaled_lr=args.lr)
+        else:
+            lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
+    model = training_student(model_without_ddp, args)
+    evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
     if args.eval:
-        test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+        test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
         return
     if args.resume and state.start_epoch >= num_epochs:
@@ -778,11 +1020,12 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         return
     if args.resume:
         print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
-    # Accepted: from here on the run writes to its output directory.
-    config.save_args(args, get_args_parser())
-    epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
-                               resume_epoch=state.start_epoch if args.resume else None)
-    wandb_run = start_wandb(args, state) if args.wandb else None
+    # Accepted: from here on the run writes to its output directory (rank 0; a failed write ends every rank).
+    with utils.failing_together():
+        config.save_args(args, get_args_parser())
+        epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                                   resume_epoch=state.start_epoch if args.resume else None)
+        wandb_run = start_wandb(args, state) if args.wandb else None
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
@@ -805,7 +1048,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                 start_step=start_step, checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
             lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
 
-            test_stats = evaluate(loader_val, model, device, amp_dtype, args.print_freq, args.eval_head)
+            test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
             is_best = test_stats['acc1'] > state.max_accuracy
             state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
             print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
@@ -819,13 +1062,14 @@ def train(args, signals: checkpoint.StopSignals) -> None:
                                          label='EMA model')
                 log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
 
-            epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
-            if wandb_run:
-                wandb_run.log(log_stats)
-            if output_dir:
-                state.save(str(output_dir / 'checkpoint.pth'), epoch)
-                if is_best:
-                    state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
+            with utils.failing_together():  # rank 0 writes; every rank learns whether it could
+                epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                if wandb_run:
+                    wandb_run.log(log_stats)
+                if output_dir:
+                    state.save(str(output_dir / 'checkpoint.pth'), epoch)
+                    if is_best:
+                        state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
     except BaseException:
         if wandb_run:
@@ -851,21 +1095,18 @@ def start_wandb(args, state: checkpoint.TrainingState) -> wandb_log.WandbLog:
 
 
 def cli(argv=None) -> int:
-    """Entry point: user mistakes become one 'error:' line and a non-zero exit code."""
+    """Entry point: a failure becomes one 'error:' line (prefixed with the rank when there are several)
+    and its exit code: 2 a user mistake, 3 a non-finite loss, 4 a failed write."""
     parser = config.CommandLineParser(description='DeiT training and evaluation script',
                                       parents=[get_args_parser()])
     args = config.parse_args(parser, argv)
     try:
         main(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 3
-    except utils.SaveError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 4
+    except utils.AgreedFailure as e:  # every rank stops; the failing rank and rank 0 have said why
+        return e.exit_code
+    except utils.RunError as e:
+        utils.print_error(e)
+        return e.exit_code
     except checkpoint.TrainingInterrupted as stop:
         print(f'{stop}', file=sys.stderr)
         return 128 + stop.signum

@@ -27,6 +27,7 @@ class Precision:
     """Autocast dtype (None: fp32, no autocast) and why it was chosen."""
     dtype: Optional[torch.dtype]
     reason: str
+    warning: str = ''  # a line to print: the choice runs, but not as the user probably expects
 
     @property
     def name(self) -> str:
@@ -120,12 +121,23 @@ def resolve_precision(amp: Optional[bool], amp_dtype: Optional[str], device: tor
     if amp is False:
         return Precision(None, '--no-amp')
     if amp_dtype:
-        return Precision(getattr(torch, amp_dtype), f'--amp-dtype {amp_dtype}')
+        return Precision(getattr(torch, amp_dtype), f'--amp-dtype {amp_dtype}', emulated_bf16_warning(amp_dtype, device))
     if amp:
         # bf16 needs no loss scaling; fp16 only where the hardware lacks bf16 (a GPU before Ampere)
         native_bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported(including_emulation=False)
         return Precision(torch.bfloat16 if native_bf16 else torch.float16, '--amp')
     return default_precision(device, cpu_speedup)
+
+
+def emulated_bf16_warning(amp_dtype: str, device: torch.device) -> str:
+    """'' unless bf16 is asked for on a GPU without bf16 tensor cores (before Ampere), where torch emulates
+    it: slower than fp16, and than fp32 for some kernels."""
+    if amp_dtype != 'bfloat16' or device.type != 'cuda' or torch.cuda.is_bf16_supported(including_emulation=False):
+        return ''
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f'--amp-dtype bfloat16 on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): '
+            f'no native bf16 before 8.0, so it is emulated and slow; --amp-dtype float16 is the fast mixed '
+            f'precision of this GPU')
 
 
 def dtype_flag(dtype: Optional[torch.dtype]) -> Optional[str]:

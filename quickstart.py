@@ -100,7 +100,7 @@ def study_decisions() -> List[str]:
 
 def format_table(results: List[Tuple[Stage, dict]]) -> str:
     """A Markdown table: one row per run, top-1 of its last epoch and of its best one."""
-    rows = ['| run | top-1 | best epoch | time |', '| --- | ---: | ---: | ---: |']
+    rows = ['| run | top-1 | best top-1 | time |', '| --- | ---: | ---: | ---: |']
     rows += [f'| {stage.name}: {stage.what} | {last["test_acc1"]:.1f}% | {last["max_accuracy"]:.1f}% '
              f'| {last["seconds"]:.0f} s |' for stage, last in results]
     return '\n'.join(rows)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import submitit
 
+import checkpoint
 import config
 import main as trainer
 import utils
@@ -61,6 +62,12 @@ class Trainer:
         self._setup_distributed(args)
         try:
             trainer.main(args)
+        except checkpoint.TrainingInterrupted:
+            # Rank 0 requeues the job (submitit's handler, in main.main) once the checkpoint is written, which every
+            # rank has waited for. The others end quietly: a non-zero exit would let srun's --kill-on-bad-exit kill
+            # rank 0 before it requeues.
+            if submitit.JobEnvironment().global_rank == 0:
+                raise
         finally:
             utils.leave_distributed()
 
@@ -95,6 +102,9 @@ def submit(args: argparse.Namespace) -> submitit.Job:
     trainer.validate_args(argparse.Namespace(**{**vars(args), 'output_dir': '',
                                                 'resume': '' if args.resume == 'auto' else args.resume}))
     tasks_per_node = args.ntasks_per_node or max(args.ngpus, 1)
+    if args.ngpus > 0 and tasks_per_node > args.ngpus:
+        raise trainer.UserError(f'--ntasks-per-node {tasks_per_node} is more than --ngpus {args.ngpus}: each task '
+                                f'(rank) trains on a GPU of its own; ask for at most {args.ngpus} tasks per node')
     executor = submitit.AutoExecutor(folder=args.job_dir, slurm_max_num_timeout=30)
     slurm = {}
     for key in ('qos', 'account', 'exclude'):
@@ -110,9 +120,12 @@ def submit(args: argparse.Namespace) -> submitit.Job:
     if args.ngpus > 0:
         slurm['mem_gb'] = args.mem_per_gpu * args.ngpus
         slurm['gpus_per_node'] = args.ngpus
+    # --kill-on-bad-exit: a task that dies (a segfault, the OOM killer) ends the others at once, instead of
+    # leaving them waiting in a collective until its timeout (utils.DIST_TIMEOUT).
     executor.update_parameters(
         tasks_per_node=tasks_per_node, cpus_per_task=args.cpus_per_task, nodes=args.nodes,
-        timeout_min=args.timeout, slurm_signal_delay_s=120, name=args.job_name, **slurm)
+        timeout_min=args.timeout, slurm_signal_delay_s=120, name=args.job_name,
+        slurm_srun_args=['--kill-on-bad-exit=1'], **slurm)
     return executor.submit(Trainer(args))
 
 

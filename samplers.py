@@ -1,15 +1,60 @@
-"""Repeated-augmentation sampler (Hoffer et al. 2020), as used by DeiT.
+"""Sample order: repeated augmentation (Hoffer et al. 2020), as used by DeiT; the shard-block order of
+--shuffle blocks; resuming mid-epoch.
 
 torch and timm have no sampler that keeps the copies of an image in the same global step.
 """
 import math
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from seeding import epoch_order_generator, sample_seed
+
+
+# --shuffle blocks: how many shards make one block whose samples are shuffled together. Each worker
+# then reads from about this many shards at a time; the larger, the better mixed the batches.
+BLOCK_SHARDS = 32
+
+
+def block_order(shard_lengths: Sequence[int], generator: torch.Generator,
+                block_shards: int = BLOCK_SHARDS) -> List[int]:
+    """An epoch's order that reads shards mostly sequentially (the shard-block shuffling of Mosaic's
+    streaming): the shards shuffled, cut into blocks of ``block_shards``, the samples shuffled within
+    each block. Sample indices number the shards' samples in shard order."""
+    starts = [0]
+    for length in shard_lengths:
+        starts.append(starts[-1] + length)
+    shards = torch.randperm(len(shard_lengths), generator=generator).tolist()
+    order: List[int] = []
+    for first in range(0, len(shards), block_shards):
+        block = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in shards[first:first + block_shards]])
+        order += block[torch.randperm(len(block), generator=generator)].tolist()
+    return order
+
+
+def epoch_order(size: int, seed: int, epoch: int, shard_lengths: Optional[Sequence[int]]) -> List[int]:
+    """The shuffled order of an epoch: a permutation of all samples (--shuffle global), or by blocks of
+    shards where ``shard_lengths`` are given (--shuffle blocks)."""
+    generator = epoch_order_generator(seed, epoch)
+    if shard_lengths is None:
+        return torch.randperm(size, generator=generator).tolist()
+    return block_order(shard_lengths, generator)
+
+
+class BlockSampler(DistributedSampler):
+    """torch's DistributedSampler (the same padding and rank striding) over --shuffle blocks' order."""
+
+    def __init__(self, dataset, shard_lengths: Sequence[int], num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.shard_lengths = list(shard_lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = epoch_order(len(self.dataset), self.seed, self.epoch, self.shard_lengths)
+        padding = self.total_size - len(indices)
+        indices += (indices * math.ceil(padding / len(indices)))[:padding]
+        return iter(indices[self.rank:self.total_size:self.num_replicas])
 
 
 class RASampler(Sampler):
@@ -25,7 +70,7 @@ class RASampler(Sampler):
     """
 
     def __init__(self, dataset, num_replicas: int = None, rank: int = None, shuffle: bool = True,
-                 num_repeats: int = 3, seed: int = 0):
+                 num_repeats: int = 3, seed: int = 0, shard_lengths: Optional[Sequence[int]] = None):
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if rank is None:
@@ -38,6 +83,7 @@ class RASampler(Sampler):
         self.shuffle = shuffle
         self.num_repeats = num_repeats
         self.seed = seed
+        self.shard_lengths = shard_lengths  # --shuffle blocks' shards; None: a global shuffle
         self.epoch = 0
         self.num_samples = math.ceil(len(dataset) * num_repeats / num_replicas)
         self.total_size = self.num_samples * num_replicas
@@ -52,7 +98,7 @@ class RASampler(Sampler):
 
     def _indices(self) -> List[int]:
         if self.shuffle:
-            order = torch.randperm(len(self.dataset), generator=epoch_order_generator(self.seed, self.epoch)).tolist()
+            order = epoch_order(len(self.dataset), self.seed, self.epoch, self.shard_lengths)
         else:
             order = list(range(len(self.dataset)))
         repeated = [i for i in order for _ in range(self.num_repeats)]

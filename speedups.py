@@ -66,6 +66,23 @@ def unfuse_cpu_bf16_attention(model: torch.nn.Module, device: torch.device, amp_
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
+_kept = False  # whether keep_freed_memory is in force in this process (inherited by forked workers)
+
+
+def keep_freed_memory_for(device: torch.device) -> bool:
+    """keep_freed_memory where it pays: a run on the CPU, whose large activations (a CPU teacher) are
+    allocated in host memory. On a GPU the host allocates little, and kept memory would only hold
+    the peak of every process."""
+    return device.type == 'cpu' and keep_freed_memory()
+
+
+def release_kept_memory() -> None:
+    """In a forked data worker: glibc returns freed memory again if the trainer kept it (a worker's
+    buffers are small; kept memory, times the workers of every rank, is not)."""
+    if _kept:
+        keep_freed_memory(False)
+
+
 def keep_freed_memory(keep: bool = True) -> bool:
     """Let glibc keep freed memory for reuse instead of returning it to the OS; returns whether it applied.
 
@@ -83,6 +100,8 @@ def keep_freed_memory(keep: bool = True) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc: nothing to tune
         return False
+    global _kept
+    _kept = keep
     if keep:
         return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1))
     return bool(mallopt(_M_MMAP_MAX, 65536) and mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -19,15 +20,22 @@ import torch
 import torch.distributed as dist
 
 
-class UserError(Exception):
+class RunError(Exception):
+    """A failure that ends a run with one line (never a traceback) and an exit code of its own."""
+    exit_code = 1
+
+
+class UserError(RunError):
     """A mistake in the command line or the inputs: reported as one line, exit code 2."""
+    exit_code = 2
 
 
-class SaveError(Exception):
+class SaveError(RunError):
     """The OS refused to write a file of the run (disk full, read-only, I/O error): one line, exit code 4.
 
     Files are replaced atomically, so the previous version of the file is intact.
     """
+    exit_code = 4
 
     def __init__(self, path, error: OSError):
         name = errno.errorcode.get(error.errno, 'unknown error')
@@ -46,9 +54,11 @@ def os_error_behind(error: BaseException) -> Optional[OSError]:
 # Distributed
 # ---------------------------------------------------------------------------------------------
 
-# How long a collective waits for the other ranks before failing: rank 0 alone writes the checkpoints
-# (minutes for a large model on a network filesystem) while the others wait in the next collective.
-DIST_TIMEOUT = datetime.timedelta(minutes=30)
+# How long a collective waits for the other ranks before failing. Failures that a rank sees are agreed
+# (agree_on_failure), so this bounds only a rank that vanished where no launcher ends the others (see
+# docs/reliability.md); it must exceed the longest wait of a healthy run: ranks waiting while rank 0
+# alone writes a checkpoint (a minute for a large model on a slow network file system).
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -79,11 +89,16 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print
 
 
-class _DefaultDevice(str):
-    """--device's default ('cuda'), told apart from a --device cuda the user gave."""
+class ParserDefault(str):
+    """A flag's default value, told apart from the same value given on the command line or in a --config
+    (argparse stores a string default as it is): e.g. the default --device falls back to the CPU silently."""
 
 
-DEFAULT_DEVICE = _DefaultDevice('cuda')
+def is_parser_default(value) -> bool:
+    return isinstance(value, ParserDefault)
+
+
+DEFAULT_DEVICE = ParserDefault('cuda')
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -91,7 +106,7 @@ def resolve_device(requested: str) -> torch.device:
     for CUDA, silently for the default (DEFAULT_DEVICE)."""
     device = torch.device(requested)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        if not isinstance(requested, _DefaultDevice):
+        if not is_parser_default(requested):
             print(f"warning: --device {requested} requested but CUDA is not available; using the CPU")
         return torch.device('cpu')
     return device
@@ -110,7 +125,9 @@ def init_distributed_mode(args) -> None:
     else:
         print('Not using distributed mode')
         args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
+        args.rank, args.world_size, args.gpu = 0, 1, args.device.index or 0
+        if args.device.type == 'cuda':  # --device cuda:N: its context, its properties (bf16), not GPU 0's
+            torch.cuda.set_device(args.gpu)
         return
 
     args.distributed = True
@@ -173,6 +190,108 @@ def leave_distributed() -> None:
         dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------
+# Failures seen by some ranks only
+# ---------------------------------------------------------------------------------------------
+
+class AgreedFailure(RunError):
+    """A failure every rank has learnt of, raised on every rank with the exit code of the failure.
+
+    ``rank`` is the rank that failed (its own line is printed already), or None for a failure of the
+    whole job (a non-finite loss, found by an all-reduce).
+    """
+
+    def __init__(self, exit_code: int, rank: Optional[int], message: str):
+        self.exit_code, self.rank, self.message = exit_code, rank, message
+        super().__init__(message if rank is None else f'rank {rank} failed: {message}')
+
+
+def rank_prefix() -> str:
+    """'[rank R] ' in a job of several processes (also before the group has formed), else ''."""
+    if is_dist_avail_and_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+    return f'[rank {rank}] ' if world > 1 else ''
+
+
+def print_error(message: object) -> None:
+    """'[rank R] error: ...' on stderr, on whichever rank calls it (setup_for_distributed silences print)."""
+    sys.stderr.write(f'{rank_prefix()}error: {message}\n')
+    sys.stderr.flush()
+
+
+def stderr_identity() -> tuple:
+    """Where this process's stderr goes: ranks whose stderr is one file or terminal (torchrun's children)
+    share a log, where a second copy of a message would only repeat it."""
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return socket.gethostname(), st.st_dev, st.st_ino
+    except (OSError, ValueError, io.UnsupportedOperation):  # no file behind it (a test's capture)
+        return socket.gethostname(), os.getpid()
+
+
+def collective_device() -> torch.device:
+    """The device of this rank's collectives (NCCL needs CUDA tensors)."""
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def agree_on_failure(failure: Optional[RunError]) -> None:
+    """A collective: raise AgreedFailure on every rank if any rank passes a failure (printed already).
+
+    One all-reduce of one number (exit code and rank) when no rank failed. Otherwise the failing rank
+    (the highest exit code, then the lowest rank) broadcasts its message, and rank 0 names it once.
+    In a single process the failure itself is raised.
+    """
+    if get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    world, rank = get_world_size(), get_rank()
+    key = (failure.exit_code << 32 | (world - rank)) if failure is not None else 0
+    agreed = int(all_reduce_max(torch.tensor(key, dtype=torch.int64, device=collective_device())))
+    if not agreed:
+        return
+    source, code = world - (agreed & 0xFFFFFFFF), agreed >> 32
+    told = [str(failure) if rank == source else None, stderr_identity()]
+    dist.broadcast_object_list(told, src=source, device=collective_device())
+    message, where = told
+    if rank == 0 and source != 0:
+        cause = ' (its error line is above)' if where == stderr_identity() else f': {message}'
+        print_error(f'rank {source} failed{cause}; every rank stops with exit code {code}')
+    raise AgreedFailure(code, source, message)
+
+
+def raise_everywhere(error: RunError) -> None:
+    """Raise ``error``, which every rank found alike (an all-reduced result): rank 0 alone prints it."""
+    if get_world_size() == 1:
+        raise error
+    if is_main_process():
+        print_error(error)
+    raise AgreedFailure(error.exit_code, None, str(error))
+
+
+@contextlib.contextmanager
+def failing_together():
+    """Every rank leaves the block together (a collective at its end): a RunError raised inside it on
+    some ranks is printed there at once, then ends every rank (AgreedFailure) instead of leaving the
+    others waiting in their next collective. Only rank-local work may run inside (no collective)."""
+    if get_world_size() == 1:
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except AgreedFailure:
+        raise
+    except RunError as e:
+        print_error(e)
+        failure = e
+    agree_on_failure(failure)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all ranks (identity in a single process)."""
     if is_dist_avail_and_initialized():
@@ -216,13 +335,21 @@ class MetricLogger:
 
     def synchronize_between_processes(self, device: torch.device) -> None:
         """Sum the sums and counts over all ranks, so that the averages are the whole job's."""
+        state = self.summed_state_dict(device)
+        self.sums.update(state['sums'])
+        self.counts.update(state['counts'])
+
+    def summed_state_dict(self, device: torch.device) -> dict:
+        """state_dict with the sums and counts of all ranks (a collective: every rank calls it): what a
+        step checkpoint saves, for rank 0 alone to restore."""
         if not is_dist_avail_and_initialized() or not self.sums:
-            return
+            return self.state_dict()
         names = sorted(self.sums)
         totals = torch.tensor([[float(self.sums[k]), self.counts[k]] for k in names], dtype=torch.float64,
                               device=device)
-        for name, (total, count) in zip(names, all_reduce_sum(totals).tolist()):
-            self.sums[name], self.counts[name] = total, int(count)
+        summed = all_reduce_sum(totals).tolist()
+        return {'sums': {k: total for k, (total, _) in zip(names, summed)},
+                'counts': {k: int(count) for k, (_, count) in zip(names, summed)}}
 
     def global_avg(self, name: str) -> float:
         return float(self.sums[name]) / max(self.counts[name], 1)
@@ -273,6 +400,16 @@ class MetricLogger:
         self.images_per_sec = images / max(elapsed, 1e-9)
         print(('\n' if live else '') + f'{header} total time: {datetime.timedelta(seconds=int(elapsed))} '
               f'({self.images_per_sec:.1f} img/s)', flush=True)
+
+
+def count_over_ranks(items: Iterable) -> int:
+    """How many distinct ``items`` (hashable, picklable) all ranks hold together (a collective)."""
+    local = list(items)
+    if not is_dist_avail_and_initialized():
+        return len(set(local))
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, local)
+    return len(set().union(*gathered))
 
 
 def tensorboard_available() -> bool:

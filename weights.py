@@ -9,8 +9,11 @@ import pickle
 import re
 import zipfile
 from pathlib import PosixPath, PurePath
+from typing import Optional, Tuple
 from urllib.parse import urlparse
 
+import huggingface_hub
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import ParallelThingsBlock, VisionTransformer, checkpoint_filter_fn
@@ -32,17 +35,7 @@ def load_checkpoint(path: str) -> dict:
     URLs must be https (http only for 127.0.0.1, for tests); they are downloaded once into the
     torch.hub cache, and a file name of the form ``name-<sha256 prefix>.pth`` is hash-checked.
     """
-    local = path
-    if is_url(path):
-        url = urlparse(path)
-        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
-            raise UserError(f'refusing to download {path} over plain http: use an https URL')
-        try:
-            local = download_once(path)
-        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
-            raise UserError(f'could not download {path}: {first_line(e)}') from None
-    elif not os.path.isfile(path):
-        raise UserError(f'checkpoint {path} does not exist: check the path')
+    local = local_copy(path)
     if is_safetensors(local):
         return read_safetensors(local, path)
     damage = checkpoint_damage(local)
@@ -81,6 +74,98 @@ def read_safetensors(local: str, path: str) -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f'cannot read safetensors file {path}: {first_line(e)} (a truncated or corrupted '
                         f'copy?)') from None
+
+
+def local_copy(path: str) -> str:
+    """The local file of a checkpoint path or URL (https, or http from 127.0.0.1 for tests; downloaded
+    once into the torch.hub cache)."""
+    if is_url(path):
+        url = urlparse(path)
+        if url.scheme != 'https' and url.hostname not in ('127.0.0.1', 'localhost'):
+            raise UserError(f'refusing to download {path} over plain http: use an https URL')
+        try:
+            return download_once(path)
+        except Exception as e:  # unreachable, refused, or a hash prefix that does not match the bytes
+            raise UserError(f'could not download {path}: {first_line(e)}') from None
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint {path} does not exist: check the path')
+    return path
+
+
+def recorded_args(path: str) -> dict:
+    """The run arguments the checkpoint at ``path`` recorded (ours, the original scripts'), read without
+    its tensors (memory-mapped); {} when it records none, or when it cannot be read so (safetensors, a
+    legacy or damaged file), in which case reading it in full, load_checkpoint, says what is wrong."""
+    local = local_copy(path)
+    try:
+        with torch.serialization.safe_globals(ORIGINAL_SCRIPT_GLOBALS):
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return {}
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
+
+
+def hub_pretrained_cfg(name: str):
+    """timm's pretrained config of ``name`` (``NAME`` or ``NAME.tag``; a bare name is its default tag),
+    or None when timm publishes no weights under that name."""
+    if not timm.is_model(name):
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # a tag timm does not know
+        return None
+    return cfg if cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file) else None
+
+
+def is_hub_weights(source: str) -> bool:
+    """``source`` names timm pretrained weights (``NAME.tag``), not a checkpoint file or URL."""
+    return bool(source) and not is_url(source) and not os.path.exists(source) and hub_pretrained_cfg(source) is not None
+
+
+def check_hub_weights(name: str, flag: str) -> None:
+    """A UserError unless timm publishes pretrained weights under ``name``."""
+    if hub_pretrained_cfg(name) is None:
+        tags = timm.list_pretrained(f'{name.split(".")[0]}.*')[:4] if timm.is_model(name) else []
+        raise UserError(f'{flag} {name}: timm has no pretrained weights of that name'
+                        + (f' (its tags: {", ".join(tags)} ...)' if tags else '')
+                        + '; see timm.list_pretrained(), or give a checkpoint file or https URL')
+
+
+def create_pretrained(name: str, flag: str, alternative: str, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=True, **kwargs)``: timm's weights, through timm's hub cache
+    (HF_HUB_CACHE, downloaded there once; HF_HUB_OFFLINE=1 reads only the cache).
+
+    Weights that are neither cached nor downloadable are one UserError line saying how to fill the
+    cache, or which flag takes a local file instead (``alternative``).
+    """
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except OSError as e:  # not cached and the hub unreachable (LocalEntryNotFoundError), HTTP errors, ...
+        cache = huggingface_hub.constants.HF_HUB_CACHE
+        raise UserError(f"{flag} {name}: timm's pretrained weights are not in the hub cache ({cache}) and could "
+                        f'not be downloaded ({first_line(e)}): fill the cache where the hub is reachable '
+                        f"(python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy "
+                        f'{cache} here, or point HF_HUB_CACHE at a copy), or {alternative}') from None
+
+
+def normalisation_of(source: str) -> Optional[Tuple[list, list]]:
+    """The input mean and std the weights at ``source`` were trained with: a hub tag's pretrained config,
+    or the args a checkpoint recorded (ours); None when the source does not say."""
+    if is_hub_weights(source):
+        cfg = hub_pretrained_cfg(source)
+        return list(cfg.mean), list(cfg.std)
+    args = recorded_args(source)
+    if args.get('mean') is None or args.get('std') is None:
+        return None
+    return list(args['mean']), list(args['std'])
+
+
+def checkpoint_args(checkpoint) -> dict:
+    """The run arguments a checkpoint recorded (ours, the original scripts'), or {}."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    return args if isinstance(args, dict) else {}
 
 
 def download_once(url: str) -> str:
@@ -190,11 +275,17 @@ _FAMILIES = ((('patch_embed', 'blocks', 'dist_token'), 'a distilled DeiT'), (('p
              (('conv_stem', 'blocks'), 'an EfficientNet/MobileNet'), (('patch_embed', 'layers'), 'a Swin'))
 
 
+def recorded_model(checkpoint) -> Optional[str]:
+    """The --model a checkpoint records in its args (ours and the original scripts' do), else None."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    model = args.get('model') if isinstance(args, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def describe_architecture(state: dict, checkpoint) -> str:
     """What model a checkpoint seems to hold: the --model it records, else its top-level modules and the
     family they suggest."""
-    recorded = checkpoint.get('args', {}).get('model') if isinstance(checkpoint, dict) and isinstance(
-        checkpoint.get('args'), dict) else None
+    recorded = recorded_model(checkpoint)
     if recorded:
         return f'a {recorded} (its recorded --model)'
     tops = list(dict.fromkeys(k.split('.')[0] for k in state))
@@ -248,13 +339,19 @@ def timm_key_names(state: dict, model: torch.nn.Module) -> dict:
     return {**others, **checkpoint_filter_fn(layer_scale, model, adapt_layer_scale=True)}
 
 
-def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True):
-    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line.
+def load_state_checked(model: torch.nn.Module, state: dict, source: str, strict: bool = True,
+                       checkpoint=None, flag: str = '--model', name: str = ''):
+    """``model.load_state_dict`` that reports a foreign checkpoint as one UserError line: with the
+    ``checkpoint`` and the model's ``name`` (given by ``flag``), the line names both models and the fix.
 
     A state in the original DeiT III key layout is renamed first (timm_key_names).
     """
     state = timm_key_names(state, model)
     problems = describe_state_mismatch(model, state, strict)
     if problems:
-        raise UserError(f'{source} does not fit the model: {problems}')
+        built = f' ({flag} {name})' if name else ''
+        recorded = recorded_model(checkpoint)
+        fix = (f'; it holds a {recorded} (its recorded model): give {flag} {recorded}, or leave {flag} out'
+               if recorded and recorded != name else '')
+        raise UserError(f'{source} does not fit the model{built}: {problems}{fix}')
     return model.load_state_dict(state, strict=strict)

@@ -1,4 +1,5 @@
 """User mistakes end in one 'error:' line and a non-zero exit, before any work is done."""
+import argparse
 import hashlib
 import http.server
 import re
@@ -8,6 +9,7 @@ from functools import partial
 import pytest
 import torch
 
+import config
 import main
 import run_with_submitit
 from conftest import FAST, assert_one_line_error, run_cli, run_main
@@ -43,7 +45,43 @@ def test_distillation_needs_a_distilled_student(imagefolder, teacher_checkpoint)
 def test_foreign_checkpoint_names_the_mismatch(imagefolder, teacher_checkpoint):
     proc = run_cli('--data-path', imagefolder, '--model', 'deit_tiny_patch4_32', *FAST, '--eval',
                    '--resume', teacher_checkpoint, check=False)
-    assert_one_line_error(proc, 'does not fit the model', 'missing keys')
+    assert_one_line_error(proc, 'does not fit the model (--model deit_tiny_patch4_32)', 'missing keys',
+                          'it holds a regnety_002 (its recorded model): give --model regnety_002, or leave --model out')
+
+
+def test_eval_without_model_uses_the_model_the_checkpoint_records(imagefolder, teacher_checkpoint):
+    proc = run_cli('--data-path', imagefolder, *FAST, '--eval', '--resume', teacher_checkpoint)
+    assert f'--model regnety_002: the model --resume {teacher_checkpoint} records (give --model to choose another)' \
+        in proc.stdout.splitlines()
+    assert '* Acc@1' in proc.stdout
+
+
+def test_finetune_and_teacher_path_of_an_original_checkpoint_give_their_recorded_models(tmp_path, capsys):
+    original = tmp_path / 'original.pth'  # the original scripts record their args as a Namespace
+    torch.save({'model': {}, 'args': argparse.Namespace(model='deit_tiny_patch4_32')}, original)
+    teacher = tmp_path / 'teacher.pth'
+    torch.save({'model': {}, 'args': {'model': 'regnety_002'}}, teacher)
+    args = main.get_args_parser().parse_args(['--finetune', str(original), '--distillation-type', 'hard',
+                                              '--teacher-path', str(teacher)])
+    main.adopt_recorded_models(args)
+    assert (args.model, args.teacher_model) == ('deit_tiny_patch4_32', 'regnety_002')
+    assert f'--teacher-model regnety_002: the model --teacher-path {teacher} records' in capsys.readouterr().out
+    given = main.get_args_parser().parse_args(['--finetune', str(original), '--model', 'deit_tiny_patch16_224'])
+    main.adopt_recorded_models(given)
+    assert given.model == 'deit_tiny_patch16_224'  # a model given is kept: fine-tuning to another one is allowed
+
+
+def test_finetune_none_drops_the_url_a_recipe_gives():
+    recipe = ['--config', 'configs/deit_base_patch16_384_finetune.yaml']
+    parser = config.CommandLineParser(parents=[main.get_args_parser()])
+    assert config.parse_args(parser, recipe).finetune.startswith('https://')
+    assert config.parse_args(parser, [*recipe, '--finetune', 'none']).finetune == ''
+
+
+def test_an_unknown_model_suggests_the_input_size_form_or_the_closest_names():
+    assert main.unknown_model('deit_tiny_patch16_384', '--model') == \
+        'unknown --model deit_tiny_patch16_384: use --model deit_tiny_patch16_224 --input-size 384'
+    assert main.unknown_model('resnet5O', '--model').startswith('unknown --model resnet5O: did you mean resnet50 or')
 
 
 def test_a_script_error_is_the_same_line_from_a_real_process(tmp_path):
@@ -94,10 +132,12 @@ def test_the_default_device_falls_back_to_cpu_without_a_warning(capsys):
     assert capsys.readouterr().out.startswith('warning: --device cuda requested')
 
 
-def test_evaluation_lines_name_the_ema_model_and_no_head_of_a_plain_model(imagefolder):
+def test_a_run_prints_a_settings_summary_and_evaluation_lines_naming_the_ema_model(imagefolder):
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', *FAST, '--epochs', 1)
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
     assert len(summaries) == 2, summaries
+    assert 'Namespace(' not in proc.stdout
+    assert 'train 1 epochs: --model test_vit at 32 px on IMNET' in proc.stdout  # the settings summary
     assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
     assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
 

@@ -167,3 +167,119 @@ def test_a_submitit_task_leaves_the_process_group_however_main_ends(monkeypatch,
         except ZeroDivisionError:
             pass
         assert not torch.distributed.is_initialized()
+
+
+def test_compile_compiles_the_evaluation_of_a_distilled_student(imagefolder, tmp_path, monkeypatch):
+    """Its evaluation reads each head (engine.HeadLogits), which the training module does not return:
+    --compile must compile that too, not run it eagerly beside the compiled student."""
+    import functools
+    import timm
+    import main
+    import speedups
+    from conftest import FAST, run_cli
+    from tools.gpu_check import counting_backend
+    evaluating, calls = [False], []
+    backend = counting_backend('eager', lambda kind: kind == 'call' and calls.append(evaluating[0]))
+
+    def evaluate(*args, **kwargs):
+        evaluating[0] = True
+        try:
+            return main_evaluate(*args, **kwargs)
+        finally:
+            evaluating[0] = False
+    main_evaluate = main.evaluate
+    monkeypatch.setattr(main, 'evaluate', evaluate)
+    monkeypatch.setattr(speedups, 'compiler_problem', lambda device_type: '')
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend=backend))  # dynamo, no codegen
+    teacher = tmp_path / 'teacher.pth'
+    torch.save({'model': timm.create_model('test_resnet', num_classes=3).state_dict()}, teacher)
+    proc = run_cli('--data-path', imagefolder, '--model', 'deit_micro_distilled_patch4_16', '--epochs', '1',
+                   '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
+                   '--no-model-ema', '--compile', *FAST, '--input-size', '16')
+    assert 'Acc@1 per head' in proc.stdout  # the evaluation still reads both heads
+    assert any(calls)  # the evaluation ran compiled graphs
+    assert not all(calls)  # and so did training
+
+
+def test_a_step_checkpoint_holds_the_metric_sums_of_all_ranks_and_only_rank_0_restores_them(monkeypatch):
+    """Resumed mid-epoch on N ranks, the epoch's train_loss must count the steps before the stop once,
+    not rank 0's part N times."""
+    import engine
+    import utils
+    from losses import DistillationLoss
+    logger = utils.MetricLogger()
+    logger.update(loss=torch.tensor(2.0))
+    logger.update(loss=torch.tensor(4.0))
+    with monkeypatch.context() as m:  # a second rank that trained the same
+        m.setattr(utils, 'is_dist_avail_and_initialized', lambda: True)
+        m.setattr(utils, 'all_reduce_sum', lambda tensor: tensor * 2)
+        assert logger.summed_state_dict(torch.device('cpu')) == {'sums': {'loss': 12.0}, 'counts': {'loss': 4}}
+
+    saved = {'sums': {'loss': 1000.0, 'lr': 0.4}, 'counts': {'loss': 4, 'lr': 4}}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(2)]
+    criterion = DistillationLoss(torch.nn.CrossEntropyLoss(), None, 'none', 0.0, 1.0)
+
+    def epoch_loss(rank: int) -> float:
+        monkeypatch.setattr(engine, 'get_rank', lambda: rank)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return engine.train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0,
+                                      engine.LossScaler(False, 'cpu'), engine.TrainOptions(print_freq=10),
+                                      start_step=4, metrics_state=saved)['loss']
+    assert epoch_loss(rank=0) > 100  # the saved sums, counted here
+    assert epoch_loss(rank=1) < 10  # and not again on rank 1
+
+
+def test_unreadable_images_are_counted_over_all_ranks_once_each(monkeypatch):
+    import utils
+    monkeypatch.setattr(utils, 'is_dist_avail_and_initialized', lambda: True)
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 2)
+    other_rank = ['b.jpg (truncated)', 'c.jpg (truncated)']  # with repeated augmentation ranks draw the same image
+    monkeypatch.setattr(utils.dist, 'all_gather_object', lambda out, local: out.__setitem__(slice(None), [local, other_rank]))
+    assert utils.count_over_ranks({'a.jpg (truncated)': None, 'b.jpg (truncated)': None}) == 3
+
+
+def test_device_cuda_n_in_one_process_makes_gpu_n_the_current_device(monkeypatch):
+    """Else CUDA's context is made on GPU 0 and its properties (bf16 support) are read from there."""
+    import argparse
+    import utils
+    chosen = []
+    monkeypatch.delenv('RANK', raising=False)
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    args = argparse.Namespace(device=torch.device('cuda', 1))
+    utils.init_distributed_mode(args)
+    assert chosen == [1] and args.gpu == 1 and not args.distributed
+    utils.init_distributed_mode(argparse.Namespace(device=torch.device('cpu')))
+    assert chosen == [1]
+
+
+@pytest.mark.parametrize('capability, native', [((7, 0), False), ((8, 0), True)])
+def test_bf16_on_a_gpu_without_native_bf16_says_it_is_emulated(monkeypatch, capability, native):
+    from precision import resolve_precision
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100' if not native else 'A100')
+    cuda = torch.device('cuda')
+    chosen = resolve_precision(None, 'bfloat16', cuda)
+    assert chosen.dtype == torch.bfloat16  # what was asked for
+    if native:
+        assert chosen.warning == ''
+    else:
+        assert 'Tesla V100 (compute capability 7.0)' in chosen.warning and '--amp-dtype float16' in chosen.warning
+    assert resolve_precision(None, 'float16', cuda).warning == ''
+    assert resolve_precision(None, 'bfloat16', torch.device('cpu')).warning == ''
+
+
+def test_freed_memory_is_kept_only_by_a_cpu_trainer_and_not_by_its_data_workers(monkeypatch):
+    import checkpoint
+    import main
+    import speedups
+    calls = []
+    monkeypatch.setattr(speedups, 'keep_freed_memory', lambda keep=True: calls.append(keep) or True)
+    assert not speedups.keep_freed_memory_for(torch.device('cuda')) and calls == []
+    assert speedups.keep_freed_memory_for(torch.device('cpu')) and calls == [True]
+    monkeypatch.setattr(speedups, '_kept', True)  # what the trainer's keep_freed_memory left to a forked worker
+    monkeypatch.setattr(checkpoint, 'ignore_stop_signals', lambda worker_id: None)  # not in this process
+    main.init_data_worker(0)
+    assert calls == [True, False]

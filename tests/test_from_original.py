@@ -35,7 +35,7 @@ def original_args(**values) -> argparse.Namespace:
     """The Namespace the original main.py saves: its flags, what its setup adds, and under its submitit
     launcher `output_dir` / `job_dir` as Paths."""
     args = main.get_args_parser().parse_args([])
-    vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0,
+    vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0, device='cuda',
                       dist_backend='nccl', output_dir=Path('/checkpoint/user/experiments/1234'),
                       job_dir=Path('/checkpoint/user/experiments/1234'), lr=5e-4 * 64 * 8 / 512)
     vars(args).update(values)
@@ -328,3 +328,58 @@ def test_training_metrics_are_averaged_over_ranks(tmp_path):
 
 if __name__ == '__main__':  # the worker of test_training_metrics_are_averaged_over_ranks
     train_one_epoch_on_each_rank(sys.argv[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state saved by another build of the optimizer
+# ---------------------------------------------------------------------------------------------
+
+FP16 = [flag for flag in FAST if flag != '--no-amp'] + ['--amp-dtype', 'float16']
+
+
+def with_optimizer_groups(payload: dict, path: Path, **options) -> Path:
+    """``payload`` saved to ``path`` with ``options`` set in each optimizer param group."""
+    optimizer = {**payload['optimizer'], 'param_groups': [{**g, **options} for g in payload['optimizer']['param_groups']]}
+    torch.save({**payload, 'optimizer': optimizer}, path)
+    return path
+
+
+@pytest.mark.parametrize('saved_by', ['the original scripts', 'a run with a foreach, non-fused AdamW'])
+def test_fp16_resume_keeps_the_fused_optimizer_this_run_built(original_checkpoint, imagefolder, tmp_path, saved_by):
+    """Optimizer.load_state_dict would make the fused AdamW non-fused while GradScaler still hands it the
+    loss scale: the first fp16 step would fail."""
+    path, payload = original_checkpoint
+    if saved_by != 'the original scripts':
+        path = with_optimizer_groups(payload, tmp_path / 'other.pth', fused=False, foreach=True)
+    assert not any(g.get('fused') for g in torch.load(path, weights_only=False)['optimizer']['param_groups'])
+    out = tmp_path / 'out'
+    run_cli('--data-path', imagefolder, '--model', MODEL, '--epochs', '2', '--resume', path, '--output_dir', out, *FP16)
+    resumed = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert resumed['epoch'] == 1 and resumed['scaler']['scale'] > 0
+    assert all(g['fused'] is True and not g['foreach'] for g in resumed['optimizer']['param_groups'])
+
+
+def test_resume_of_an_apex_fusedlamb_checkpoint_fills_the_options_apex_does_not_save(imagefolder, tmp_path):
+    """DeiT III's --opt fusedlamb is apex's FusedLAMB: its groups lack the trust_clip and always_adapt that
+    timm's Lamb (what --opt fusedlamb builds here) reads, and count 'step' as an int."""
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=3, img_size=32)
+    args = original_args(model=MODEL, epochs=3, warmup_epochs=1, opt='fusedlamb')
+    optimizer = create_optimizer(argparse.Namespace(**{**vars(args), 'opt': 'lamb'}), model)  # main.py's groups
+    lr_scheduler, _ = create_scheduler(args, optimizer)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    apex_keys = ('lr', 'bias_correction', 'betas', 'eps', 'weight_decay', 'grad_averaging', 'max_grad_norm',
+                 'initial_lr', 'params')
+    saved['param_groups'] = [{**{k: g[k] for k in apex_keys}, 'step': 1} for g in saved['param_groups']]
+    path = tmp_path / 'deit3.pth'
+    torch.save({'model': model.state_dict(), 'optimizer': saved, 'lr_scheduler': lr_scheduler.state_dict(),
+                'epoch': 0, 'scaler': dict(CUDA_SCALER_STATE), 'args': args}, path)
+    out = tmp_path / 'out'
+    proc = run_cli('--data-path', imagefolder, '--model', MODEL, '--opt', 'fusedlamb', '--epochs', '2',
+                   '--resume', path, '--output_dir', out, *FAST)
+    steps = int(re.search(r'Epoch: \[1\] \[\s*\d+/(\d+)\]', proc.stdout).group(1))
+    groups = torch.load(out / 'checkpoint.pth', weights_only=True)['optimizer']['param_groups']
+    assert all(g['trust_clip'] is False and g['always_adapt'] is False for g in groups)
+    assert all(int(g['step']) == 1 + steps for g in groups)  # apex's count, then this epoch's steps

@@ -400,7 +400,7 @@ def two_ranks(scenario, out):
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_message(tmp_path):
     results = two_ranks('nan', tmp_path)
-    assert results == ['non-finite loss in epoch 0 at step 2: lower --lr, set --clip-grad, or check the data; no '
+    assert results == ['3: non-finite loss in epoch 0 at step 2: lower --lr, set --clip-grad, or check the data; no '
                        'checkpoint holds its weights (--resume auto continues from the last finite one)'] * 2
 
 

@@ -197,7 +197,8 @@ def test_exported_safetensors_load_into_timm_with_the_checkpoints_logits(real_ru
     from safetensors import safe_open
     with safe_open(str(output), 'pt') as f:
         assert f.metadata() == {'format': 'pt', 'model': MODEL, 'num_classes': '3', 'input_size': '16',
-                                'weights': 'ema' if ema else 'model'}
+                                'weights': 'ema' if ema else 'model', 'mean': '0.485,0.456,0.406',
+                                'std': '0.229,0.224,0.225'}  # the run's normalisation (ImageNet's)
     assert [p.name for p in tmp_path.iterdir()] == ['model.safetensors']  # no temporary left behind
     if ema:  # the printed lines, as printed, in a fresh interpreter started elsewhere
         saved = str(real_run / 'checkpoint.pth')

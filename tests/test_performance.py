@@ -325,7 +325,7 @@ def test_main_trains_and_evaluates_with_fast_data(imagefolder, tmp_path, monkeyp
                         normalise(loader, images))
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--no-model-ema',
                    '--output_dir', tmp_path, *FAST, '--input-size', '48', '--num_workers', '1')
-    assert '(24 images, both head)' in proc.stdout
+    assert '(24 images)' in proc.stdout
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] > 0
     assert len({loader for loader, _ in normalised}) == 2  # training and validation both took the fast path
     assert normalised[0][1] == (12, 48, 48, 3)  # uint8 NHWC crops from the fast transform

@@ -1,6 +1,9 @@
 """The fault probe's cases that run in a second or two: a rerun into a finished run's directory, links and
 special files in the data, foreign fine-tuning weights, paths with ~ and $VARS, checkpoints that are
 truncated, in safetensors or from a newer version."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -117,3 +120,63 @@ def test_finetune_from_another_architecture_is_refused_unless_partial_is_asked_f
     main.load_finetune_weights(model, str(path), partial=True)
     assert 'keep their initialisation (patch_embed.proj.weight, patch_embed.proj.bias)' in capsys.readouterr().out
     assert torch.equal(model.state_dict()['blocks.0.attn.qkv.weight'], vit['blocks.0.attn.qkv.weight'])
+
+
+def test_a_symlink_loop_and_a_fifo_in_the_data_are_skipped_with_one_warning(tmp_path):
+
+    from conftest import FAST, run_cli
+    from imagefolder import make_imagefolder
+    root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=12, val_per_class=2)
+    os.symlink('..', root / 'train' / 'class_0' / 'loop')
+    os.mkfifo(root / 'train' / 'class_0' / 'fifo.jpg')
+    out = tmp_path / 'out'
+    proc = run_cli('--data-path', root, '--model', 'test_vit', *FAST, '--epochs', '1', '--output_dir', out)
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith('warning:') and 'skipped' in line]
+    assert len(warnings) == 1, proc.stdout[-3000:]
+    assert 'loop back up the tree' in warnings[0] and 'a FIFO' in warnings[0] and 'fifo.jpg' in warnings[0]
+    assert json.loads((out / 'log.txt').read_text())['train_unreadable_images'] == 0
+    from data_files import ClassFolders
+    samples = ClassFolders(str(root / 'train')).samples
+    assert len(samples) == 24 and all(f'class_{label}' in path for path, label in samples)
+
+
+def test_a_fifo_is_refused_at_open_without_blocking(tmp_path):
+
+    from data_files import load_rgb
+    os.mkfifo(tmp_path / 'late.jpg')  # appeared after the folder walk
+    with pytest.raises(OSError, match='not a regular file \\(a FIFO\\)'):
+        load_rgb(str(tmp_path / 'late.jpg'))
+
+
+def test_a_stop_signal_during_a_stuck_read_saves_the_last_finished_step_and_exits(tmp_path):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import FAST, REPO
+    from imagefolder import make_imagefolder
+    root = make_imagefolder(tmp_path / 'data', num_classes=2, train_per_class=40, val_per_class=2)
+    marker, out = tmp_path / 'hang', tmp_path / 'out'
+    proc = subprocess.Popen([sys.executable, 'tests/stuck_reader.py', '--data-path', str(root), '--model', 'test_vit',
+                             *FAST, '--batch-size', '4', '--print-freq', '1', '--epochs', '1', '--output_dir', str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'STUCK_MARKER': str(marker), 'OMP_NUM_THREADS': '1',
+                                 'PYTHONUNBUFFERED': '1'})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('Epoch: [0] [ 2/'):
+            marker.touch()  # the reads from now on hang
+            break
+    time.sleep(1)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    output = ''.join(lines) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert time.time() - sent < 30
+    match = re.search(r'stopped by SIGTERM after step (\d+) of epoch 0 \(the next batch did not come within 1 s: '
+                      r'a data-loader read is stuck\); saved checkpoint (\S+);', output)
+    assert match, output[-3000:]
+    assert torch.load(match.group(2), weights_only=True)['step'] == int(match.group(1)) >= 3

@@ -47,9 +47,13 @@ def assert_same_tensors(a, b, where=''):
             assert_same_tensors(x, y, f'{where}[{i}]')
 
 
-@pytest.mark.parametrize('precision', [[], ['--amp', '--amp-dtype', 'bfloat16']], ids=['fp32', 'bf16'])
-def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(imagefolder, tmp_path, precision):
-    common = ['--data-path', imagefolder, *TINY, *precision, '--epochs', '3', '--deterministic',
+# fp32 with --layer-decay: its per-layer parameter groups and lr scales are restored as well
+@pytest.mark.parametrize('precision, optimisation', [([], ['--layer-decay', '0.75']),
+                                                     (['--amp', '--amp-dtype', 'bfloat16'], [])],
+                         ids=['fp32-layer-decay', 'bf16'])
+def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(imagefolder, tmp_path, precision,
+                                                                             optimisation):
+    common = ['--data-path', imagefolder, *TINY, *precision, *optimisation, '--epochs', '3', '--deterministic',
               '--save-interval-steps', '1']
     reference = tmp_path / 'reference'
     run_cli(*common, '--output_dir', reference)
@@ -76,6 +80,9 @@ def test_sigkill_at_random_steps_and_resume_auto_gives_bit_identical_weights(ima
     assert ours['epoch'] == ref['epoch'] == 2, targets
     for key in ('model', 'model_ema', 'optimizer'):
         assert_same_tensors(ours[key], ref[key], f'{key} (killed at steps {targets})')
+    groups = ours['optimizer']['param_groups']
+    assert groups == ref['optimizer']['param_groups']  # their lr, lr_scale, weight decay
+    assert len({group.get('lr_scale', 1.0) for group in groups}) == (8 if optimisation else 1)  # test_vit: 8 layers
     timeless = [[{k: v for k, v in json.loads(line).items() if k != 'train_images_per_sec'}
                  for line in (d / 'log.txt').read_text().splitlines()] for d in (run, reference)]
     assert timeless[0] == timeless[1]  # the same losses and accuracies, epoch by epoch

@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
-from engine import LossScaler, NonFiniteLossError, TrainOptions, train_one_epoch  # noqa: E402
+from engine import LossScaler, TrainOptions, train_one_epoch  # noqa: E402
 from losses import DistillationLoss  # noqa: E402
+from utils import AgreedFailure  # noqa: E402
 
 
 def nan_on_rank_one(rank: int) -> str:
@@ -30,8 +31,8 @@ def nan_on_rank_one(rank: int) -> str:
     try:
         train_one_epoch(model, criterion, batches, optimizer, torch.device('cpu'), 0, LossScaler(False, 'cpu'),
                         TrainOptions(print_freq=4))
-    except NonFiniteLossError as e:
-        return str(e)
+    except AgreedFailure as e:  # raised on every rank, with the exit code of a non-finite loss
+        return f'{e.exit_code}: {e}'
     return 'finished'
 
 

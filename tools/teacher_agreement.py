@@ -34,14 +34,17 @@ def cli(argv=None) -> int:
     args.device = utils.resolve_device(args.device)
     if args.distillation_type == 'none':
         args.distillation_type = 'hard'  # only so that build_teacher builds one
+    args.mean, args.std = main.student_normalisation(args.mean, args.std, resume='', finetune='')
     settings = DataSettings.from_args(args)
     dataset, nb_classes = build_dataset(False, settings, Pipeline(build_transform(False, settings.transform)))
     targets = torch.tensor([target for _, target in dataset.samples])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers or 0)
     amp_dtype = args.amp_dtype or 'bfloat16'
     labels = {}
+    teacher_checkpoint = main.load_teacher_checkpoint(args)
     for amp in (False, True):
-        teacher = main.build_teacher(args, nb_classes, args.device, getattr(torch, amp_dtype) if amp else None)
+        teacher = main.build_teacher(args, teacher_checkpoint, nb_classes, args.device,
+                                     getattr(torch, amp_dtype) if amp else None)
         labels[amp] = hard_labels(teacher, loader, args.device)
     agree = labels[True].eq(labels[False]).float().mean().item()
     top1 = {amp: 100 * labels[amp].eq(targets).float().mean().item() for amp in labels}
