@@ -138,7 +138,7 @@ def check_image_paths(check_images: List[str], checkpoint_path: str) -> List[str
         return predict.expand_paths(check_images)
     if inference.is_hub_name(checkpoint_path):
         return []
-    data_path = (weights.load_checkpoint(checkpoint_path).get('args') or {}).get('data_path') or ''
+    data_path = weights.recorded_args(checkpoint_path).get('data_path') or ''
     val = os.path.join(str(data_path), 'val')
     return predict.expand_paths([val]) if data_path and os.path.isdir(val) else []
 
