@@ -151,14 +151,19 @@ def expand_pattern(pattern: str, is_train: bool) -> List[str]:
                     f'"train"): pack or download the validation split')
 
 
-def index_shard(path: str) -> np.ndarray:
-    """(image offset, image size, label offset, label size) of each sample of a tar shard, in tar order,
-    from the tar headers alone; -1 where the sample has no such member. A member the file ends inside is
-    left out, with whatever follows it: a shard cut short keeps the samples before the cut."""
+def index_shard(fd: int) -> np.ndarray:
+    """(image offset, image size, label offset, label size) of each sample of the tar shard open as ``fd``, in
+    tar order, from the tar headers alone; -1 where the sample has no such member. A member the file ends
+    inside is left out, with whatever follows it: a shard cut short keeps the samples before the cut.
+
+    Read through the descriptor the samples are read with: on a network filesystem each open and stat of a
+    path is a round trip to the server, so a shard costs one open per process."""
     samples: Dict[str, List[int]] = {}
-    file_size = os.path.getsize(path)
+    file_size = os.fstat(fd).st_size
     try:
-        with tarfile.open(path, 'r:') as tar:
+        with os.fdopen(os.dup(fd), 'rb') as file:  # a duplicate shares the open file: no new open
+            file.seek(0)
+            tar = tarfile.open(fileobj=file, mode='r:')
             for member in tar:
                 named = MEMBER_NAME.match(member.name)
                 if member.offset_data + member.size > file_size:
@@ -195,8 +200,8 @@ class WdsDataset(ShardedDataset):
     """One split of a WebDataset shard set: tar shards of samples ``KEY.jpg`` (or .jpeg, .png, .webp) with
     ``KEY.cls`` (or ``KEY.json``) labels, as timm/imagenet-1k-wds and tools.pack_shards write them.
 
-    Each process indexes a shard from its tar headers when it first reads from it and keeps the index;
-    it keeps the last OPEN_SHARDS shards open and reads samples with os.pread (no seek to share).
+    Each process opens a shard when it first reads from it, indexes it from its tar headers and keeps the
+    index; it keeps the last OPEN_SHARDS shards open and reads samples with os.pread (no seek to share).
     """
 
     def __init__(self, shards: Sequence[str], lengths: Sequence[int], transform, open_bytes,
@@ -211,6 +216,7 @@ class WdsDataset(ShardedDataset):
         self._files = OrderedDict()
 
     def _file(self, shard: int) -> int:
+        self.in_this_process()
         fd = self._files.get(shard)
         if fd is None:
             fd = os.open(self.shard_names[shard], os.O_RDONLY)
@@ -221,15 +227,12 @@ class WdsDataset(ShardedDataset):
             self._files.move_to_end(shard)
         return fd
 
-    def index(self, shard: int) -> np.ndarray:
-        self.in_this_process()
-        if shard not in self._indexes:
-            self._indexes[shard] = index_shard(self.shard_names[shard])
-        return self._indexes[shard]
-
     def read(self, index: int) -> Tuple[bytes, int]:
         shard, position = self.locate(index)
-        entries = self.index(shard)
+        fd = self._file(shard)
+        if shard not in self._indexes:
+            self._indexes[shard] = index_shard(fd)
+        entries = self._indexes[shard]
         if position >= len(entries):
             raise OSError(f'the shard holds {len(entries)} samples, not {self.shard_lengths[shard]}: it was cut short '
                           f'or rewritten')
@@ -238,7 +241,6 @@ class WdsDataset(ShardedDataset):
             raise ValueError(f'no image member ({"/".join(IMAGE_MEMBERS)})')
         if label_at < 0:
             raise ValueError('no .cls or .json label')
-        fd = self._file(shard)
         label = parse_label(os.pread(fd, label_size, label_at))
         data = os.pread(fd, image_size, image_at)
         if len(data) < image_size:
@@ -286,7 +288,7 @@ def build_wds(data_path: str, is_train: bool, transform, open_bytes,
         name = 'train' if is_train else 'validation'
     check_shards_exist(shards, name)
     # without counts, every shard's headers are read now (and the index kept for this process)
-    indexes = {i: index_shard_or_refuse(path) for i, path in enumerate(shards) if lengths[i] is None}
+    indexes = {i: index_shard_file(path) for i, path in enumerate(shards) if lengths[i] is None}
     lengths = [len(indexes[i]) if n is None else n for i, n in enumerate(lengths)]
     if sum(lengths) == 0:
         raise UserError(f'the {name} shards ({shards[0]} ...) hold no samples: check --data-path')
@@ -297,18 +299,24 @@ def build_wds(data_path: str, is_train: bool, transform, open_bytes,
 
 
 def check_shards_exist(shards: Sequence[str], split: str) -> None:
-    missing = [path for path in shards if not os.path.isfile(path)]
+    """One access() per shard (a round trip each on a network filesystem); a closer look only at failures."""
+    unreadable = [path for path in shards if not os.access(path, os.R_OK)]
+    missing = [path for path in unreadable if not os.path.isfile(path)]
     if missing:
         raise UserError(f'{len(missing)} of the {len(shards)} {split} shards are missing, e.g. {missing[0]}: '
                         f'download them (again) or fix --data-path')
-    unreadable = [path for path in shards if not os.access(path, os.R_OK)]
     if unreadable:
         raise UserError(f'cannot read {len(unreadable)} {split} shards, e.g. {unreadable[0]}: check their permissions')
 
 
-def index_shard_or_refuse(path: str) -> np.ndarray:
+def index_shard_file(path: str) -> np.ndarray:
+    """The index of a shard read at start-up (where no info file gives the counts); an unreadable one refused."""
     try:
-        return index_shard(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return index_shard(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise UserError(f'cannot read shard {path}: {e}') from None
 

@@ -16,6 +16,7 @@ import torch
 from conftest import FAST, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
+from shards import build_wds
 from shardsets import save_hf, save_hf_parquet
 from tools.pack_shards import pack_folder
 from test_resilience import assert_same_tensors, popen_main, progress
@@ -127,6 +128,36 @@ def test_a_parquet_repository_gives_the_folder_samples_and_class_names(shard_set
         for index in range(0, len(reference), 5):
             (image, label), (expected, expected_label) = dataset[index], reference[index]
             assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+OPENED = None  # the paths opened while a test records them (an audit hook cannot be removed)
+
+
+def record_open(event, args):
+    if event == 'open' and OPENED is not None and isinstance(args[0], str):
+        OPENED.append(args[0])
+
+
+def test_each_worker_opens_a_shard_once_an_epoch_and_start_up_opens_none(shard_sets, monkeypatch):
+    """What a network filesystem pays for: an open (or stat) of a path is a round trip to its server."""
+    global OPENED
+    sys.addaudithook(record_open)
+    stats = []
+    stat = os.stat
+    monkeypatch.setattr(os, 'stat', lambda path, *a, **k: stats.append(str(path)) or stat(path, *a, **k))
+    shards, _ = train_shards(shard_sets['WDS'])
+    OPENED = []
+    try:
+        dataset, _ = build_wds(str(shard_sets['WDS']), True, None, lambda data: data, None)
+        assert [path for path in OPENED if path.endswith('.tar')] == []
+        order = list(range(len(dataset)))
+        random.Random(0).shuffle(order)
+        OPENED, stats[:] = [], []
+        for index in order + order:  # two epochs in one worker
+            dataset[index]
+        assert sorted(OPENED) == sorted(map(str, shards)) and stats == []
+    finally:
+        OPENED = None
 
 
 # ---------------------------------------------------------------------------------------------
