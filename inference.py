@@ -62,12 +62,7 @@ def load_trained_model(source: str, model_name: str = '', ema: bool = False) -> 
         raise UserError(f'{source} does not record its model: give --model NAME')
     if not timm.is_model(name):
         raise UserError(f'unknown model {name}: use a timm model name')
-    if ema:
-        if not checkpoint.get('model_ema'):
-            raise UserError(f'{source} holds no EMA weights (trained with --no-model-ema?): drop --ema')
-        state = weights.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{source} (EMA)')
-    else:
-        state = weights.model_state_from_checkpoint(checkpoint, source)
+    state = weights.model_or_ema_state(checkpoint, source, ema)
     num_classes = head_classes(state) or run_args.get('nb_classes') or 1000
     input_size = run_args.get('input_size')
     model = create_model(name, num_classes, input_size)
