@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error, run_cli, run_main
+from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
 from shards import build_wds
@@ -128,6 +128,17 @@ def test_a_parquet_repository_gives_the_folder_samples_and_class_names(shard_set
         for index in range(0, len(reference), 5):
             (image, label), (expected, expected_label) = dataset[index], reference[index]
             assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_the_in21k_recipe_trains_on_shards_without_reading_them_to_count_classes(shard_sets, tmp_path):
+    """timm/imagenet-22k-wds' info file names no classes: the recipe's --nb-classes spares the count."""
+    wds = tmp_path / 'wds'
+    shutil.copytree(shard_sets['WDS'], wds)
+    info = json.loads((wds / '_info.json').read_text())
+    (wds / '_info.json').write_text(json.dumps({'name': info['name'], 'splits': info['splits']}))
+    proc = run_cli('--config', REPO / 'configs/deit3/deit_small_patch16_LS_224_in21k.yaml', '--data-path', wds,
+                   '--model', 'test_vit', *FAST, '--nb-classes', '3', '--epochs', '1', '--output_dir', tmp_path / 'out')
+    assert 'counting the classes' not in proc.stdout and (tmp_path / 'out' / 'checkpoint.pth').is_file()
 
 
 OPENED = None  # the paths opened while a test records them (an audit hook cannot be removed)
