@@ -936,11 +936,12 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def main(args) -> None:
+def main(args) -> Optional[dict]:
+    """Train, or with --eval evaluate (returning the evaluation's metrics, as engine.evaluate gives them)."""
     signals = checkpoint.StopSignals()
     signals.install()  # first: a stop signal while starting ends the run at once, with its line
     try:
-        train(args, signals)
+        return train(args, signals)
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
@@ -953,7 +954,7 @@ def main(args) -> None:
         signals.disarm()
 
 
-def train(args, signals: checkpoint.StopSignals) -> None:
+def train(args, signals: checkpoint.StopSignals) -> Optional[dict]:
     adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
@@ -1013,7 +1014,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     if args.eval:
         test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
-        return
+        return test_stats
     if args.resume and state.start_epoch >= num_epochs:
         print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
               f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
