@@ -1,5 +1,6 @@
 """--data-set WDS and HF: the folder path's guarantees on shards (the same samples and weights, resuming
 after SIGKILL, unreadable samples skipped and counted) and --shuffle blocks' order."""
+import io
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import torch
 from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
-from shards import build_wds
+from shards import NotPlainTar, build_wds, index_shard, plain_tar_members, sample_index, tarfile_members
 from shardsets import save_hf, save_hf_parquet
 from tools.pack_shards import pack_folder
 from test_resilience import assert_same_tensors, popen_main, progress
@@ -141,6 +142,30 @@ def test_the_in21k_recipe_trains_on_shards_without_reading_them_to_count_classes
     assert 'counting the classes' not in proc.stdout and (tmp_path / 'out' / 'checkpoint.pth').is_file()
 
 
+def test_the_plain_header_walk_indexes_as_tarfile_does_and_leaves_long_names_to_it(shard_sets, tmp_path):
+    shards, _ = train_shards(shard_sets['WDS'])
+    cut = tmp_path / 'cut.tar'
+    shutil.copy(shards[0], cut)
+    os.truncate(cut, cut.stat().st_size // 2)
+    long_names = tmp_path / 'long.tar'  # a pax header carries a name of more than 100 characters
+    with tarfile.open(long_names, 'w', format=tarfile.PAX_FORMAT) as tar, tarfile.open(shards[1]) as source:
+        for member in source:
+            data = source.extractfile(member).read()
+            member.name = 'a' * 120 + member.name
+            tar.addfile(member, io.BytesIO(data))
+    for path in [*shards, cut, long_names]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            expected = sample_index(tarfile_members(fd), size)
+            assert len(expected) and (index_shard(fd) == expected).all()
+            if path == long_names:
+                with pytest.raises(NotPlainTar):
+                    list(plain_tar_members(fd, size))
+        finally:
+            os.close(fd)
+
+
 OPENED = None  # the paths opened while a test records them (an audit hook cannot be removed)
 
 
@@ -184,7 +209,7 @@ def rewrite_shard(path, change):
             data = change(member.name, data)
             if data is not None:
                 member.size = len(data)
-                tar.addfile(member, __import__('io').BytesIO(data))
+                tar.addfile(member, io.BytesIO(data))
 
 
 def test_corrupt_member_missing_label_and_truncated_shard_are_skipped_and_counted_or_fail_with_strict_data(
@@ -231,7 +256,7 @@ def test_a_missing_shard_a_missing_split_and_no_info_file_are_one_line_each(shar
 
 def test_a_brace_pattern_without_info_file_counts_the_shards_and_their_classes(shard_sets, tmp_path):
     from datasets import pil_from_bytes
-    from shards import build_wds
+    from shards import NotPlainTar, build_wds, index_shard, plain_tar_members, sample_index, tarfile_members
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
     shards, lengths = train_shards(wds)
