@@ -44,6 +44,7 @@ import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
 import utils
+import wandb_log
 import weights
 import real_labels
 from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples,
@@ -248,6 +249,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
                            'tensorboard package is installed and --output_dir is set')
     runs.add_argument('--no-tensorboard', action='store_false', dest='tensorboard', help='(new) no TensorBoard events')
+    runs.add_argument('--wandb', default='', metavar='PROJECT',
+                      help='(new) also log the epoch records of log.txt and the resolved flags to this Weights & '
+                           'Biases project (a resumed run continues its W&B run; WANDB_MODE=offline works)')
     runs.add_argument('--save-interval-steps', default=0, type=int, metavar='N',
                       help='(new) also write a step checkpoint every N optimizer steps (0: off)')
     runs.add_argument('--save-interval-minutes', default=0, type=float, metavar='M',
@@ -347,6 +351,8 @@ def validate_args(args) -> None:
     check_input_size(args.model, args.input_size)
     if args.data_set in EVAL_ONLY_DATA_SETS and not args.eval:
         raise UserError(f'--data-set {args.data_set} is a test set without training images: use it with --eval')
+    if args.wandb and not args.eval:
+        wandb_log.check_available()
     if args.real_labels and not args.eval:
         raise UserError('--real-labels scores an evaluation: add --eval (and --resume CHECKPOINT)')
     if args.real_labels and not os.path.isfile(args.real_labels):
@@ -954,11 +960,12 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def main(args) -> None:
+def main(args) -> Optional[dict]:
+    """Train, or with --eval evaluate (returning the evaluation's metrics, as engine.evaluate gives them)."""
     signals = checkpoint.StopSignals()
     signals.install()  # first: a stop signal while starting ends the run at once, with its line
     try:
-        train(args, signals)
+        return train(args, signals)
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
@@ -971,7 +978,7 @@ def main(args) -> None:
         signals.disarm()
 
 
-def train(args, signals: checkpoint.StopSignals) -> None:
+def train(args, signals: checkpoint.StopSignals) -> Optional[dict]:
     adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
@@ -1031,7 +1038,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     if args.eval:
         test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
-        return
+        return test_stats
     if args.resume and state.start_epoch >= num_epochs:
         print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
               f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
@@ -1043,6 +1050,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         config.save_args(args, get_args_parser())
         epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
                                    resume_epoch=state.start_epoch if args.resume else None)
+        wandb_run = start_wandb(args, state) if args.wandb else None
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
@@ -1081,18 +1089,34 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
             with utils.failing_together():  # rank 0 writes; every rank learns whether it could
                 epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                if wandb_run:
+                    wandb_run.log(log_stats)
                 if output_dir:
                     state.save(str(output_dir / 'checkpoint.pth'), epoch)
                     if is_best:
                         state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
+    except BaseException:
+        if wandb_run:
+            wandb_run.finish(exit_code=1)
+        raise
     finally:
         epoch_log.close()
+    if wandb_run:
+        wandb_run.finish()
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
     if owner:
         owner.close()
+
+
+def start_wandb(args, state: checkpoint.TrainingState) -> wandb_log.WandbLog:
+    """--wandb: the W&B run of this training run (the one it started, when resumed), its id recorded in the
+    checkpoints' args."""
+    run_id = wandb_log.run_id(args.output_dir, resuming=bool(args.resume)) if utils.is_main_process() else ''
+    args.wandb_id = state.run_args['wandb_id'] = run_id
+    return wandb_log.WandbLog(args.wandb, run_id, config.plain_args(args), args.output_dir)
 
 
 def cli(argv=None) -> int:

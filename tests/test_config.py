@@ -72,7 +72,7 @@ def test_every_config_builds_its_model_optimizer_and_schedule(path):
     """
     assert path.read_text(encoding='utf-8').startswith('# ')  # the paper table / purpose comes first
     args = parse('--config', path)
-    nb_classes = {'CIFAR10': 10, 'CIFAR100': 100, 'DIGITS': 10}.get(args.data_set, 1000)
+    nb_classes = args.nb_classes or {'CIFAR10': 10, 'CIFAR100': 100, 'DIGITS': 10}.get(args.data_set, 1000)
     with torch.device('meta'):
         model = main.build_model(args, nb_classes)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
