@@ -24,6 +24,9 @@ TOLERANCE = 1e-4  # fp32 logits: onnxruntime's kernels sum in another order than
 
 def write_onnx(model: torch.nn.Module, path: str, input_size: int, opset: int = OPSET) -> None:
     """Export ``model`` (eval mode, fp32, CPU) to ``path`` with a dynamic batch dimension."""
+    if torch.__version__ < (2, 6):  # a TorchVersion: compares as a version
+        raise UserError(f'ONNX export needs torch >= 2.6 (its torch.export-based exporter); this is torch '
+                        f'{torch.__version__}')
     example = torch.randn(2, 3, input_size, input_size)  # 2, not 1: torch.export specialises a size of 1
     try:
         program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=['images'],

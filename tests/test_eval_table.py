@@ -39,7 +39,7 @@ def test_the_row_holds_params_image_size_throughput_and_the_top1_of_imagenet_rea
     assert cells[:3] == ['test_vit', f'{params / 1e6:.1f}M', '32']
     assert float(cells[3]) > 0
     assert cells[4:] == [f'{imnet:.1f}', '50.0', '25.0']
-    assert 'throughput: inference in fp32 on CPU' in out and 'batch 4 (--throughput-batch), median of 2 passes' in out
+    assert 'throughput: inference in fp32 on CPU, torch threads: ' in out and 'batch 4 (--throughput-batch), median of 2 passes' in out
     assert 'note:' not in out
 
 

@@ -142,7 +142,7 @@ def measure_throughput(args, run_args: argparse.Namespace) -> Tuple[float, int, 
         model = speedups.compile_or_eager(model, 'student')
     images_per_s, batch = throughput(model, trained.input_size, device, amp_dtype, args.throughput_batch, args.passes)
     where = (torch.cuda.get_device_name(device) if device.type == 'cuda'
-             else f'CPU, {torch.get_num_threads()} torch threads')
+             else f'CPU, torch threads: {torch.get_num_threads()}')
     how = (f'the largest power of two that fits, up to {LARGEST_GPU_BATCH}' if device.type == 'cuda'
            else '--throughput-batch')
     precision = Precision(amp_dtype, reason="the evaluation's").name
