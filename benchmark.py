@@ -9,10 +9,6 @@ same run (baseline and ours alternate within each repeat, so that a load change 
   train  a plain eager forward / backward / AdamW step vs engine.train_one_epoch as main.py runs it
          (fused AdamW, --compile when given).
   distill the same with a hard-distillation teacher: plain eager teacher (no_grad) vs teacher.py.
-         With --teacher-input-size, also what feeding the teacher its own inputs costs: our distillation
-         step with the teacher's batches made beforehand (as a second data pipeline would) vs the same
-         step converting the student's batch on the device (teacher.py's TeacherInputs: mean = std = 0.5
-         and the teacher's size, from the student's ImageNet-normalised batch).
   eval   eager no_grad forward vs engine.evaluate (inference teacher-style, --compile when given).
   teacher the teacher's forward alone.
 
@@ -59,7 +55,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -77,7 +72,7 @@ from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
 from precision import Precision, dtype_flag, resolve_precision
-from teacher import InferenceTeacher, InputSpec, TeacherInputs, prepare_teacher
+from teacher import prepare_teacher
 from tools import pack_shards
 
 REPO = Path(__file__).resolve().parent
@@ -88,9 +83,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='deit_tiny_patch16_224', help='student (any timm model)')
     parser.add_argument('--teacher-model', default='regnety_160', help='teacher for the distillation figures')
-    parser.add_argument('--teacher-input-size', default=None, type=int, metavar='PIXELS',
-                        help='(distill) a teacher trained at this size with mean = std = 0.5: adds the cost of '
-                             'converting the student\'s batch to its inputs; unset: no such figure')
     parser.add_argument('--batch-size', default=32, type=int)
     parser.add_argument('--input-size', default=224, type=int)
     parser.add_argument('--images', default=192, type=int, help='generated JPEGs per data-pipeline pass')
@@ -118,6 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='also time each stage of the train pipelines (with data) and profile the baseline '
                              'training step by operator group (with train), and print the best ratio each leaves')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the figures as JSON here')
+    parser.set_defaults(matmul_size=2048)  # of the matmul rate probes; --quick makes it small
     parser.add_argument('--quick', action='store_true',
                         help='tiny models, few small images, 2 repeats: seconds (for tests)')
     return parser
@@ -129,6 +122,7 @@ def apply_quick(args) -> None:
     args.batch_size, args.input_size, args.images, args.image_size = 4, 64, 12, (96, 72)
     args.steps, args.repeats = 1, 2
     args.scan_files, args.set_shards, args.set_samples, args.loader_workers = 200, 6, 5, 1
+    args.matmul_size = 256  # a 2048^2 bf16 matmul takes a minute on a CPU without native bf16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +133,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def matmul_seconds(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+def matmul_seconds(n: int, dtype: torch.dtype = torch.float32) -> float:
     """One n x n matmul in ``dtype`` (all of torch's threads), the operation a model step can at best run at."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     start = time.perf_counter()
@@ -147,10 +141,11 @@ def matmul_seconds(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
     return time.perf_counter() - start
 
 
-def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int,
+def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int, matmul_size: int,
               ours_dtype: Optional[torch.dtype] = None) -> dict:
     """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs after a warm-up
-    round, and the matmul rates (GFLOP/s) measured between them, so that all see the same load:
+    round, and the rates (GFLOP/s) of a ``matmul_size`` square matmul measured between them, so that all
+    see the same load:
     'gflops' by dtype name, fp32 and bf16 and the dtype ours autocasts to (``ours_dtype``).
 
     Ours runs with the allocator setting of main.py (speedups.keep_freed_memory), the baseline
@@ -167,9 +162,9 @@ def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: i
             if repeat:  # the first round warms up (and compiles)
                 times[name].append(time.perf_counter() - start)
         for dtype in dtypes:
-            times[dtype_name(dtype)].append(matmul_seconds(dtype=dtype))
+            times[dtype_name(dtype)].append(matmul_seconds(matmul_size, dtype))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    medians['gflops'] = {dtype_name(d): 2 * 2048 ** 3 / medians.pop(dtype_name(d)) / 1e9 for d in dtypes}
+    medians['gflops'] = {dtype_name(d): 2 * matmul_size ** 3 / medians.pop(dtype_name(d)) / 1e9 for d in dtypes}
     return medians
 
 
@@ -272,7 +267,7 @@ def bench_data(args, root: Path) -> List[dict]:
             ours = pipeline_folder(folder, pipeline)
             wrap = functools.partial(fast_data.DeviceBatches, stage=pipeline.batch, device=torch.device('cpu'))
             seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
-                                args.repeats)
+                                args.repeats, args.matmul_size)
             rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
     return rows
 
@@ -433,37 +428,6 @@ def teachers(args):
     return base, ours
 
 
-class PremadeInputs(torch.nn.Module):
-    """A teacher given batches made beforehand, one per call in turn, whatever it is passed: the cost of
-    its inputs left out of the step."""
-
-    def __init__(self, teacher: torch.nn.Module, premade: List[torch.Tensor]):
-        super().__init__()
-        self.teacher, self.premade, self.calls = teacher, premade, 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        batch = self.premade[self.calls % len(self.premade)]
-        self.calls += 1
-        return self.teacher(batch)
-
-
-def teacher_input_figure(args, our_model, our_opt, batches, images: int) -> dict:
-    """Our distillation step with the teacher's inputs made beforehand vs converted from the student's batch
-    on the device, for a teacher at --teacher-input-size trained with mean = std = 0.5."""
-    student = InputSpec(args.input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    half = (0.5, 0.5, 0.5)
-    convert = TeacherInputs(student, InputSpec(args.teacher_input_size, half, half))
-    premade = [convert(x) for x, _, _ in batches]
-    sized = prepare_teacher(create(args.teacher_model, Namespace(input_size=args.teacher_input_size)),
-                            torch.device('cpu'), compile=args.compile, amp_dtype=args.ours_dtype).model
-    converting = InferenceTeacher(sized, args.ours_dtype, convert)
-    given = PremadeInputs(InferenceTeacher(sized, args.ours_dtype), premade)
-    seconds = time_pair(project_step(our_model, our_opt, batches, given, args.ours_dtype),
-                        project_step(our_model, our_opt, batches, converting, args.ours_dtype), args.repeats,
-                        args.ours_dtype)
-    return row(f'teacher @{args.teacher_input_size}: made -> converted', images, seconds, ours_dtype=args.ours_dtype)
-
-
 def bench_models(args) -> List[dict]:
     rows = []
     batches = synthetic_batches(args, args.steps)
@@ -478,15 +442,13 @@ def bench_models(args) -> List[dict]:
     if 'train' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches),
                             project_step(our_model, our_opt, batches, amp_dtype=args.ours_dtype), args.repeats,
-                            args.ours_dtype)
+                            args.matmul_size, args.ours_dtype)
         rows.append(row(f'train step: {args.model}', images, seconds, step_flops, ours_dtype=args.ours_dtype))
     if 'distill' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
                             project_step(our_model, our_opt, batches, our_teacher, args.ours_dtype), args.repeats,
-                            args.ours_dtype)
+                            args.matmul_size, args.ours_dtype)
         rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops, ours_dtype=args.ours_dtype))
-        if args.teacher_input_size:
-            rows.append(teacher_input_figure(args, our_model, our_opt, batches, images))
     if 'eval' in args.sections:
         base_model.eval()
         eval_flops = count_flops(lambda: base_model(batches[0][0])) / args.batch_size
@@ -500,7 +462,7 @@ def bench_models(args) -> List[dict]:
         def project_eval():
             with contextlib.redirect_stdout(io.StringIO()):
                 evaluate(eval_batches, our_model, torch.device('cpu'), args.ours_dtype)
-        seconds = time_pair(plain_eval, project_eval, args.repeats, args.ours_dtype)
+        seconds = time_pair(plain_eval, project_eval, args.repeats, args.matmul_size, args.ours_dtype)
         rows.append(row(f'eval: {args.model}', images, seconds, eval_flops, ours_dtype=args.ours_dtype))
     if 'teacher' in args.sections:
         def plain_teacher():
@@ -511,7 +473,7 @@ def bench_models(args) -> List[dict]:
         def our_teacher_forward():
             for x, _, _ in batches:
                 our_teacher(x)
-        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats, args.ours_dtype)
+        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats, args.matmul_size, args.ours_dtype)
         rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops, ours_dtype=args.ours_dtype))
     return rows
 
@@ -1006,7 +968,7 @@ def cli(argv=None) -> int:
     if report['rows']:
         print(format_table(report['rows']))
     if report['matmul_gflops']:
-        print(f'matmul (2048^2, {report["threads"]} threads): fp32 {report["matmul_gflops"]:.0f} GFLOP/s, bf16 '
+        print(f'matmul ({args.matmul_size}^2, {report["threads"]} threads): fp32 {report["matmul_gflops"]:.0f} GFLOP/s, bf16 '
               f'{report["bf16_matmul_gflops"]:.0f} GFLOP/s, measured between the timed runs of each model line; '
               f'%lim = achieved GFLOP/s / the rate of the precision it runs in (baseline fp32, ours '
               f'{report["ours_dtype"]})')
