@@ -90,6 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='also time each stage of the train pipelines (with data) and profile the baseline '
                              'training step by operator group (with train), and print the best ratio each leaves')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the figures as JSON here')
+    parser.set_defaults(matmul_size=2048)  # of the matmul rate probes; --quick makes it small
     parser.add_argument('--quick', action='store_true',
                         help='tiny models, few small images, 2 repeats: seconds (for tests)')
     return parser
@@ -100,6 +101,7 @@ def apply_quick(args) -> None:
     args.model, args.teacher_model = 'test_vit', 'test_byobnet'
     args.batch_size, args.input_size, args.images, args.image_size = 4, 64, 12, (96, 72)
     args.steps, args.repeats = 1, 2
+    args.matmul_size = 256  # a 2048^2 bf16 matmul takes a minute on a CPU without native bf16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def matmul_seconds(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+def matmul_seconds(n: int, dtype: torch.dtype = torch.float32) -> float:
     """One n x n matmul in ``dtype`` (all of torch's threads), the operation a model step can at best run at."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     start = time.perf_counter()
@@ -118,10 +120,11 @@ def matmul_seconds(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
     return time.perf_counter() - start
 
 
-def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int,
+def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: int, matmul_size: int,
               ours_dtype: Optional[torch.dtype] = None) -> dict:
     """Median seconds of ``baseline`` and ``ours`` over ``repeats`` alternating runs after a warm-up
-    round, and the matmul rates (GFLOP/s) measured between them, so that all see the same load:
+    round, and the rates (GFLOP/s) of a ``matmul_size`` square matmul measured between them, so that all
+    see the same load:
     'gflops' by dtype name, fp32 and bf16 and the dtype ours autocasts to (``ours_dtype``).
 
     Ours runs with the allocator setting of main.py (speedups.keep_freed_memory), the baseline
@@ -138,9 +141,9 @@ def time_pair(baseline: Callable[[], None], ours: Callable[[], None], repeats: i
             if repeat:  # the first round warms up (and compiles)
                 times[name].append(time.perf_counter() - start)
         for dtype in dtypes:
-            times[dtype_name(dtype)].append(matmul_seconds(dtype=dtype))
+            times[dtype_name(dtype)].append(matmul_seconds(matmul_size, dtype))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    medians['gflops'] = {dtype_name(d): 2 * 2048 ** 3 / medians.pop(dtype_name(d)) / 1e9 for d in dtypes}
+    medians['gflops'] = {dtype_name(d): 2 * matmul_size ** 3 / medians.pop(dtype_name(d)) / 1e9 for d in dtypes}
     return medians
 
 
@@ -243,7 +246,7 @@ def bench_data(args, root: Path) -> List[dict]:
             ours = pipeline_folder(folder, pipeline)
             wrap = functools.partial(fast_data.DeviceBatches, stage=pipeline.batch, device=torch.device('cpu'))
             seconds = time_pair(data_pass(baseline, args.batch_size), data_pass(ours, args.batch_size, wrap),
-                                args.repeats)
+                                args.repeats, args.matmul_size)
             rows.append(row(name, len(baseline), seconds, unit='img/s/core'))
     return rows
 
@@ -418,12 +421,12 @@ def bench_models(args) -> List[dict]:
     if 'train' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches),
                             project_step(our_model, our_opt, batches, amp_dtype=args.ours_dtype), args.repeats,
-                            args.ours_dtype)
+                            args.matmul_size, args.ours_dtype)
         rows.append(row(f'train step: {args.model}', images, seconds, step_flops, ours_dtype=args.ours_dtype))
     if 'distill' in args.sections:
         seconds = time_pair(plain_step(base_model, base_opt, batches, base_teacher),
                             project_step(our_model, our_opt, batches, our_teacher, args.ours_dtype), args.repeats,
-                            args.ours_dtype)
+                            args.matmul_size, args.ours_dtype)
         rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops, ours_dtype=args.ours_dtype))
     if 'eval' in args.sections:
         base_model.eval()
@@ -438,7 +441,7 @@ def bench_models(args) -> List[dict]:
         def project_eval():
             with contextlib.redirect_stdout(io.StringIO()):
                 evaluate(eval_batches, our_model, torch.device('cpu'), args.ours_dtype)
-        seconds = time_pair(plain_eval, project_eval, args.repeats, args.ours_dtype)
+        seconds = time_pair(plain_eval, project_eval, args.repeats, args.matmul_size, args.ours_dtype)
         rows.append(row(f'eval: {args.model}', images, seconds, eval_flops, ours_dtype=args.ours_dtype))
     if 'teacher' in args.sections:
         def plain_teacher():
@@ -449,7 +452,7 @@ def bench_models(args) -> List[dict]:
         def our_teacher_forward():
             for x, _, _ in batches:
                 our_teacher(x)
-        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats, args.ours_dtype)
+        seconds = time_pair(plain_teacher, our_teacher_forward, args.repeats, args.matmul_size, args.ours_dtype)
         rows.append(row(f'teacher forward: {args.teacher_model}', images, seconds, teacher_flops, ours_dtype=args.ours_dtype))
     return rows
 
@@ -683,7 +686,7 @@ def cli(argv=None) -> int:
     if report['rows']:
         print(format_table(report['rows']))
     if report['matmul_gflops']:
-        print(f'matmul (2048^2, {report["threads"]} threads): fp32 {report["matmul_gflops"]:.0f} GFLOP/s, bf16 '
+        print(f'matmul ({args.matmul_size}^2, {report["threads"]} threads): fp32 {report["matmul_gflops"]:.0f} GFLOP/s, bf16 '
               f'{report["bf16_matmul_gflops"]:.0f} GFLOP/s, measured between the timed runs of each model line; '
               f'%lim = achieved GFLOP/s / the rate of the precision it runs in (baseline fp32, ours '
               f'{report["ours_dtype"]})')

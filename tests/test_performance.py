@@ -441,7 +441,7 @@ def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path, 
     assert train['ours_of_limit'] == pytest.approx(train['ours'] * train['gflop_per_image'] / train['bf16_matmul_gflops'])
     assert train['baseline_of_limit'] == pytest.approx(train['baseline'] * train['gflop_per_image'] /
                                                        train['matmul_gflops'])
-    assert 'ratio' in stdout and re.search(r'matmul \(2048\^2, \d threads\): fp32 \d+ GFLOP/s, bf16 \d+', stdout)
+    assert 'ratio' in stdout and re.search(r'matmul \(256\^2, \d threads\): fp32 \d+ GFLOP/s, bf16 \d+', stdout)
 
     # Every stage was reached where the pipeline calls it, and the stages (disjoint calls) fit in the pass.
     stages = report['breakdown']['train pipeline']
