@@ -19,6 +19,11 @@ for the CPU attention kernel, which it lacks).
   memory  the activation memory of one forward + backward, without and with --grad-checkpointing
          (timm's activation checkpointing): the peak resident memory it adds to a fresh process
          (not in the default sections: two model steps in subprocesses).
+  shards  an image folder vs the WebDataset shards packed from it (tools/pack_shards.py, --data-set WDS):
+         opens and stats on the data at start-up and in an epoch (strace), the start-up of a folder scan vs
+         an info file of 1.28M samples (warm caches, and cold with --cold), what a data worker's memory grows
+         by when it reads from 1,000 shards, and images/s per core of the train pipeline from the folder, the
+         shards and shards packed with --max-side 320 (not in the default sections: minutes).
 
 --breakdown also prints where the time goes, and the best ratio that leaves: the stages of both
 train pipelines (ms per image) and the operator groups of our training step (eager, in its precision):
@@ -31,8 +36,10 @@ import functools
 import io
 import json
 import random
+import re
 import resource
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +47,7 @@ import tempfile
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 from unittest import mock
 
 import numpy as np
@@ -49,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.optim import create_optimizer_v2
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import flop_counter
 from torchvision import transforms
@@ -59,13 +66,16 @@ import fast_data
 import main
 import models  # noqa: F401  (registers our students in timm's registry)
 import speedups
-from datasets import (DataSettings, Pipeline, RobustSamples, TransformSettings, build_pipeline, build_transform,
-                      collate_skipping)
+from datasets import (DataSettings, Pipeline, RobustSamples, TransformSettings, build_dataset, build_pipeline,
+                      build_transform, collate_skipping)
 from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
 from precision import Precision, dtype_flag, resolve_precision
 from teacher import prepare_teacher
+from tools import pack_shards
+
+REPO = Path(__file__).resolve().parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -81,7 +91,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--steps', default=1, type=int, help='timed model steps per repeat')
     parser.add_argument('--repeats', default=3, type=int, help='timed runs per figure (the median is shown)')
     parser.add_argument('--sections', default=['data', 'train', 'distill', 'eval', 'teacher'], nargs='+',
-                        choices=['data', 'train', 'distill', 'eval', 'teacher', 'memory'])
+                        choices=['data', 'train', 'distill', 'eval', 'teacher', 'memory', 'shards'])
+    parser.add_argument('--scan-files', default=100_000, type=int,
+                        help='shards: empty files in the folder whose scan is timed against the info file')
+    parser.add_argument('--set-shards', default=1000, type=int, help='shards: shards of the set read at start-up')
+    parser.add_argument('--set-samples', default=1281, type=int,
+                        help='shards: samples per shard of that set (1,000 x 1,281: ImageNet-1k\'s train split)')
+    parser.add_argument('--loader-workers', default=2, type=int,
+                        help='shards: data-loader processes of the epoch whose opens and stats are counted')
+    parser.add_argument('--cold', action='store_true',
+                        help="shards: also time the start-up with the kernel's caches dropped before each run "
+                             '(root; drops them for the whole machine)')
     parser.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher (ours)')
     parser.add_argument('--amp-dtype', default='auto', choices=('auto', 'float32', 'bfloat16', 'float16'),
                         help="ours in this precision: 'auto' as main.py picks by default here (precision.py), "
@@ -101,6 +121,7 @@ def apply_quick(args) -> None:
     args.model, args.teacher_model = 'test_vit', 'test_byobnet'
     args.batch_size, args.input_size, args.images, args.image_size = 4, 64, 12, (96, 72)
     args.steps, args.repeats = 1, 2
+    args.scan_files, args.set_shards, args.set_samples, args.loader_workers = 200, 6, 5, 1
     args.matmul_size = 256  # a 2048^2 bf16 matmul takes a minute on a CPU without native bf16
 
 
@@ -565,7 +586,7 @@ def activation_memory(args) -> dict:
     for name, checkpointing in (('plain', False), ('checkpointing', True)):  # side by side: one start-up time
         code = (f'import benchmark; print(benchmark.step_memory_probe({args.model!r}, {args.batch_size}, '
                 f'{args.input_size}, {checkpointing}))')
-        probes[name] = subprocess.Popen([sys.executable, '-c', code], cwd=Path(__file__).resolve().parent, env=env,
+        probes[name] = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, env=env,
                                         stdout=subprocess.PIPE, text=True)
     mib = {}
     for name, proc in probes.items():
@@ -576,6 +597,262 @@ def activation_memory(args) -> dict:
     mib['saving'] = 1 - mib['checkpointing'] / mib['plain']
     print(f'memory: {mib["plain"]:.0f} -> {mib["checkpointing"]:.0f} MiB', file=sys.stderr, flush=True)
     return mib
+
+
+# ---------------------------------------------------------------------------------------------
+# Data at scale: an image folder vs WebDataset shards (tools/pack_shards.py, --data-set WDS)
+# ---------------------------------------------------------------------------------------------
+
+# The calls that reach a filesystem's metadata by path (a network filesystem's server round trips);
+# fstat of an open file is answered by the open file (strace shows it as newfstatat(fd, "", ...)).
+PATH_SYSCALLS = {'open': 'opens', 'openat': 'opens', 'openat2': 'opens', 'stat': 'stats', 'lstat': 'stats',
+                 'newfstatat': 'stats', 'statx': 'stats', 'access': 'stats', 'faccessat': 'stats',
+                 'faccessat2': 'stats'}
+PATH_CALL = re.compile(r'^\d+\s+(\w+)\((?:AT_FDCWD, |-?\d+, )?"([^"]*)"')
+PHASE_MARKER = '/deit-bench-epoch-starts'
+
+
+def train_split(data_set: str, data_path: str, input_size: int) -> Tuple[Dataset, Pipeline]:
+    """The train split and pipeline main.py builds from these flags (its defaults otherwise: --fast-data)."""
+    settings = DataSettings.from_args(main.get_args_parser().parse_args(
+        ['--data-set', data_set, '--data-path', data_path, '--input-size', str(input_size)]))
+    pipeline = build_pipeline(True, settings.transform)
+    return build_dataset(True, settings, pipeline)[0], pipeline
+
+
+def shuffled_pass(dataset, pipeline: Pipeline, batch_size: int, workers: int = 0) -> Callable[[], None]:
+    """One epoch in a seeded random order (as --shuffle global orders shards), read as the trainer reads it."""
+    loader = DataLoader(RobustSamples(dataset), batch_size=batch_size, num_workers=workers,
+                        sampler=RandomSampler(dataset, generator=torch.Generator().manual_seed(0)),
+                        collate_fn=collate_skipping)
+    batches = fast_data.DeviceBatches(loader, pipeline.batch, torch.device('cpu')) if pipeline.batch else loader
+
+    def run():
+        for _ in batches:
+            pass
+    return run
+
+
+def syscall_probe(runs: List[Tuple[str, str, bool]], input_size: int, batch_size: int, workers: int) -> None:
+    """Run by count_data_syscalls under strace: for each (data set, path, epoch) build the train split and, if
+    ``epoch``, read one epoch; a stat of a marker path starts each phase."""
+    for number, (data_set, data_path, epoch) in enumerate(runs):
+        with contextlib.suppress(OSError):
+            os.stat(f'{PHASE_MARKER}/{number}/start-up')
+        dataset, pipeline = train_split(data_set, data_path, input_size)
+        with contextlib.suppress(OSError):
+            os.stat(f'{PHASE_MARKER}/{number}/epoch')
+        if epoch:
+            shuffled_pass(dataset, pipeline, batch_size, workers)()
+
+
+def count_data_syscalls(runs: List[Tuple[str, Path, bool]], args) -> Optional[List[dict]]:
+    """For each (data set, path, epoch): the opens and stat-like calls on paths under that path while the train
+    split is built ('start-up') and while --loader-workers processes read one epoch ('epoch'), counted by
+    strace in one fresh process; None without strace."""
+    if not shutil.which('strace'):
+        return None
+    runs = [(data_set, os.path.realpath(path), epoch) for data_set, path, epoch in runs]
+    code = (f'import benchmark; benchmark.syscall_probe({runs!r}, {args.input_size}, {args.batch_size}, '
+            f'{args.loader_workers})')
+    counts = [{'start-up': collections.Counter(), 'epoch': collections.Counter()} for _ in runs]
+    with tempfile.NamedTemporaryFile(prefix='deit-bench-strace-') as trace:
+        # --seccomp-bpf: only the traced calls stop the process, not every read of the data
+        subprocess.run(['strace', '-f', '-qq', '--seccomp-bpf', '-o', trace.name, '-e',
+                        'trace=' + ','.join(PATH_SYSCALLS), sys.executable, '-c', code],
+                       cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS='1'))
+        number, phase = None, None
+        for line in Path(trace.name).read_text().splitlines():
+            call = PATH_CALL.match(line)
+            if not call or call[1] not in PATH_SYSCALLS:
+                continue
+            path = call[2]
+            if path.startswith(PHASE_MARKER + '/'):
+                number, phase = int(path.split('/')[-2]), path.split('/')[-1]
+            elif number is not None and (path + '/').startswith(runs[number][1] + '/'):
+                counts[number][phase][PATH_SYSCALLS[call[1]]] += 1
+    return [{phase: {kind: found[kind] for kind in ('opens', 'stats')} for phase, found in run.items()}
+            for run in counts]
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page, dentry and inode caches, so that the next reads are cold (root only)."""
+    try:
+        os.sync()
+        with open('/proc/sys/vm/drop_caches', 'w') as f:
+            f.write('3')
+        return True
+    except OSError:
+        return False
+
+
+def startup_seconds(build: Callable[[], object], repeats: int, cold: bool) -> Optional[float]:
+    """Median seconds of ``build`` after a warm-up run, with warm caches, or each run after the caches were
+    dropped (None where they cannot be)."""
+    build()
+    times = []
+    for _ in range(repeats):
+        if cold and not drop_page_cache():
+            return None
+        start = time.perf_counter()
+        build()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def make_empty_image_folder(root: Path, files: int, classes: int = 100) -> Path:
+    """root/train/ with ``files`` empty .jpg files in ``classes`` class folders: what a scan reads is names."""
+    for i in range(files):
+        folder = root / 'train' / f'n{i % classes:08d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{i:08d}.jpg').touch()
+    return root
+
+
+def make_shard_set(root: Path, shards: int, samples: int) -> Path:
+    """A train split of ``shards`` shards of ``samples`` small JPEGs each in pack_shards' layout, with its
+    _info.json; one shard is written, the others are hard links to it."""
+    root.mkdir(parents=True)
+    image = pack_shards.Encoded(pack_shards.save(Image.new('RGB', (32, 24), (90, 140, 200)), 'JPEG'), 'jpg')
+    names = [pack_shards.shard_name('set', 'train', k) for k in range(shards)]
+    shard = pack_shards.ShardFile(str(root), names[0], 0)
+    for i in range(samples):
+        shard.add(i, i % 1000, f'{i:08d}.jpg', image)
+    shard.finish(samples)
+    for name in names[1:]:
+        os.link(root / names[0], root / name)
+    info = {'name': 'set', 'num_classes': 1000, 'classes': [f'n{k:08d}' for k in range(1000)],
+            'splits': {'train': {'name': 'train', 'num_samples': shards * samples, 'filenames': names,
+                                 'shard_lengths': [samples] * shards}}}
+    (root / pack_shards.INFO).write_text(json.dumps(info))
+    return root
+
+
+def shard_memory_probe(data_path: str, input_size: int) -> str:
+    """Run in a fresh process, as a data-loader worker: after a first sample (the pipeline warmed up), what
+    reading one sample of each other shard adds to the resident size at its peak (MiB), the ms per shard (its
+    first read indexes it), the files open after, and the process's peak resident size (MiB)."""
+    dataset, _ = train_split('WDS', data_path, input_size)
+    firsts = [int(i) for i in np.cumsum([0, *dataset.shard_lengths[:-1]])]
+    dataset[firsts[0]]
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets the peak (VmHWM) to the current resident size
+    before = proc_status_kib('VmRSS')
+    start = time.perf_counter()
+    for index in firsts[1:]:
+        dataset[index]
+    shards = max(1, len(firsts) - 1)
+    return json.dumps({'mib': (proc_status_kib('VmHWM') - before) / 1024, 'shards': shards,
+                       'ms_per_shard': (time.perf_counter() - start) * 1e3 / shards,
+                       'open_files': len(os.listdir('/proc/self/fd')), 'peak_mib': proc_status_kib('VmHWM') / 1024})
+
+
+def worker_memory(data_path: Path, input_size: int) -> dict:
+    code = f'import benchmark; print(benchmark.shard_memory_probe({str(data_path)!r}, {input_size}))'
+    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1')).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def bench_shards(args, root: Path) -> dict:
+    """Folder vs shards: opens and stats, start-up, a data worker's memory, train-pipeline throughput."""
+    def step(text: str) -> None:
+        print(f'shards: {text}', file=sys.stderr, flush=True)
+    step(f'packing {args.images} generated JPEGs, as they are and with --max-side 320')
+    photos = make_photo_like_jpegs(root / 'photos', args.images, tuple(args.image_size))
+    # about eight shards of the generated images, whatever their size (a sample's three members: the image,
+    # its .cls and .json, each with its tar header)
+    sample_bytes = [pack_shards.member_bytes(p.stat().st_size) + 4 * pack_shards.TAR_BLOCK
+                    for p in (photos / 'train').rglob('*.jpg')]
+    shard_size = sum(sample_bytes) // 8 + 1
+    for name, max_side in (('shards', 0), ('shards-320', 320)):
+        pack_shards.pack_folder(str(photos), str(root / name), shard_size=shard_size, max_side=max_side,
+                                log=lambda line: None)
+    report = {'images': args.images, 'shards': len(list((root / 'shards').glob('*-train-*.tar'))),
+              'loader_workers': args.loader_workers}
+
+    # What a network filesystem pays for: opens and stats on the data, at start-up and during an epoch.
+    step(f'a folder of {args.scan_files:,} files and a set of {args.set_shards:,} shards of {args.set_samples:,}')
+    scan = make_empty_image_folder(root / 'scan', args.scan_files)
+    shard_set = make_shard_set(root / 'set', args.set_shards, args.set_samples)
+    step('counting opens and stats with strace')
+    names = ('folder', 'shards', 'folder scan', 'shard set')
+    counts = count_data_syscalls([('IMNET', photos, True), ('WDS', root / 'shards', True), ('IMNET', scan, False),
+                                  ('WDS', shard_set, False)], args)
+    report['syscalls'] = dict(zip(names, counts)) if counts else None
+
+    # Start-up: scanning the folder vs reading the info file of the shard set.
+    step('timing the start-up' + (' (warm and cold caches)' if args.cold else ''))
+    builds = {'folder scan': lambda: train_split('IMNET', str(scan), args.input_size),
+              'shard set': lambda: train_split('WDS', str(shard_set), args.input_size)}
+    report['startup'] = {name: {'warm_s': startup_seconds(build, args.repeats, cold=False),
+                                'cold_s': startup_seconds(build, args.repeats, cold=True) if args.cold else None}
+                         for name, build in builds.items()}
+    report['scan_files'], report['set_samples'] = args.scan_files, args.set_shards * args.set_samples
+    report['set_shards'] = args.set_shards
+    step(f'a data worker reading from {args.set_shards:,} shards')
+    report['worker_memory'] = worker_memory(shard_set, args.input_size)
+    step('timing the train pipeline from the folder and from the shards')
+
+    # Throughput per core of the train pipeline: the folder vs its shards vs shards packed with --max-side 320.
+    with one_thread():
+        passes = {name: shuffled_pass(*train_split(data_set, str(path), args.input_size), args.batch_size)
+                  for name, data_set, path in (('folder', 'IMNET', photos), ('shards', 'WDS', root / 'shards'),
+                                               ('shards --max-side 320', 'WDS', root / 'shards-320'))}
+        seconds = alternating_seconds(passes, args.repeats)
+        report['images_per_s'] = {name: args.images / s for name, s in seconds.items()}
+    return report
+
+
+def alternating_seconds(runs: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Median seconds of each run over ``repeats`` rounds after a warm-up one; the runs alternate within each
+    round, so that a change of load hits them all."""
+    times = {name: [] for name in runs}
+    for repeat in range(repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def format_shards(report: dict, args) -> str:
+    """The data-at-scale figures (the throughput rows are in the table)."""
+    rates = report['images_per_s']
+    lines = ['data at scale: an image folder vs its WebDataset shards (tools/pack_shards.py, --data-set WDS)',
+             f'  train pipeline, one thread, {report["images"]} JPEGs of {args.image_size[0]}x{args.image_size[1]} in '
+             f'random order: ' + ', '.join(f'{name} {rate:.1f} img/s ({rate / rates["folder"]:.2f}x)'
+                                           for name, rate in rates.items())]
+    calls = report['syscalls']
+    if calls is None:
+        lines.append('  opens and stats: strace not found (apt-get install strace), not counted')
+    else:
+        lines.append(f'  opens / stats on the data ({report["images"]} images, {report["shards"]} shards, '
+                     f'{report["loader_workers"]} loader workers, one epoch in random order):')
+        for name in ('folder', 'shards'):
+            c = calls[name]
+            lines.append(f'    {name:<7} start-up {c["start-up"]["opens"]} / {c["start-up"]["stats"]}, '
+                         f'epoch {c["epoch"]["opens"]} / {c["epoch"]["stats"]}')
+        lines.append(f'    start-up at scale: folder scan of {report["scan_files"]:,} files '
+                     f'{calls["folder scan"]["start-up"]["opens"]} / {calls["folder scan"]["start-up"]["stats"]}, '
+                     f'info file of {report["set_samples"]:,} samples in {report["set_shards"]:,} shards '
+                     f'{calls["shard set"]["start-up"]["opens"]} / {calls["shard set"]["start-up"]["stats"]}')
+    startup = report['startup']
+
+    def seconds(value: Optional[float]) -> str:
+        return f'{value:.3f} s' if value is not None else 'not measured (--cold, as root)'
+    lines.append(f'  start-up, warm cache: folder scan of {report["scan_files"]:,} files '
+                 f'{seconds(startup["folder scan"]["warm_s"])}, info file of {report["set_samples"]:,} samples '
+                 f'{seconds(startup["shard set"]["warm_s"])}')
+    lines.append(f'  start-up, cold cache: folder scan {seconds(startup["folder scan"]["cold_s"])}, '
+                 f'info file {seconds(startup["shard set"]["cold_s"])}')
+    memory = report['worker_memory']
+    lines.append(f'  a data worker reading one sample of each of {memory["shards"]:,} more shards of '
+                 f'{args.set_samples:,} samples: +{memory["mib"]:.1f} MiB at its peak ({memory["peak_mib"]:.0f} MiB in '
+                 f'all), {memory["ms_per_shard"]:.2f} ms per shard (its first read indexes it), '
+                 f'{memory["open_files"]} files open after')
+    return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,12 +941,17 @@ def run(args) -> dict:
     if args.breakdown and 'train' in args.sections:
         breakdown['train step'] = step_profile(args)
     memory = activation_memory(args) if 'memory' in args.sections else None
+    shards = None
+    if 'shards' in args.sections:
+        with tempfile.TemporaryDirectory(prefix='deit-bench-') as tmp:
+            shards = bench_shards(args, Path(tmp))
     model_rows = [r for r in rows if 'gflop_per_image' in r]
     limits = {key: statistics.median(r[key] for r in model_rows) if model_rows else None
               for key in ('matmul_gflops', 'bf16_matmul_gflops')}
     settings = {k: v for k, v in vars(args).items() if k not in ('json', 'ours_dtype')}
-    return {'memory': memory, **limits, 'threads': torch.get_num_threads(), 'ours_dtype': dtype_name(chosen.dtype),
-            'rows': rows, 'breakdown': breakdown, 'settings': settings, 'peak_rss_mib': peak_rss_mib()}
+    return {'memory': memory, 'shards': shards, **limits, 'threads': torch.get_num_threads(),
+            'ours_dtype': dtype_name(chosen.dtype), 'rows': rows, 'breakdown': breakdown, 'settings': settings,
+            'peak_rss_mib': peak_rss_mib()}
 
 
 def ours_precision(amp_dtype: str) -> Precision:
@@ -699,6 +981,8 @@ def cli(argv=None) -> int:
         print(f'activation memory of one forward + backward (peak resident memory it adds; batch {args.batch_size}, '
               f'{args.input_size} px): {mib["plain"]:.0f} MiB, {mib["checkpointing"]:.0f} MiB with --grad-checkpointing '
               f'({100 * mib["saving"]:.0f}% less)')
+    if report['shards']:
+        print(format_shards(report['shards'], args))
     if report['breakdown']:
         print(format_breakdown(report['breakdown'], report['rows'], args))
     if args.json:

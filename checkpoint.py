@@ -304,7 +304,7 @@ def remove_stale_temporaries(output_dir: str) -> None:
 
 # What a run writes to its output directory (besides the lock): the files a new run there would replace.
 RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'checkpoint-e*-s*.pth', 'log.txt', 'summary.csv', 'args.yaml',
-             'tensorboard')
+             'tensorboard', 'wandb', 'wandb_run_id.txt')
 
 
 def previous_run_files(output_dir: str) -> List[str]:

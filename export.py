@@ -1,6 +1,9 @@
-"""Write the model weights of a checkpoint as .safetensors, loadable by timm.
+"""Write the model weights of a checkpoint as .safetensors, loadable by timm, or the model as ONNX.
 
     python export.py output/run/checkpoint.pth -o model.safetensors [--ema]
+    python export.py output/run/checkpoint.pth --onnx model.onnx [--check-images DIR]
+
+ONNX: see onnx_export.py (dynamic batch, opset 18, checked with onnxruntime before it is written).
 
 The file holds the state dict of the model (or, with --ema, of the EMA model) under timm's key
 names, with the model name, class count and input size as metadata. timm loads it with (after
@@ -15,16 +18,20 @@ normalisation, --mean/--std, differs from the model's pretrained config: timm's 
 preprocesses as the run did.)
 """
 import argparse
+import itertools
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import safetensors.torch
 import timm
 import torch
 
+import inference
 import models  # noqa: F401  (registers our models, whose default input size load_hint reads)
+import onnx_export
+import predict
 import utils
 import weights
 from utils import UserError
@@ -34,12 +41,7 @@ REPO = Path(__file__).resolve().parent
 
 def weights_to_export(checkpoint: dict, path: str, ema: bool) -> Dict[str, torch.Tensor]:
     """The model (or EMA) state dict of a checkpoint, as tensors safetensors can store."""
-    if ema:
-        if not isinstance(checkpoint, dict) or not checkpoint.get('model_ema'):
-            raise UserError(f'{path} holds no EMA weights (trained with --no-model-ema?): export without --ema')
-        state = weights.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{path} (EMA)')
-    else:
-        state = weights.model_state_from_checkpoint(checkpoint, path)
+    state = weights.model_or_ema_state(checkpoint, path, ema)
     # safetensors refuses non-contiguous tensors and tensors that share memory (views, tied weights):
     # every tensor gets its own contiguous copy.
     return {k: v.detach().to('cpu', copy=True).contiguous() for k, v in state.items()}
@@ -123,23 +125,75 @@ def img_size_argument(name: str, metadata: Dict[str, str]) -> str:
     return f', img_size={size}'
 
 
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+
+CHECK_IMAGES = 32  # real images the ONNX check runs: enough to cover the range of real activations
+
+
+def check_image_paths(check_images: List[str], checkpoint_path: str) -> List[str]:
+    """--check-images, else the validation folder of the checkpoint's run where it still exists."""
+    if check_images:
+        return predict.expand_paths(check_images)
+    if inference.is_hub_name(checkpoint_path):
+        return []
+    data_path = weights.recorded_args(checkpoint_path).get('data_path') or ''
+    val = os.path.join(str(data_path), 'val')
+    return predict.expand_paths([val]) if data_path and os.path.isdir(val) else []
+
+
+def real_batches(paths: List[str], trained: inference.TrainedModel) -> List[torch.Tensor]:
+    """Up to CHECK_IMAGES of ``paths`` as the evaluation pipeline makes them (unreadable ones skipped)."""
+    loader = predict.prediction_loader(paths[:CHECK_IMAGES], trained, batch_size=8, num_workers=0,
+                                       device=torch.device('cpu'), fast=True)
+    return [images for images, _, _ in itertools.islice(loader, CHECK_IMAGES // 8) if len(images)]
+
+
+def export_onnx(checkpoint_path: str, output: str, model_name: str, ema: bool, check_images: List[str],
+                opset: int) -> float:
+    """The checkpoint's model (its averaged heads if distilled) written to ``output`` as checked ONNX."""
+    trained = inference.load_trained_model(checkpoint_path, model_name, ema)
+    paths = check_image_paths(check_images, checkpoint_path)
+    if not paths:
+        print('note: no real images to check the ONNX graph on (no --check-images, and the run\'s val/ is not '
+              'here): checking on a random batch only')
+    return onnx_export.export_onnx(trained.model, output, trained.input_size, real_batches(paths, trained), opset)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('python export.py', description=__doc__.split('\n\n')[0])
     parser.add_argument('checkpoint', help="checkpoint file or https URL ({'model': state_dict, ...} or a state dict)")
-    parser.add_argument('-o', '--output', required=True, help='the .safetensors file to write')
+    parser.add_argument('-o', '--output', default='', help='the .safetensors file to write')
+    parser.add_argument('--onnx', default='', metavar='FILE.onnx', help='write the model as ONNX, checked with '
+                        f'onnxruntime (dynamic batch, opset {onnx_export.OPSET})')
     parser.add_argument('--ema', action='store_true', help="export the EMA weights ('model_ema')")
+    parser.add_argument('--model', default='', help='ONNX: timm model name (default: the one the checkpoint records)')
+    parser.add_argument('--check-images', nargs='+', default=[], metavar='PATH',
+                        help=f'ONNX: images, folders or globs to compare on (the first {CHECK_IMAGES}; default: '
+                             f'the val/ folder of the checkpoint\'s run, if here)')
+    parser.add_argument('--opset', default=onnx_export.OPSET, type=int,
+                        help=f'ONNX: opset version (default: {onnx_export.OPSET})')
     return parser
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not args.output and not args.onnx:
+        parser.error('give -o FILE.safetensors, --onnx FILE.onnx, or both')
     try:
-        metadata = export(args.checkpoint, args.output, args.ema)
+        if args.output:
+            metadata = export(args.checkpoint, args.output, args.ema)
+            hint = load_hint(args.output, metadata).replace('\n', '\n  ')
+            print(f"wrote {args.output} ({metadata['weights']} weights); load it in Python with:\n  {hint}")
+        if args.onnx:
+            export_onnx(args.checkpoint, args.onnx, args.model, args.ema, args.check_images, args.opset)
+            print(f'wrote {args.onnx} (input "images" N x 3 x S x S normalised as evaluation, output "logits"; '
+                  f'opset {args.opset})')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    hint = load_hint(args.output, metadata).replace('\n', '\n  ')
-    print(f"wrote {args.output} ({metadata['weights']} weights); load it in Python with:\n  {hint}")
     return 0
 
 

@@ -50,9 +50,10 @@ def is_hub_name(source: str) -> bool:
     return not os.path.exists(source) and not utils.is_url(source) and timm.is_model(source)
 
 
-def load_trained_model(source: str, model_name: str = '', ema: bool = False) -> TrainedModel:
-    """The model of a checkpoint file or URL (``model_name``, else the one its run recorded), or the
-    pretrained weights of a timm hub name with ImageNet's classes."""
+def load_trained_model(source: str, model_name: str = '', ema: bool = False,
+                       input_size: Optional[int] = None) -> TrainedModel:
+    """The model of a checkpoint file or URL (``model_name``, else the one its run recorded; ``input_size``,
+    else the one its run recorded), or the pretrained weights of a timm hub name with ImageNet's classes."""
     if is_hub_name(source):
         return hub_model(source)
     checkpoint = weights.load_checkpoint(source)
@@ -62,14 +63,9 @@ def load_trained_model(source: str, model_name: str = '', ema: bool = False) -> 
         raise UserError(f'{source} does not record its model: give --model NAME')
     if not timm.is_model(name):
         raise UserError(f'unknown model {name}: use a timm model name')
-    if ema:
-        if not checkpoint.get('model_ema'):
-            raise UserError(f'{source} holds no EMA weights (trained with --no-model-ema?): drop --ema')
-        state = weights.model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{source} (EMA)')
-    else:
-        state = weights.model_state_from_checkpoint(checkpoint, source)
+    state = weights.model_or_ema_state(checkpoint, source, ema)
     num_classes = head_classes(state) or run_args.get('nb_classes') or 1000
-    input_size = run_args.get('input_size')
+    input_size = input_size or run_args.get('input_size')
     model = create_model(name, num_classes, input_size)
     weights.load_state_checked(model, state, source)
     classes, descriptions = checkpoint_classes(checkpoint, num_classes)

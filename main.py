@@ -44,6 +44,7 @@ import models  # noqa: F401  (registers our students in timm's registry)
 import seeding
 import speedups
 import utils
+import wandb_log
 import weights
 import real_labels
 from datasets import (DATA_SETS, EVAL_ONLY_DATA_SETS, INAT_CATEGORIES, SHARDED_DATA_SETS, DataSettings, RobustSamples,
@@ -250,6 +251,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help='(new) TensorBoard events in output_dir/tensorboard; default: on when the '
                            'tensorboard package is installed and --output_dir is set')
     runs.add_argument('--no-tensorboard', action='store_false', dest='tensorboard', help='(new) no TensorBoard events')
+    runs.add_argument('--wandb', default='', metavar='PROJECT',
+                      help='(new) also log the epoch records of log.txt and the resolved flags to this Weights & '
+                           'Biases project (a resumed run continues its W&B run; WANDB_MODE=offline works)')
     runs.add_argument('--save-interval-steps', default=0, type=int, metavar='N',
                       help='(new) also write a step checkpoint every N optimizer steps (0: off)')
     runs.add_argument('--save-interval-minutes', default=0, type=float, metavar='M',
@@ -349,6 +353,8 @@ def validate_args(args) -> None:
     check_input_size(args.model, args.input_size)
     if args.data_set in EVAL_ONLY_DATA_SETS and not args.eval:
         raise UserError(f'--data-set {args.data_set} is a test set without training images: use it with --eval')
+    if args.wandb and not args.eval:
+        wandb_log.check_available()
     if args.real_labels and not args.eval:
         raise UserError('--real-labels scores an evaluation: add --eval (and --resume CHECKPOINT)')
     if args.real_labels and not os.path.isfile(args.real_labels):
@@ -483,11 +489,13 @@ def settings_summary(args) -> str:
     lines = [f'{task}: --model {args.model} at {args.input_size} px on {args.data_set} {args.data_path}']
     if not args.eval:
         lines.append(f'  batch {args.batch_size} x {args.grad_accum_steps} accumulation x {world} processes, '
-                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}, '
+                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}'
+                     f'{f" x {args.layer_decay}^depth (--layer-decay)" if args.layer_decay else ""}, '
                      f'{args.sched} schedule, {args.warmup_epochs} warmup epochs, '
                      f'EMA {"on" if args.model_ema else "off"}')
     if args.distillation_type != 'none':
-        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({args.teacher_path})')
+        weights_from = "timm's pretrained weights" if args.teacher_pretrained else args.teacher_path
+        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({weights_from})')
     starts = [f'--{name} {getattr(args, name)}' for name in ('resume', 'finetune') if getattr(args, name)]
     if starts:
         lines.append(f'  from {", ".join(starts)}')
@@ -843,6 +851,24 @@ def describe_teacher_inputs(student: InputSpec, teacher: InputSpec) -> str:
             f"student's batch ({student.describe()})")
 
 
+def teacher_classes_differ(teacher: str, classes: int, nb_classes: int, finetune_flags: str) -> str:
+    """The error for a teacher that predicts other classes than the data's: fine-tune it first."""
+    return (f'{teacher} predicts {classes} classes, the data has {nb_classes}: fine-tune the teacher to your classes '
+            f'first ({finetune_flags}), then distil with --teacher-path OUTPUT/checkpoint.pth (README, "Distil on '
+            'your own data")')
+
+
+def checkpoint_classes(model: torch.nn.Module, state: dict) -> Optional[int]:
+    """How many classes the classifier in ``state`` predicts, when the rest of ``state`` fits ``model``; None when
+    it holds no classifier of ``model`` or other weights clash too (load_state_checked then names them all)."""
+    prefixes = tuple(f'{name}.' for name in classifier_names(model))
+    heads = [v for k, v in state.items() if k.startswith(prefixes) and k.endswith('.weight')]
+    body = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    if not heads or weights.describe_state_mismatch(model, body, strict=False):
+        return None
+    return heads[0].shape[0]
+
+
 def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, device: torch.device,
                   amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
     """The frozen teacher: timm's pretrained --teacher-model (--teacher-pretrained) or the model with the
@@ -852,17 +878,21 @@ def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, dev
         return None
     print(f'Creating teacher model: {args.teacher_model}')
     if args.teacher_pretrained:
-        classes = weights.hub_pretrained_cfg(args.teacher_model).num_classes
-        if classes != nb_classes:
-            raise UserError(f"--teacher-model {args.teacher_model} predicts {classes} classes, the data has "
-                            f'{nb_classes}: fine-tune it to your classes first (--model {args.teacher_model.split(".")[0]} '
-                            f'--finetune {args.teacher_model}), then distil with --teacher-path '
-                            'OUTPUT/checkpoint.pth (README, "Distil on your own data")')
+        cfg = weights.hub_pretrained_cfg(args.teacher_model)
+        if cfg.num_classes != nb_classes:
+            # at the size its weights were trained at, which the fine-tuned checkpoint then records
+            raise UserError(teacher_classes_differ(f'--teacher-model {args.teacher_model}', cfg.num_classes, nb_classes,
+                                                   f'--model {args.teacher_model.split(".")[0]} --finetune '
+                                                   f'{args.teacher_model} --input-size {cfg.input_size[-1]}'))
         teacher = weights.create_pretrained(args.teacher_model, '--teacher-model',
                                             'give the teacher weights as a file with --teacher-path')
     else:
         teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
         state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
+        classes = checkpoint_classes(teacher, state)
+        if classes not in (None, nb_classes):
+            raise UserError(teacher_classes_differ(f'--teacher-path {args.teacher_path}', classes, nb_classes,
+                                                   f'--model {args.teacher_model} --finetune {args.teacher_path}'))
         weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                                    f'(teacher {args.teacher_model}, {nb_classes} classes in the data)',
                                    checkpoint=teacher_checkpoint, flag='--teacher-model', name=args.teacher_model)
@@ -947,11 +977,12 @@ def set_fp32_precision(device: torch.device, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def main(args) -> None:
+def main(args) -> Optional[dict]:
+    """Train, or with --eval evaluate (returning the evaluation's metrics, as engine.evaluate gives them)."""
     signals = checkpoint.StopSignals()
     signals.install()  # first: a stop signal while starting ends the run at once, with its line
     try:
-        train(args, signals)
+        return train(args, signals)
     except checkpoint.TrainingInterrupted as stop:
         signals.hand_over(stop.signum)  # under submitit: requeue the job now that the checkpoint is written
         raise
@@ -964,7 +995,7 @@ def main(args) -> None:
         signals.disarm()
 
 
-def train(args, signals: checkpoint.StopSignals) -> None:
+def train(args, signals: checkpoint.StopSignals) -> Optional[dict]:
     adopt_recorded_models(args)
     validate_args(args)
     if args.output_dir:  # before the processes join (a collective): every rank refuses alike, at once
@@ -1024,7 +1055,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
     if args.eval:
         test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
         print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
-        return
+        return test_stats
     if args.resume and state.start_epoch >= num_epochs:
         print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
               f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
@@ -1036,6 +1067,7 @@ def train(args, signals: checkpoint.StopSignals) -> None:
         config.save_args(args, get_args_parser())
         epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
                                    resume_epoch=state.start_epoch if args.resume else None)
+        wandb_run = start_wandb(args, state) if args.wandb else None
 
     # Loop
     checkpointer = checkpoint.Checkpointer(
@@ -1074,18 +1106,34 @@ def train(args, signals: checkpoint.StopSignals) -> None:
 
             with utils.failing_together():  # rank 0 writes; every rank learns whether it could
                 epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                if wandb_run:
+                    wandb_run.log(log_stats)
                 if output_dir:
                     state.save(str(output_dir / 'checkpoint.pth'), epoch)
                     if is_best:
                         state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
             checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
+    except BaseException:
+        if wandb_run:
+            wandb_run.finish(exit_code=1)
+        raise
     finally:
         epoch_log.close()
+    if wandb_run:
+        wandb_run.finish()
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f'Training time {total_time}')
     if owner:
         owner.close()
+
+
+def start_wandb(args, state: checkpoint.TrainingState) -> wandb_log.WandbLog:
+    """--wandb: the W&B run of this training run (the one it started, when resumed), its id recorded in the
+    checkpoints' args."""
+    run_id = wandb_log.run_id(args.output_dir, resuming=bool(args.resume)) if utils.is_main_process() else ''
+    args.wandb_id = state.run_args['wandb_id'] = run_id
+    return wandb_log.WandbLog(args.wandb, run_id, config.plain_args(args), args.output_dir)
 
 
 def cli(argv=None) -> int:

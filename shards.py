@@ -16,9 +16,10 @@ import glob
 import json
 import os
 import re
+import resource
 import tarfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -31,12 +32,15 @@ INFO_FILES = ('_info.json', '_info.yaml', 'info.json')  # timm's names for a sha
 SPLIT_NAMES = {True: ('train',), False: ('validation', 'val')}  # timm's split names first
 IMAGE_MEMBERS = ('jpg', 'jpeg', 'png', 'webp')
 LABEL_MEMBERS = ('cls', 'json')  # .cls: the class index as text; .json: a "label" (or "cls") field
-# File handles each process keeps open, least recently used closed first: under the usual limit of
-# 1,024 descriptors a process, and the shards of a --shuffle blocks block many times over.
-OPEN_SHARDS = 256
+# Descriptors a process leaves for everything but shards (its libraries, the data loader's pipes); the
+# rest of its limit of open files holds shards, least recently used closed first.
+FILES_FOR_THE_REST = 256
+MOST_OPEN_FILES = 1 << 16  # how far the soft limit of open files is raised, where the hard limit allows
 PARQUET_ROW_GROUPS = 4  # decoded Parquet row groups each process keeps
 # webdataset's sample key: the member's path up to the first dot of its base name; the rest is the extension.
 MEMBER_NAME = re.compile(r'^((?:.*/|)[^.]+)[.]([^/]*)$')
+TAR_BLOCK = 512
+EMPTY_BLOCK = bytes(TAR_BLOCK)  # two of them end a tar archive
 
 
 class ShardedDataset(Dataset):
@@ -151,32 +155,95 @@ def expand_pattern(pattern: str, is_train: bool) -> List[str]:
                     f'"train"): pack or download the validation split')
 
 
-def index_shard(path: str) -> np.ndarray:
-    """(image offset, image size, label offset, label size) of each sample of a tar shard, in tar order,
-    from the tar headers alone; -1 where the sample has no such member. A member the file ends inside is
-    left out, with whatever follows it: a shard cut short keeps the samples before the cut."""
-    samples: Dict[str, List[int]] = {}
-    file_size = os.path.getsize(path)
+def index_shard(fd: int) -> np.ndarray:
+    """(image offset, image size, label offset, label size) of each sample of the tar shard open as ``fd``, in
+    tar order, from the tar headers alone; -1 where the sample has no such member. A member the file ends
+    inside is left out, with whatever follows it: a shard cut short keeps the samples before the cut.
+
+    Read through the descriptor the samples are read with: on a network filesystem each open and stat of a
+    path is a round trip to the server, so a shard costs one open per process."""
+    file_size = os.fstat(fd).st_size
     try:
-        with tarfile.open(path, 'r:') as tar:
-            for member in tar:
-                named = MEMBER_NAME.match(member.name)
-                if member.offset_data + member.size > file_size:
-                    if named:
-                        samples.pop(named.group(1), None)  # the sample the file ends in
-                    break
-                if not member.isfile() or not named:
-                    continue
-                key, extension = named.group(1), named.group(2).lower()
-                entry = samples.setdefault(key, [-1, -1, -1, -1])
-                if extension in IMAGE_MEMBERS and entry[0] < 0:
-                    entry[0:2] = member.offset_data, member.size
-                elif extension in LABEL_MEMBERS and (entry[2] < 0 or extension == 'cls'):
-                    entry[2:4] = member.offset_data, member.size
-    except tarfile.ReadError as e:  # a header cut short (truncated) or garbage where one should be
-        if not samples:
-            raise OSError(f'not a readable tar file ({e})') from None
+        return sample_index(plain_tar_members(fd, file_size), file_size)
+    except NotPlainTar:
+        return sample_index(tarfile_members(fd), file_size)
+
+
+def sample_index(members: Iterator[Tuple[str, int, int, bool]], file_size: int) -> np.ndarray:
+    """index_shard's table from (name, data offset, size, is a regular file) of each member."""
+    samples: Dict[str, List[int]] = {}
+    for name, offset, size, is_file in members:
+        named = MEMBER_NAME.match(name)
+        if offset + size > file_size:
+            if named:
+                samples.pop(named.group(1), None)  # the sample the file ends in
+            break
+        if not is_file or not named:
+            continue
+        key, extension = named.group(1), named.group(2).lower()
+        entry = samples.setdefault(key, [-1, -1, -1, -1])
+        if extension in IMAGE_MEMBERS and entry[0] < 0:
+            entry[0:2] = offset, size
+        elif extension in LABEL_MEMBERS and (entry[2] < 0 or extension == 'cls'):
+            entry[2:4] = offset, size
     return np.array(list(samples.values()), dtype=np.int64).reshape(-1, 4)
+
+
+class NotPlainTar(Exception):
+    """A header that plain_tar_members leaves to tarfile (pax or GNU long-name records, base-256 sizes)."""
+
+
+def plain_tar_members(fd: int, file_size: int) -> Iterator[Tuple[str, int, int, bool]]:
+    """(name, data offset, size, is a regular file) of each member of a tar made of plain ustar headers, as
+    webdataset's TarWriter writes short ASCII names (tools/pack_shards.py, timm's shards), read with one
+    os.pread per header. By hand because an index through tarfile's walk costs several times more (its
+    TarInfo objects; docs/performance.md), and under --shuffle global every data-loader worker indexes every
+    shard; anything else is left to tarfile (NotPlainTar)."""
+    offset = 0
+    while True:
+        header = os.pread(fd, TAR_BLOCK, offset)
+        if len(header) < TAR_BLOCK or header == EMPTY_BLOCK or not tar_checksum_matches(header):
+            if offset == 0:
+                raise OSError('not a readable tar file (no tar header at its start)')
+            return  # the end of the archive, a cut or garbage: the members before it are kept, as tarfile does
+        kind = header[156:157]
+        if kind not in (b'0', b'\0', b'5') or header[124] & 0x80:
+            raise NotPlainTar
+        try:
+            size = int(header[124:136].split(b'\0', 1)[0].strip() or b'0', 8)
+        except ValueError:
+            if offset == 0:
+                raise OSError('not a readable tar file (a header without size)') from None
+            return
+        name = header[:100].split(b'\0', 1)[0]
+        prefix = header[345:500].split(b'\0', 1)[0] if header[257:263] == b'ustar\0' else b''
+        name = (prefix + b'/' + name if prefix else name).decode('utf-8', 'surrogateescape')
+        yield name, offset + TAR_BLOCK, size, kind != b'5'
+        offset += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def tar_checksum_matches(header: bytes) -> bool:
+    """The header's checksum field against its bytes (the field itself counted as spaces), as tar defines it."""
+    try:
+        recorded = int(header[148:156].split(b'\0', 1)[0].strip() or b'-1', 8)
+    except ValueError:
+        return False
+    return recorded == sum(header[:148]) + 8 * 32 + sum(header[156:])
+
+
+def tarfile_members(fd: int) -> Iterator[Tuple[str, int, int, bool]]:
+    """plain_tar_members for any tar, through tarfile."""
+    with os.fdopen(os.dup(fd), 'rb') as file:  # a duplicate shares the open file: no new open
+        file.seek(0)
+        try:
+            tar = tarfile.open(fileobj=file, mode='r:')
+        except tarfile.ReadError as e:  # a header cut short or garbage where the file starts
+            raise OSError(f'not a readable tar file ({e})') from None
+        try:
+            for member in tar:
+                yield member.name, member.offset_data, member.size, member.isfile()
+        except tarfile.ReadError:
+            return  # a broken header after the first: the members before it are kept
 
 
 def parse_label(data: bytes) -> int:
@@ -195,41 +262,41 @@ class WdsDataset(ShardedDataset):
     """One split of a WebDataset shard set: tar shards of samples ``KEY.jpg`` (or .jpeg, .png, .webp) with
     ``KEY.cls`` (or ``KEY.json``) labels, as timm/imagenet-1k-wds and tools.pack_shards write them.
 
-    Each process indexes a shard from its tar headers when it first reads from it and keeps the index;
-    it keeps the last OPEN_SHARDS shards open and reads samples with os.pread (no seek to share).
+    Each process opens a shard when it first reads from it, indexes it from its tar headers and keeps the
+    index; it keeps as many shards open as its limit of open files allows (shard_file_limit) and reads
+    samples with os.pread (no seek to share).
     """
 
     def __init__(self, shards: Sequence[str], lengths: Sequence[int], transform, open_bytes,
                  indexes: Optional[Dict[int, np.ndarray]] = None):
         super().__init__(shards, lengths, transform, open_bytes)
         self._indexes: Dict[int, np.ndarray] = dict(indexes or {})
-        self._files: 'OrderedDict[int, int]' = OrderedDict()
+        self.forget_open_files()
 
     OPEN_STATE = ('_files',)
 
     def forget_open_files(self) -> None:
-        self._files = OrderedDict()
+        self._files: 'OrderedDict[int, int]' = OrderedDict()
+        self._most_files = shard_file_limit()
 
     def _file(self, shard: int) -> int:
+        self.in_this_process()
         fd = self._files.get(shard)
         if fd is None:
             fd = os.open(self.shard_names[shard], os.O_RDONLY)
             self._files[shard] = fd
-            if len(self._files) > OPEN_SHARDS:
+            if len(self._files) > self._most_files:
                 os.close(self._files.popitem(last=False)[1])
         else:
             self._files.move_to_end(shard)
         return fd
 
-    def index(self, shard: int) -> np.ndarray:
-        self.in_this_process()
-        if shard not in self._indexes:
-            self._indexes[shard] = index_shard(self.shard_names[shard])
-        return self._indexes[shard]
-
     def read(self, index: int) -> Tuple[bytes, int]:
         shard, position = self.locate(index)
-        entries = self.index(shard)
+        fd = self._file(shard)
+        if shard not in self._indexes:
+            self._indexes[shard] = index_shard(fd)
+        entries = self._indexes[shard]
         if position >= len(entries):
             raise OSError(f'the shard holds {len(entries)} samples, not {self.shard_lengths[shard]}: it was cut short '
                           f'or rewritten')
@@ -238,7 +305,6 @@ class WdsDataset(ShardedDataset):
             raise ValueError(f'no image member ({"/".join(IMAGE_MEMBERS)})')
         if label_at < 0:
             raise ValueError('no .cls or .json label')
-        fd = self._file(shard)
         label = parse_label(os.pread(fd, label_size, label_at))
         data = os.pread(fd, image_size, image_at)
         if len(data) < image_size:
@@ -254,6 +320,23 @@ class WdsDataset(ShardedDataset):
             except (OSError, ValueError):
                 pass  # counted when training reaches it
         return found
+
+
+def shard_file_limit() -> int:
+    """How many shards this process may keep open: its limit of open files, raised to the hard limit first
+    (a soft limit of 1,024 is common; with every shard open, a worker opens each once, whatever the order),
+    less FILES_FOR_THE_REST."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # the limit it has
+    if soft == resource.RLIM_INFINITY:
+        soft = MOST_OPEN_FILES
+    return max(16, soft - FILES_FOR_THE_REST)
 
 
 def build_wds(data_path: str, is_train: bool, transform, open_bytes,
@@ -286,7 +369,7 @@ def build_wds(data_path: str, is_train: bool, transform, open_bytes,
         name = 'train' if is_train else 'validation'
     check_shards_exist(shards, name)
     # without counts, every shard's headers are read now (and the index kept for this process)
-    indexes = {i: index_shard_or_refuse(path) for i, path in enumerate(shards) if lengths[i] is None}
+    indexes = {i: index_shard_file(path) for i, path in enumerate(shards) if lengths[i] is None}
     lengths = [len(indexes[i]) if n is None else n for i, n in enumerate(lengths)]
     if sum(lengths) == 0:
         raise UserError(f'the {name} shards ({shards[0]} ...) hold no samples: check --data-path')
@@ -297,18 +380,24 @@ def build_wds(data_path: str, is_train: bool, transform, open_bytes,
 
 
 def check_shards_exist(shards: Sequence[str], split: str) -> None:
-    missing = [path for path in shards if not os.path.isfile(path)]
+    """One access() per shard (a round trip each on a network filesystem); a closer look only at failures."""
+    unreadable = [path for path in shards if not os.access(path, os.R_OK)]
+    missing = [path for path in unreadable if not os.path.isfile(path)]
     if missing:
         raise UserError(f'{len(missing)} of the {len(shards)} {split} shards are missing, e.g. {missing[0]}: '
                         f'download them (again) or fix --data-path')
-    unreadable = [path for path in shards if not os.access(path, os.R_OK)]
     if unreadable:
         raise UserError(f'cannot read {len(unreadable)} {split} shards, e.g. {unreadable[0]}: check their permissions')
 
 
-def index_shard_or_refuse(path: str) -> np.ndarray:
+def index_shard_file(path: str) -> np.ndarray:
+    """The index of a shard read at start-up (where no info file gives the counts); an unreadable one refused."""
     try:
-        return index_shard(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return index_shard(fd)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise UserError(f'cannot read shard {path}: {e}') from None
 

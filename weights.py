@@ -221,6 +221,15 @@ def model_state_from_checkpoint(checkpoint: dict, path: str) -> dict:
     return state
 
 
+def model_or_ema_state(checkpoint: dict, path: str, ema: bool) -> dict:
+    """The model weights of a checkpoint, or with ``ema`` its EMA weights ('model_ema')."""
+    if not ema:
+        return model_state_from_checkpoint(checkpoint, path)
+    if not isinstance(checkpoint, dict) or not checkpoint.get('model_ema'):
+        raise UserError(f'{path} holds no EMA weights (trained with --no-model-ema?): drop --ema')
+    return model_state_from_checkpoint({'model': checkpoint['model_ema']}, f'{path} (EMA)')
+
+
 def interpolate_pos_embed(checkpoint_model: dict, model: torch.nn.Module) -> None:
     """Resize ``checkpoint_model['pos_embed']`` in place to the patch grid of ``model``.
 

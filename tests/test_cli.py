@@ -145,7 +145,7 @@ def test_a_run_prints_a_settings_summary_and_evaluation_lines_naming_the_ema_mod
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('* ')]
     assert len(summaries) == 2, summaries
     assert 'Namespace(' not in proc.stdout
-    assert 'train 1 epochs: --model test_vit at 32 px on IMNET' in proc.stdout  # the settings summary
+    assert 'train 1 epoch: --model test_vit at 32 px on IMNET' in proc.stdout  # the settings summary
     assert re.fullmatch(r'\* Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[0])
     assert re.fullmatch(r'\* EMA model: Acc@1 [\d.]+ Acc@5 [\d.]+ loss [\d.]+ \(24 images\)', summaries[1])
 

@@ -12,10 +12,11 @@ import benchmark
 import config
 import export
 import main
+import predict
 import quickstart
 import run_with_submitit
 from conftest import REPO
-from tools import distillation_study, gpu_check, pack_shards, plot, teacher_agreement
+from tools import distillation_study, eval_table, gpu_check, pack_shards, plot, teacher_agreement
 
 DOCS = [REPO / 'README.md', REPO / 'CONTRIBUTING.md', *sorted((REPO / 'docs').glob('*.md'))]
 FENCED = re.compile(r'```(\w*)\n(.*?)```', re.S)
@@ -65,9 +66,11 @@ def main_args(argv: List[str]) -> argparse.Namespace:
 
 def parse(program: str, argv: List[str]) -> None:
     """Parse argv as `program` would, with its real parser; a bad flag or value raises SystemExit."""
-    own_flags_then_main = {'quickstart.py': quickstart, 'tools.distillation_study': distillation_study}
+    own_flags_then_main = {'quickstart.py': quickstart, 'tools.distillation_study': distillation_study,
+                           'tools.eval_table': eval_table}
     parsers = {'benchmark.py': benchmark, 'export.py': export, 'tools.plot': plot, 'tools.gpu_check': gpu_check,
-               'tools.teacher_agreement': teacher_agreement, 'tools.pack_shards': pack_shards}
+               'tools.teacher_agreement': teacher_agreement, 'tools.pack_shards': pack_shards,
+               'predict.py': predict}
     if argv == ['--help']:
         argv = []
     if program == 'main.py':
@@ -90,7 +93,8 @@ def documented_commands() -> List[Tuple[str, str]]:
 def test_the_docs_give_commands_of_every_program():
     programs = {program_and_argv(command)[0] for _, command in documented_commands()}
     assert {'main.py', 'run_with_submitit.py', 'benchmark.py', 'quickstart.py', 'export.py', 'tools.plot',
-            'tools.gpu_check', 'tools.distillation_study', 'tools.teacher_agreement', 'tools.pack_shards'} <= programs
+            'tools.gpu_check', 'tools.distillation_study', 'tools.teacher_agreement', 'tools.pack_shards',
+            'tools.eval_table', 'predict.py'} <= programs
 
 
 @pytest.mark.parametrize('where,command', documented_commands(),

@@ -8,6 +8,7 @@ import functools
 import json
 import random
 import re
+import shutil
 import statistics
 
 import numpy as np
@@ -458,6 +459,26 @@ def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path, 
     assert sum(step['share'].values()) == pytest.approx(1)
     assert step['gflops']['matmul'] > 0 and step['gflops']['attention'] > 0
     assert stdout.count('at most') == 3
+
+
+def test_benchmark_shards_section_counts_opens_startup_memory_and_throughput(tmp_path, capsys):
+    report, stdout = run_benchmark(tmp_path / 'bench.json', capsys, '--quick', '--sections', 'shards')
+    shards, images = report['shards'], report['settings']['images']
+    assert report['rows'] == [] and 1 < shards['shards'] < images
+    assert set(shards['images_per_s']) == {'folder', 'shards', 'shards --max-side 320'}
+    assert all(rate > 0 for rate in shards['images_per_s'].values())
+    assert all(shards['startup'][name]['warm_s'] > 0 for name in ('folder scan', 'shard set'))
+    memory = shards['worker_memory']
+    assert memory['shards'] == report['settings']['set_shards'] - 1 and memory['ms_per_shard'] > 0
+    assert 'data at scale' in stdout and 'start-up, warm cache' in stdout
+    if shutil.which('strace'):  # opens and stats on the data, counted by strace
+        calls = shards['syscalls']
+        assert calls['folder']['epoch']['opens'] == images  # one open per image
+        assert calls['shards']['epoch'] == {'opens': shards['shards'], 'stats': 0}  # one open per shard (1 worker)
+        assert calls['folder scan']['start-up']['opens'] > 100  # a listing of each of its 100 class folders
+        assert calls['shard set']['start-up']['opens'] < report['settings']['set_shards']  # no shard opened
+    else:
+        assert shards['syscalls'] is None and 'strace not found' in stdout
 
 
 def test_benchmark_counts_the_attention_kernels_flops():

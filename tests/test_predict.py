@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from conftest import FAST, run_cli
-from imagefolder import make_image
+from imagefolder import make_image, make_imagefolder
 
 import predict
 import weights
@@ -83,3 +83,40 @@ def test_unreadable_files_are_skipped_with_one_line_each_and_the_rest_predicted(
 def test_a_path_that_names_nothing_is_one_clear_line(tmp_path):
     code, _, err = run_predict('--resume', tmp_path / 'none.pth', tmp_path / 'missing*.jpg')
     assert code == 2 and err.startswith('error: ') and 'no such file' in err and len(err.splitlines()) == 1
+
+
+SYNSETS = {'n01440764': 'tench', 'n01443537': 'goldfish', 'n01484850': 'great white shark'}
+
+
+def test_an_imagenet_run_records_synset_ids_and_their_names_which_predict_writes(tmp_path):
+    data = make_imagefolder(tmp_path / 'data', num_classes=3, train_per_class=4, val_per_class=2)
+    for label, synset in enumerate(SYNSETS):
+        for split in ('train', 'val'):
+            (data / split / f'class_{label}').rename(data / split / synset)
+    run_cli('--data-path', data, '--model', 'test_vit', *FAST, '--epochs', 1, '--no-model-ema',
+            '--output_dir', tmp_path / 'run')
+    checkpoint = weights.load_checkpoint(str(tmp_path / 'run' / 'checkpoint.pth'))
+    assert checkpoint['classes'] == list(SYNSETS)
+    assert [d.split(',')[0] for d in checkpoint['class_descriptions']] == list(SYNSETS.values())
+    code, _, err = run_predict('--resume', tmp_path / 'run' / 'checkpoint.pth', data / 'val', '--topk', 3,
+                               '--output', tmp_path / 'p.csv', '--device', 'cpu', '--num_workers', 0)
+    assert code == 0, err
+    written = {row[f'class_{k}'].split(',')[0] for row in read_rows(tmp_path / 'p.csv') for k in (1, 2, 3)}
+    assert written == set(SYNSETS.values())
+
+
+@pytest.mark.parametrize('num_classes', [1000, 3])
+def test_an_original_checkpoint_without_classes_predicts_imagenet_names_or_class_indices(tmp_path, num_classes):
+    torch.save({'model': timm.create_model('test_vit', num_classes=num_classes).state_dict()}, tmp_path / 'orig.pth')
+    make_image(0, random.Random(0), (64, 48)).save(tmp_path / 'a.jpg')
+    code, _, err = run_predict('--resume', tmp_path / 'orig.pth', '--model', 'test_vit', tmp_path / 'a.jpg',
+                               '--topk', 3, '--output', tmp_path / 'p.csv', '--device', 'cpu', '--num_workers', 0)
+    assert code == 0, err
+    row = read_rows(tmp_path / 'p.csv')[0]
+    names = [row[f'class_{k}'] for k in (1, 2, 3)]
+    if num_classes == 3:
+        assert sorted(names) == ['0', '1', '2']
+    else:
+        from timm.data import ImageNetInfo
+        assert set(names) <= set(ImageNetInfo('imagenet-1k').label_descriptions())
+

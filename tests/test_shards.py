@@ -1,8 +1,10 @@
 """--data-set WDS and HF: the folder path's guarantees on shards (the same samples and weights, resuming
 after SIGKILL, unreadable samples skipped and counted) and --shuffle blocks' order."""
+import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -13,9 +15,11 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import FAST, assert_one_line_error, run_cli, run_main
+from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
+from shards import (FILES_FOR_THE_REST, MOST_OPEN_FILES, NotPlainTar, build_wds, index_shard, plain_tar_members,
+                    sample_index, shard_file_limit, tarfile_members)
 from shardsets import save_hf, save_hf_parquet
 from tools.pack_shards import pack_folder
 from test_resilience import assert_same_tensors, popen_main, progress
@@ -129,6 +133,82 @@ def test_a_parquet_repository_gives_the_folder_samples_and_class_names(shard_set
             assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected))
 
 
+def test_the_in21k_recipe_trains_on_shards_without_reading_them_to_count_classes(shard_sets, tmp_path):
+    """timm/imagenet-22k-wds' info file names no classes: the recipe's --nb-classes spares the count."""
+    wds = tmp_path / 'wds'
+    shutil.copytree(shard_sets['WDS'], wds)
+    info = json.loads((wds / '_info.json').read_text())
+    (wds / '_info.json').write_text(json.dumps({'name': info['name'], 'splits': info['splits']}))
+    proc = run_cli('--config', REPO / 'configs/deit3/deit_small_patch16_LS_224_in21k.yaml', '--data-path', wds,
+                   '--model', 'test_vit', *FAST, '--nb-classes', '3', '--epochs', '1', '--output_dir', tmp_path / 'out')
+    assert 'counting the classes' not in proc.stdout and (tmp_path / 'out' / 'checkpoint.pth').is_file()
+
+
+def test_the_plain_header_walk_indexes_as_tarfile_does_and_leaves_long_names_to_it(shard_sets, tmp_path):
+    shards, _ = train_shards(shard_sets['WDS'])
+    cut = tmp_path / 'cut.tar'
+    shutil.copy(shards[0], cut)
+    os.truncate(cut, cut.stat().st_size // 2)
+    long_names = tmp_path / 'long.tar'  # a pax header carries a name of more than 100 characters
+    with tarfile.open(long_names, 'w', format=tarfile.PAX_FORMAT) as tar, tarfile.open(shards[1]) as source:
+        for member in source:
+            data = source.extractfile(member).read()
+            member.name = 'a' * 120 + member.name
+            tar.addfile(member, io.BytesIO(data))
+    for path in [*shards, cut, long_names]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            expected = sample_index(tarfile_members(fd), size)
+            assert len(expected) and (index_shard(fd) == expected).all()
+            if path == long_names:
+                with pytest.raises(NotPlainTar):
+                    list(plain_tar_members(fd, size))
+        finally:
+            os.close(fd)
+
+
+def test_a_process_keeps_as_many_shards_open_as_its_hard_limit_of_open_files_allows():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    try:
+        most = shard_file_limit()
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == min(hard, MOST_OPEN_FILES) and most == raised - FILES_FOR_THE_REST
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+OPENED = None  # the paths opened while a test records them (an audit hook cannot be removed)
+
+
+def record_open(event, args):
+    if event == 'open' and OPENED is not None and isinstance(args[0], str):
+        OPENED.append(args[0])
+
+
+def test_each_worker_opens_a_shard_once_an_epoch_and_start_up_opens_none(shard_sets, monkeypatch):
+    """What a network filesystem pays for: an open (or stat) of a path is a round trip to its server."""
+    global OPENED
+    sys.addaudithook(record_open)
+    stats = []
+    stat = os.stat
+    monkeypatch.setattr(os, 'stat', lambda path, *a, **k: stats.append(str(path)) or stat(path, *a, **k))
+    shards, _ = train_shards(shard_sets['WDS'])
+    OPENED = []
+    try:
+        dataset, _ = build_wds(str(shard_sets['WDS']), True, None, lambda data: data, None)
+        assert [path for path in OPENED if path.endswith('.tar')] == []
+        order = list(range(len(dataset)))
+        random.Random(0).shuffle(order)
+        OPENED, stats[:] = [], []
+        for index in order + order:  # two epochs in one worker
+            dataset[index]
+        assert sorted(OPENED) == sorted(map(str, shards)) and stats == []
+    finally:
+        OPENED = None
+
+
 # ---------------------------------------------------------------------------------------------
 # Unreadable shards and samples
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +222,7 @@ def rewrite_shard(path, change):
             data = change(member.name, data)
             if data is not None:
                 member.size = len(data)
-                tar.addfile(member, __import__('io').BytesIO(data))
+                tar.addfile(member, io.BytesIO(data))
 
 
 def test_corrupt_member_missing_label_and_truncated_shard_are_skipped_and_counted_or_fail_with_strict_data(
@@ -189,7 +269,8 @@ def test_a_missing_shard_a_missing_split_and_no_info_file_are_one_line_each(shar
 
 def test_a_brace_pattern_without_info_file_counts_the_shards_and_their_classes(shard_sets, tmp_path):
     from datasets import pil_from_bytes
-    from shards import build_wds
+    from shards import (FILES_FOR_THE_REST, MOST_OPEN_FILES, NotPlainTar, build_wds, index_shard, plain_tar_members,
+                    sample_index, shard_file_limit, tarfile_members)
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
     shards, lengths = train_shards(wds)
