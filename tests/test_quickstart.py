@@ -95,6 +95,7 @@ def cpu_runnable(command: str, program: str) -> bool:
 def test_every_readme_command_that_runs_on_a_cpu_exits_0(quickstart, imagefolder, tmp_path, capsys):
     import benchmark
     import export
+    import predict
     from test_docs import program_and_argv, shell_commands
     from tools import plot
     quickstart_out, _ = quickstart
@@ -104,7 +105,8 @@ def test_every_readme_command_that_runs_on_a_cpu_exits_0(quickstart, imagefolder
         if not program or not cpu_runnable(command, program):
             continue
         argv = [word.replace('output/quickstart', str(quickstart_out)).replace('output/', f'{tmp_path}/output/')
-                .replace('/path/to/imagefolder', str(imagefolder)) for word in argv]
+                .replace('/path/to/imagefolder', str(imagefolder)).replace('photos/', f'{imagefolder}/val/')
+                .replace('more/*.jpg', f'{imagefolder}/train/class_0/*.jpg') for word in argv]
         if program == 'quickstart.py':
             code = 0 if argv == [] else 'not the command the fixture ran'  # the fixture ran it (one epoch)
         elif program == 'main.py':
@@ -113,13 +115,15 @@ def test_every_readme_command_that_runs_on_a_cpu_exits_0(quickstart, imagefolder
             code = benchmark.cli([*argv, '--quick', '--json', str(tmp_path / 'bench.json')])
         else:
             try:
-                code = {'export.py': export.cli, 'tools.plot': plot.cli}[program](argv)
+                code = {'export.py': export.cli, 'predict.py': predict.cli, 'tools.plot': plot.cli}[program](argv)
             except SystemExit as e:
                 code = e.code
         assert code == 0, f'README: `{command}` exited {code}: {capsys.readouterr().err[-2000:]}'
         ran.append(program)
-    assert ran == ['quickstart.py', 'main.py', 'export.py', 'tools.plot', 'main.py', 'benchmark.py']
-    assert (tmp_path / 'output' / 'tiny' / 'deit_tiny.safetensors').is_file()
+    assert ran == ['quickstart.py', 'main.py', 'predict.py', 'export.py', 'export.py', 'tools.plot', 'main.py',
+                   'benchmark.py']
+    assert {p.name for p in (tmp_path / 'output' / 'tiny').iterdir()} >= {'preds.csv', 'deit_tiny.safetensors',
+                                                                        'deit_tiny.onnx'}
     assert (quickstart_out / 'curves.png').is_file()
 
 
