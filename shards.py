@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import resource
 import tarfile
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,9 +32,10 @@ INFO_FILES = ('_info.json', '_info.yaml', 'info.json')  # timm's names for a sha
 SPLIT_NAMES = {True: ('train',), False: ('validation', 'val')}  # timm's split names first
 IMAGE_MEMBERS = ('jpg', 'jpeg', 'png', 'webp')
 LABEL_MEMBERS = ('cls', 'json')  # .cls: the class index as text; .json: a "label" (or "cls") field
-# File handles each process keeps open, least recently used closed first: under the usual limit of
-# 1,024 descriptors a process, and the shards of a --shuffle blocks block many times over.
-OPEN_SHARDS = 256
+# Descriptors a process leaves for everything but shards (its libraries, the data loader's pipes); the
+# rest of its limit of open files holds shards, least recently used closed first.
+FILES_FOR_THE_REST = 256
+MOST_OPEN_FILES = 1 << 16  # how far the soft limit of open files is raised, where the hard limit allows
 PARQUET_ROW_GROUPS = 4  # decoded Parquet row groups each process keeps
 # webdataset's sample key: the member's path up to the first dot of its base name; the rest is the extension.
 MEMBER_NAME = re.compile(r'^((?:.*/|)[^.]+)[.]([^/]*)$')
@@ -261,19 +263,21 @@ class WdsDataset(ShardedDataset):
     ``KEY.cls`` (or ``KEY.json``) labels, as timm/imagenet-1k-wds and tools.pack_shards write them.
 
     Each process opens a shard when it first reads from it, indexes it from its tar headers and keeps the
-    index; it keeps the last OPEN_SHARDS shards open and reads samples with os.pread (no seek to share).
+    index; it keeps as many shards open as its limit of open files allows (shard_file_limit) and reads
+    samples with os.pread (no seek to share).
     """
 
     def __init__(self, shards: Sequence[str], lengths: Sequence[int], transform, open_bytes,
                  indexes: Optional[Dict[int, np.ndarray]] = None):
         super().__init__(shards, lengths, transform, open_bytes)
         self._indexes: Dict[int, np.ndarray] = dict(indexes or {})
-        self._files: 'OrderedDict[int, int]' = OrderedDict()
+        self.forget_open_files()
 
     OPEN_STATE = ('_files',)
 
     def forget_open_files(self) -> None:
-        self._files = OrderedDict()
+        self._files: 'OrderedDict[int, int]' = OrderedDict()
+        self._most_files = shard_file_limit()
 
     def _file(self, shard: int) -> int:
         self.in_this_process()
@@ -281,7 +285,7 @@ class WdsDataset(ShardedDataset):
         if fd is None:
             fd = os.open(self.shard_names[shard], os.O_RDONLY)
             self._files[shard] = fd
-            if len(self._files) > OPEN_SHARDS:
+            if len(self._files) > self._most_files:
                 os.close(self._files.popitem(last=False)[1])
         else:
             self._files.move_to_end(shard)
@@ -316,6 +320,23 @@ class WdsDataset(ShardedDataset):
             except (OSError, ValueError):
                 pass  # counted when training reaches it
         return found
+
+
+def shard_file_limit() -> int:
+    """How many shards this process may keep open: its limit of open files, raised to the hard limit first
+    (a soft limit of 1,024 is common; with every shard open, a worker opens each once, whatever the order),
+    less FILES_FOR_THE_REST."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MOST_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MOST_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # the limit it has
+    if soft == resource.RLIM_INFINITY:
+        soft = MOST_OPEN_FILES
+    return max(16, soft - FILES_FOR_THE_REST)
 
 
 def build_wds(data_path: str, is_train: bool, transform, open_bytes,

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -17,7 +18,8 @@ import torch
 from conftest import FAST, REPO, assert_one_line_error, run_cli, run_main
 from samplers import BLOCK_SHARDS, BlockSampler, RASampler, block_order
 from seeding import epoch_order_generator
-from shards import NotPlainTar, build_wds, index_shard, plain_tar_members, sample_index, tarfile_members
+from shards import (FILES_FOR_THE_REST, MOST_OPEN_FILES, NotPlainTar, build_wds, index_shard, plain_tar_members,
+                    sample_index, shard_file_limit, tarfile_members)
 from shardsets import save_hf, save_hf_parquet
 from tools.pack_shards import pack_folder
 from test_resilience import assert_same_tensors, popen_main, progress
@@ -166,6 +168,17 @@ def test_the_plain_header_walk_indexes_as_tarfile_does_and_leaves_long_names_to_
             os.close(fd)
 
 
+def test_a_process_keeps_as_many_shards_open_as_its_hard_limit_of_open_files_allows():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    try:
+        most = shard_file_limit()
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == min(hard, MOST_OPEN_FILES) and most == raised - FILES_FOR_THE_REST
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 OPENED = None  # the paths opened while a test records them (an audit hook cannot be removed)
 
 
@@ -256,7 +269,8 @@ def test_a_missing_shard_a_missing_split_and_no_info_file_are_one_line_each(shar
 
 def test_a_brace_pattern_without_info_file_counts_the_shards_and_their_classes(shard_sets, tmp_path):
     from datasets import pil_from_bytes
-    from shards import NotPlainTar, build_wds, index_shard, plain_tar_members, sample_index, tarfile_members
+    from shards import (FILES_FOR_THE_REST, MOST_OPEN_FILES, NotPlainTar, build_wds, index_shard, plain_tar_members,
+                    sample_index, shard_file_limit, tarfile_members)
     wds = tmp_path / 'wds'
     shutil.copytree(shard_sets['WDS'], wds)
     shards, lengths = train_shards(wds)
