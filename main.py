@@ -472,11 +472,13 @@ def settings_summary(args) -> str:
     lines = [f'{task}: --model {args.model} at {args.input_size} px on {args.data_set} {args.data_path}']
     if not args.eval:
         lines.append(f'  batch {args.batch_size} x {args.grad_accum_steps} accumulation x {world} processes, '
-                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}, '
+                     f'{args.opt} lr {args.lr:.3g}{"" if args.unscale_lr else " (scaled to the batch)"}'
+                     f'{f" x {args.layer_decay}^depth (--layer-decay)" if args.layer_decay else ""}, '
                      f'{args.sched} schedule, {args.warmup_epochs} warmup epochs, '
                      f'EMA {"on" if args.model_ema else "off"}')
     if args.distillation_type != 'none':
-        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({args.teacher_path})')
+        weights_from = "timm's pretrained weights" if args.teacher_pretrained else args.teacher_path
+        lines.append(f'  {args.distillation_type} distillation from {args.teacher_model} ({weights_from})')
     starts = [f'--{name} {getattr(args, name)}' for name in ('resume', 'finetune') if getattr(args, name)]
     if starts:
         lines.append(f'  from {", ".join(starts)}')
@@ -832,6 +834,24 @@ def describe_teacher_inputs(student: InputSpec, teacher: InputSpec) -> str:
             f"student's batch ({student.describe()})")
 
 
+def teacher_classes_differ(teacher: str, classes: int, nb_classes: int, finetune_flags: str) -> str:
+    """The error for a teacher that predicts other classes than the data's: fine-tune it first."""
+    return (f'{teacher} predicts {classes} classes, the data has {nb_classes}: fine-tune the teacher to your classes '
+            f'first ({finetune_flags}), then distil with --teacher-path OUTPUT/checkpoint.pth (README, "Distil on '
+            'your own data")')
+
+
+def checkpoint_classes(model: torch.nn.Module, state: dict) -> Optional[int]:
+    """How many classes the classifier in ``state`` predicts, when the rest of ``state`` fits ``model``; None when
+    it holds no classifier of ``model`` or other weights clash too (load_state_checked then names them all)."""
+    prefixes = tuple(f'{name}.' for name in classifier_names(model))
+    heads = [v for k, v in state.items() if k.startswith(prefixes) and k.endswith('.weight')]
+    body = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    if not heads or weights.describe_state_mismatch(model, body, strict=False):
+        return None
+    return heads[0].shape[0]
+
+
 def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, device: torch.device,
                   amp_dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
     """The frozen teacher: timm's pretrained --teacher-model (--teacher-pretrained) or the model with the
@@ -841,17 +861,21 @@ def build_teacher(args, teacher_checkpoint: Optional[dict], nb_classes: int, dev
         return None
     print(f'Creating teacher model: {args.teacher_model}')
     if args.teacher_pretrained:
-        classes = weights.hub_pretrained_cfg(args.teacher_model).num_classes
-        if classes != nb_classes:
-            raise UserError(f"--teacher-model {args.teacher_model} predicts {classes} classes, the data has "
-                            f'{nb_classes}: fine-tune it to your classes first (--model {args.teacher_model.split(".")[0]} '
-                            f'--finetune {args.teacher_model}), then distil with --teacher-path '
-                            'OUTPUT/checkpoint.pth (README, "Distil on your own data")')
+        cfg = weights.hub_pretrained_cfg(args.teacher_model)
+        if cfg.num_classes != nb_classes:
+            # at the size its weights were trained at, which the fine-tuned checkpoint then records
+            raise UserError(teacher_classes_differ(f'--teacher-model {args.teacher_model}', cfg.num_classes, nb_classes,
+                                                   f'--model {args.teacher_model.split(".")[0]} --finetune '
+                                                   f'{args.teacher_model} --input-size {cfg.input_size[-1]}'))
         teacher = weights.create_pretrained(args.teacher_model, '--teacher-model',
                                             'give the teacher weights as a file with --teacher-path')
     else:
         teacher = timm.create_model(args.teacher_model, pretrained=False, num_classes=nb_classes)
         state = weights.model_state_from_checkpoint(teacher_checkpoint, args.teacher_path)
+        classes = checkpoint_classes(teacher, state)
+        if classes not in (None, nb_classes):
+            raise UserError(teacher_classes_differ(f'--teacher-path {args.teacher_path}', classes, nb_classes,
+                                                   f'--model {args.teacher_model} --finetune {args.teacher_path}'))
         weights.load_state_checked(teacher, state, f'--teacher-path {args.teacher_path} '
                                                    f'(teacher {args.teacher_model}, {nb_classes} classes in the data)',
                                    checkpoint=teacher_checkpoint, flag='--teacher-model', name=args.teacher_model)

@@ -13,8 +13,9 @@ from timm.scheduler import create_scheduler
 import config
 import main
 import run_with_submitit
+import weights
 from conftest import FAST, REPO, run_cli
-from utils import UserError
+from utils import UserError, is_url
 
 CONFIGS = sorted((REPO / 'configs').rglob('*.yaml'))
 
@@ -77,6 +78,11 @@ def test_every_config_builds_its_model_optimizer_and_schedule(path):
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     scheduler, num_epochs = create_scheduler(args, optimizer)
     assert num_epochs == args.epochs + args.cooldown_epochs and scheduler is not None
+    # timm's weights named by NAME.tag exist (checked against timm's registry: nothing is downloaded)
+    if args.finetune and not is_url(args.finetune):
+        weights.check_hub_weights(args.finetune, '--finetune')
+    if args.teacher_pretrained:
+        weights.check_hub_weights(args.teacher_model, '--teacher-model')
 
 
 def test_paper_recipes_match_the_paper():

@@ -94,6 +94,18 @@ def test_distillation_from_a_half_normalised_teacher_at_another_size_feeds_it_ti
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_a_teacher_checkpoint_feeds_it_the_size_and_normalisation_its_run_recorded():
+    """A teacher fine-tuned here from hub weights (README, "Distil on your own data") records its --input-size
+    and the weights' mean/std; an original-script checkpoint records its size only: ImageNet's normalisation."""
+    args = argparse.Namespace(teacher_pretrained=False, teacher_model='test_convnext', input_size=32,
+                              mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD))
+    ours = {'model': {}, 'args': {'input_size': 160, 'mean': list(HALF), 'std': list(HALF)}}
+    assert main.teacher_inputs(args, ours) == InputSpec(160, HALF, HALF, 'bicubic')
+    original = {'model': {}, 'args': {'input_size': 224}}
+    assert main.teacher_inputs(args, original) == InputSpec(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, 'bicubic')
+    assert main.teacher_inputs(args, {'model': {}}) == IMAGENET  # records nothing: the student's inputs, as DeiT
+
+
 # ---------------------------------------------------------------------------------------------
 # Hub weights: the teacher, the fine-tuning start, the errors
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +141,8 @@ def test_a_hub_teacher_with_other_classes_says_to_finetune_it_first(imagefolder,
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--distillation-type', 'hard',
                    '--no-distillation-token', '--teacher-model', 'test_convnext.r160_in1k', '--teacher-pretrained',
                    *FAST, check=False)
-    assert_one_line_error(proc, 'predicts 1000 classes', 'has 3', '--finetune test_convnext.r160_in1k',
+    assert "hard distillation from test_convnext.r160_in1k (timm's pretrained weights)" in proc.stdout  # the summary
+    assert_one_line_error(proc, 'predicts 1000 classes', 'has 3', '--finetune test_convnext.r160_in1k --input-size 160',
                           'Distil on your own data')
 
 
@@ -166,7 +179,7 @@ def test_finetune_from_a_hub_tag_takes_its_normalisation_into_eval_resume_and_ex
 
     evaluated = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--eval', '--resume', out / 'checkpoint.pth',
                         *FAST, '--input-size', '48')
-    assert "'mean': [0.5, 0.5, 0.5]" in evaluated.stdout or 'mean=[0.5, 0.5, 0.5]' in evaluated.stdout
+    assert 'normalisation: mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5], as the weights of --resume' in evaluated.stdout
     metadata = export.export(str(out / 'checkpoint.pth'), str(tmp_path / 'model.safetensors'))
     assert metadata['mean'] == metadata['std'] == '0.5,0.5,0.5'
     hint = export.load_hint(str(tmp_path / 'model.safetensors'), metadata)
@@ -206,8 +219,9 @@ def test_layer_decay_gives_each_parameter_timms_learning_rate():
 
 
 def test_resume_with_another_layer_decay_is_one_line(imagefolder, tmp_path):
-    run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--layer-decay', '0.75',
-            '--no-model-ema', '--output_dir', tmp_path, *FAST)
+    first = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '1', '--layer-decay', '0.75',
+                    '--no-model-ema', '--output_dir', tmp_path, *FAST)
+    assert 'x 0.75^depth (--layer-decay)' in first.stdout  # the settings summary
     proc = run_cli('--data-path', imagefolder, '--model', 'test_vit', '--epochs', '2', '--resume',
                    tmp_path / 'checkpoint.pth', '--no-model-ema', *FAST, check=False)
     assert_one_line_error(proc, 'was trained with --layer-decay 0.75', 'resume with the same')

@@ -178,7 +178,8 @@ def test_teacher_with_another_class_count(imagefolder, tmp_path):
     proc = run_cli('--data-path', imagefolder, *TINY, '--model', 'deit_tiny_distilled_patch4_32',
                    '--distillation-type', 'hard', '--teacher-model', 'test_resnet', '--teacher-path', teacher,
                    check=False)
-    assert_one_line_error(proc, '--teacher-path', '3 classes in the data', 'shapes differ')
+    assert_one_line_error(proc, f'--teacher-path {teacher} predicts 7 classes, the data has 3',
+                          f'--model test_resnet --finetune {teacher}', 'Distil on your own data')
 
 
 def test_truncated_checkpoint_for_resume_finetune_and_eval(imagefolder, tmp_path):
