@@ -216,8 +216,10 @@ def plain_args(args: argparse.Namespace) -> Dict[str, object]:
 
 
 def _plain(value):
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, (bool, float)):
         return value
+    if isinstance(value, int):
+        return int(value)  # a plain int: yaml cannot write a subclass (utils.ParserDefaultInt)
     if isinstance(value, str):
         return str(value)  # a plain str: yaml cannot write a subclass (utils.DEFAULT_DEVICE)
     if isinstance(value, (list, tuple)):

@@ -59,10 +59,10 @@ def walk_class_folder(folder: str, split_root: str, skipped: Dict[str, List[str]
                 continue
             target = os.path.realpath(path)
             if is_within(here, target) or target in visited:
-                skipped['links that loop back up the tree'].append(path)
+                skipped['link(s) looping back up the tree'].append(path)
                 dirs.remove(name)
             elif is_within(target, split_real) and not is_within(target, own_real):
-                skipped['links into another class folder'].append(path)
+                skipped['link(s) into another class folder'].append(path)
                 dirs.remove(name)
         for name in sorted(names):
             path = os.path.join(root, name)
@@ -71,12 +71,12 @@ def walk_class_folder(folder: str, split_root: str, skipped: Dict[str, List[str]
             try:
                 mode = os.stat(path).st_mode
             except OSError:  # a dangling link
-                skipped['dangling links'].append(path)
+                skipped['dangling link(s)'].append(path)
                 continue
             if stat.S_ISREG(mode):
                 files.append((root, name))
             else:
-                skipped[f'files that are {file_kind(mode)}'].append(path)
+                skipped[f'file(s) that are {file_kind(mode)}'].append(path)
     return [os.path.join(root, name) for root, name in sorted(files)]
 
 
@@ -99,7 +99,7 @@ class ClassFolders(ImageFolder):
         if skipped:
             print(f'warning: {directory}: skipped ' + '; '.join(
                 f'{len(paths)} {kind} (e.g. {paths[0]})' for kind, paths in skipped.items())
-                + ': those files are not read; remove them to silence this warning')
+                + ': not read (labels come from the real class folders only); remove them to silence this warning')
         if empty and not allow_empty:
             raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}. ')
         return samples

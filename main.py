@@ -99,7 +99,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument('--model', default=utils.ParserDefault('deit_base_patch16_224'), metavar='MODEL',
                        help='any timm model name, or one of models/; unset with --resume/--finetune: the model '
                             'the checkpoint records, if it records one')
-    model.add_argument('--input-size', default=224, type=int, metavar='PIXELS', help='image size (square)')
+    model.add_argument('--input-size', default=utils.ParserDefaultInt(224), type=int, metavar='PIXELS',
+                       help='image size (square); unset with --resume/--finetune of a checkpoint trained with '
+                            'this --model: the size it records')
     model.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
     model.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path (stochastic depth) rate')
     model.add_argument('--model-ema', action='store_true',
@@ -394,28 +396,43 @@ def unknown_model(name: str, flag: str) -> str:
 
 def adopt_recorded_models(args) -> None:
     """--model and --teacher-model left unset take the model their checkpoint records (its args.model, as
-    the original scripts' checkpoints record it too): --resume / --finetune for the student, --teacher-path
-    for the teacher. One line says so; a model given on the command line or in a --config is kept."""
+    the original scripts' checkpoints record it too): --resume / --finetune for the student, with the
+    --input-size it records, --teacher-path for the teacher. One line says so; a model or size given on
+    the command line or in a --config is kept."""
     student_checkpoint = args.resume if args.resume != 'auto' else ''
     student_checkpoint = student_checkpoint or args.finetune
-    if utils.is_parser_default(args.model) and student_checkpoint:
-        args.model = checkpoint_model(student_checkpoint, '--resume' if args.resume == student_checkpoint
-                                      else '--finetune', '--model', args.model)
-    if args.distillation_type != 'none' and utils.is_parser_default(args.teacher_model) and args.teacher_path:
-        args.teacher_model = checkpoint_model(args.teacher_path, '--teacher-path', '--teacher-model',
-                                              args.teacher_model)
+    if student_checkpoint:
+        source = '--resume' if args.resume == student_checkpoint else '--finetune'
+        args.model, args.input_size = checkpoint_model(student_checkpoint, source, args.model, args.input_size)
+    if args.distillation_type != 'none' and args.teacher_path:
+        args.teacher_model, _ = checkpoint_model(args.teacher_path, '--teacher-path', args.teacher_model,
+                                                 flag='--teacher-model')
 
 
-def checkpoint_model(path: str, source: str, flag: str, default: str) -> str:
-    """The model the checkpoint at ``path`` records (said in one line), else ``default``; a missing file is
-    left to validate_args, which names it."""
-    if not utils.is_url(path) and not os.path.isfile(path):
-        return default
-    recorded = weights.recorded_model({'args': weights.recorded_args(path)})
-    if not recorded or recorded == default:
-        return default
-    print(f'{flag} {recorded}: the model {source} {path} records (give {flag} to choose another)')
-    return recorded
+def checkpoint_model(path: str, source: str, model: str, input_size: Optional[int] = None,
+                     flag: str = '--model') -> Tuple[str, Optional[int]]:
+    """The model and input size the checkpoint at ``path`` records (said in one line) where ``model`` and
+    ``input_size`` are parser defaults: the size only with the model it was trained with. A missing file
+    is left to validate_args, which names it."""
+    if not utils.is_parser_default(model) and not utils.is_parser_default(input_size) or \
+            not utils.is_url(path) and not os.path.isfile(path):
+        return model, input_size
+    recorded = weights.recorded_args(path)
+    recorded_model = weights.recorded_model({'args': recorded})
+    if not recorded_model:
+        return model, input_size
+    taken = []
+    if utils.is_parser_default(model) and recorded_model != model:
+        model = recorded_model
+        taken.append(f'{flag} {model}')
+    recorded_size = recorded.get('input_size')
+    if utils.is_parser_default(input_size) and model == recorded_model and isinstance(recorded_size, int) \
+            and recorded_size != input_size:
+        input_size = recorded_size
+        taken.append(f'--input-size {input_size}')
+    if taken:
+        print(f'{" ".join(taken)}: the model {source} {path} records (give {flag} to choose another)')
+    return model, input_size
 
 
 def resolve_args(args) -> Optional[torch.dtype]:

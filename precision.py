@@ -108,9 +108,9 @@ def default_precision(device: torch.device, cpu_speedup: Callable[[], float] = c
     if device.type == 'cpu':
         speedup = cpu_speedup()
         if speedup >= CPU_BF16_MIN_SPEEDUP:
-            return Precision(torch.bfloat16, f'default: a bf16 matmul runs {speedup:.1f}x as fast as fp32 on this '
+            return Precision(torch.bfloat16, f'default: a bf16 matmul runs {speedup:.3g}x as fast as fp32 on this '
                                              'CPU; --no-amp for fp32')
-        return Precision(None, f'default: a bf16 matmul runs only {speedup:.1f}x as fast as fp32 on this CPU '
+        return Precision(None, f'default: a bf16 matmul runs only {speedup:.3g}x as fast as fp32 on this CPU '
                                f'(bf16 from {CPU_BF16_MIN_SPEEDUP}x); --amp for bf16 anyway')
     return Precision(None, f'default on {device.type}')
 

@@ -24,6 +24,7 @@ import speedups
 import utils
 from datasets import RobustSamples, TransformSettings, build_pipeline, collate_skipping
 from engine import autocast, head_logits, split_batch
+from main import default_num_workers
 from precision import resolve_precision
 from utils import MetricLogger, UserError
 
@@ -117,8 +118,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--topk', default=5, type=int, help='classes per image (default: 5)')
     parser.add_argument('--output', default='predictions.csv', help='CSV file to write (default: predictions.csv)')
     parser.add_argument('--batch-size', default=64, type=int, help='images per batch (default: 64)')
-    parser.add_argument('--num_workers', default=4, type=int, help='data-loader worker processes (default: 4)')
-    parser.add_argument('--device', default='cuda', help='cuda, cuda:N or cpu (default: cuda, cpu if CUDA is absent)')
+    parser.add_argument('--num_workers', default=min(4, default_num_workers()), type=int,
+                        help='data-loader worker processes (default: 4, at most the CPU cores)')
+    parser.add_argument('--device', default=utils.DEFAULT_DEVICE,
+                        help='cuda, cuda:N or cpu (default: cuda, cpu if CUDA is absent)')
     parser.add_argument('--no-amp', action='store_false', dest='amp', default=None,
                         help='fp32 (default: the device\'s default precision, as main.py)')
     parser.add_argument('--amp-dtype', default=None, choices=('float16', 'bfloat16'), help='autocast dtype')

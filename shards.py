@@ -8,9 +8,10 @@ of their file until the pipeline's ``open_bytes`` decodes them (the fast data pa
 cannot be read (a corrupt member, a missing label, a shard cut short) raises one of the errors
 datasets.RobustSamples skips and counts (or --strict-data fails on).
 
-WDS is read with tarfile's header walk and os.pread rather than webdataset's ``wids``: wids (a separate
-package since webdataset 1.0) copies local shards into /tmp/_wids_cache unless given a local name, prints
-on every construction, and asserts on a short shard instead of losing only its missing samples.
+WDS is indexed by a walk of the tar headers (plain_tar_members; tarfile for pax or GNU long-name
+headers) and read with os.pread rather than through webdataset's ``wids``: wids (a separate package since
+webdataset 1.0) copies local shards into /tmp/_wids_cache unless given a local name, prints on every
+construction, and asserts on a short shard instead of losing only its missing samples.
 """
 import glob
 import json

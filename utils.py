@@ -94,8 +94,12 @@ class ParserDefault(str):
     (argparse stores a string default as it is): e.g. the default --device falls back to the CPU silently."""
 
 
+class ParserDefaultInt(int):
+    """ParserDefault of an int flag (argparse keeps a default that is not a string as it is)."""
+
+
 def is_parser_default(value) -> bool:
-    return isinstance(value, ParserDefault)
+    return isinstance(value, (ParserDefault, ParserDefaultInt))
 
 
 DEFAULT_DEVICE = ParserDefault('cuda')

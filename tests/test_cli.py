@@ -58,17 +58,25 @@ def test_eval_without_model_uses_the_model_the_checkpoint_records(imagefolder, t
 
 def test_finetune_and_teacher_path_of_an_original_checkpoint_give_their_recorded_models(tmp_path, capsys):
     original = tmp_path / 'original.pth'  # the original scripts record their args as a Namespace
-    torch.save({'model': {}, 'args': argparse.Namespace(model='deit_tiny_patch4_32')}, original)
+    torch.save({'model': {}, 'args': argparse.Namespace(model='deit_tiny_patch4_32', input_size=32)}, original)
     teacher = tmp_path / 'teacher.pth'
     torch.save({'model': {}, 'args': {'model': 'regnety_002'}}, teacher)
     args = main.get_args_parser().parse_args(['--finetune', str(original), '--distillation-type', 'hard',
                                               '--teacher-path', str(teacher)])
     main.adopt_recorded_models(args)
-    assert (args.model, args.teacher_model) == ('deit_tiny_patch4_32', 'regnety_002')
-    assert f'--teacher-model regnety_002: the model --teacher-path {teacher} records' in capsys.readouterr().out
-    given = main.get_args_parser().parse_args(['--finetune', str(original), '--model', 'deit_tiny_patch16_224'])
-    main.adopt_recorded_models(given)
-    assert given.model == 'deit_tiny_patch16_224'  # a model given is kept: fine-tuning to another one is allowed
+    assert (args.model, args.input_size, args.teacher_model) == ('deit_tiny_patch4_32', 32, 'regnety_002')
+    printed = capsys.readouterr().out.splitlines()
+    assert f'--model deit_tiny_patch4_32 --input-size 32: the model --finetune {original} records ' \
+        '(give --model to choose another)' in printed
+    assert f'--teacher-model regnety_002: the model --teacher-path {teacher} records ' \
+        '(give --teacher-model to choose another)' in printed
+    for flags, model, size in ((['--model', 'deit_tiny_patch4_32'], 'deit_tiny_patch4_32', 32),  # its own model
+                               (['--model', 'deit_tiny_patch16_224'], 'deit_tiny_patch16_224', 224),  # another one
+                               (['--input-size', '64'], 'deit_tiny_patch4_32', 64)):  # given sizes are kept
+        given = main.get_args_parser().parse_args(['--finetune', str(original), *flags])
+        main.adopt_recorded_models(given)
+        assert (given.model, given.input_size) == (model, size)
+    assert type(config.plain_args(main.get_args_parser().parse_args([]))['input_size']) is int  # yaml writes it
 
 
 def test_finetune_none_drops_the_url_a_recipe_gives():

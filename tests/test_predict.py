@@ -1,6 +1,7 @@
 """predict.py: the classes of new images, as --eval computes them; unreadable files skipped, never a traceback."""
 import csv
 import io
+import os
 import random
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -11,6 +12,7 @@ from conftest import FAST, run_cli
 from imagefolder import make_image, make_imagefolder
 
 import predict
+import utils
 import weights
 
 
@@ -120,3 +122,10 @@ def test_an_original_checkpoint_without_classes_predicts_imagenet_names_or_class
         from timm.data import ImageNetInfo
         assert set(names) <= set(ImageNetInfo('imagenet-1k').label_descriptions())
 
+
+
+def test_the_defaults_warn_of_no_missing_gpu_and_start_no_more_workers_than_cores(capsys):
+    args = predict.get_args_parser().parse_args(['--resume', 'run.pth', 'photos/'])
+    assert 0 < args.num_workers <= len(os.sched_getaffinity(0))
+    if not torch.cuda.is_available():  # a device not asked for falls back to the CPU silently, as main.py's
+        assert utils.resolve_device(args.device) == torch.device('cpu') and capsys.readouterr().out == ''

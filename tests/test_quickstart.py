@@ -10,7 +10,7 @@ import yaml
 import config
 import main
 import quickstart as quickstart_py
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 SMALL = ['--epochs', '1', '--batch-size', '100', '--data-set', 'DIGITS-100']
@@ -77,6 +77,54 @@ def test_a_bad_flag_stops_it_with_main_pys_error_line(tmp_path):
     first, second = stop.value.code.strip().splitlines()
     assert first.endswith("error: argument --epochs: invalid int value: 'x'")
     assert second.startswith('teacher failed (exit 2)') and 'Traceback' not in stop.value.code
+
+
+# Every README command that runs on a CPU, in README order, in a fresh directory: tiny data and one epoch
+# substituted, outputs under tmp/ instead of the repository's output/. The quickstart is the fixture's run.
+NEEDS_MORE_THAN_A_CPU = {'run_with_submitit.py': 'Slurm', 'tools.gpu_check': 'CUDA',
+                         'tools.distillation_study': '45 minutes (its machinery runs below at toy scale)'}
+
+
+def cpu_runnable(command: str, program: str) -> bool:
+    """Not a download (https://), ImageNet, several GPUs (torchrun, launch), an elided command (...) or a
+    program that needs more than a CPU."""
+    return not (program in NEEDS_MORE_THAN_A_CPU or command.startswith(('torchrun', 'HF_HUB_OFFLINE'))
+                or any(word in command for word in ('https://', '/path/to/imagenet', 'torch.distributed', '...')))
+
+
+def test_every_readme_command_that_runs_on_a_cpu_exits_0(quickstart, imagefolder, tmp_path, capsys):
+    import benchmark
+    import export
+    import predict
+    from test_docs import program_and_argv, shell_commands
+    from tools import plot
+    quickstart_out, _ = quickstart
+    ran = []
+    for command in shell_commands((REPO / 'README.md').read_text()):
+        program, argv = program_and_argv(command)
+        if not program or not cpu_runnable(command, program):
+            continue
+        argv = [word.replace('output/quickstart', str(quickstart_out)).replace('output/', f'{tmp_path}/output/')
+                .replace('/path/to/imagefolder', str(imagefolder)).replace('photos/', f'{imagefolder}/val/')
+                .replace('more/*.jpg', f'{imagefolder}/train/class_0/*.jpg') for word in argv]
+        if program == 'quickstart.py':
+            code = 0 if argv == [] else 'not the command the fixture ran'  # the fixture ran it (one epoch)
+        elif program == 'main.py':
+            code = run_cli(*argv, *(['--epochs', '1'] if '--help' not in argv else []), check=False).returncode
+        elif program == 'benchmark.py':
+            code = benchmark.cli([*argv, '--quick', '--json', str(tmp_path / 'bench.json')])
+        else:
+            try:
+                code = {'export.py': export.cli, 'predict.py': predict.cli, 'tools.plot': plot.cli}[program](argv)
+            except SystemExit as e:
+                code = e.code
+        assert code == 0, f'README: `{command}` exited {code}: {capsys.readouterr().err[-2000:]}'
+        ran.append(program)
+    assert ran == ['quickstart.py', 'main.py', 'predict.py', 'export.py', 'export.py', 'tools.plot', 'main.py',
+                   'benchmark.py']
+    assert {p.name for p in (tmp_path / 'output' / 'tiny').iterdir()} >= {'preds.csv', 'deit_tiny.safetensors',
+                                                                        'deit_tiny.onnx'}
+    assert (quickstart_out / 'curves.png').is_file()
 
 
 # The distillation study (tools/distillation_study.py): its statistics from known values, its plan,

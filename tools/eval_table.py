@@ -110,6 +110,7 @@ def timed_passes(model: torch.nn.Module, batch: int, input_size: int, device: to
                 torch.cuda.synchronize(device)
             if i:  # the warm-up builds kernels and caches
                 seconds.append(time.perf_counter() - start)
+                print(f'throughput: batch {batch}, pass {i}/{passes}: {batch / seconds[-1]:.1f} images/s', flush=True)
     return seconds
 
 
@@ -124,6 +125,7 @@ def throughput(model: torch.nn.Module, input_size: int, device: torch.device, am
         except torch.cuda.OutOfMemoryError:
             if batch == 1:
                 raise UserError(f'the model does not fit in the memory of {device} even at batch 1') from None
+            print(f'throughput: batch {batch} does not fit in the memory of {device}, trying {batch // 2}', flush=True)
         torch.cuda.empty_cache()  # outside the handler: its traceback no longer holds the failed pass's tensors
         batch //= 2
 
