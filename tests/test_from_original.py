@@ -35,8 +35,10 @@ def original_args(**values) -> argparse.Namespace:
     """The Namespace the original main.py saves: its flags, what its setup adds, and under its submitit
     launcher `output_dir` / `job_dir` as Paths."""
     args = main.get_args_parser().parse_args([])
-    # plain strings, as the original's parser gives (ours marks its defaults with str subclasses)
-    vars(args).update({name: str(value) for name, value in vars(args).items() if isinstance(value, str)})
+    # plain values, as the original's parser gives (ours marks its defaults with str and int subclasses)
+    vars(args).update({name: str(value) if isinstance(value, str) else int(value)
+                       for name, value in vars(args).items()
+                       if isinstance(value, (str, int)) and not isinstance(value, bool)})
     vars(args).update(cooldown_epochs=10, nb_classes=3, distributed=True, rank=0, world_size=8, gpu=0,
                       dist_backend='nccl', output_dir=Path('/checkpoint/user/experiments/1234'),
                       job_dir=Path('/checkpoint/user/experiments/1234'), lr=5e-4 * 64 * 8 / 512)
