@@ -463,7 +463,7 @@ def teacher_input_figure(args, our_model, our_opt, batches, images: int) -> dict
     given = PremadeInputs(InferenceTeacher(sized, args.ours_dtype), premade)
     seconds = time_pair(project_step(our_model, our_opt, batches, given, args.ours_dtype),
                         project_step(our_model, our_opt, batches, converting, args.ours_dtype), args.repeats,
-                        args.ours_dtype)
+                        args.matmul_size, args.ours_dtype)
     return row(f'teacher @{args.teacher_input_size}: made -> converted', images, seconds, ours_dtype=args.ours_dtype)
 
 
