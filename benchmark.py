@@ -9,6 +9,10 @@ same run (baseline and ours alternate within each repeat, so that a load change 
   train  a plain eager forward / backward / AdamW step vs engine.train_one_epoch as main.py runs it
          (fused AdamW, --compile when given).
   distill the same with a hard-distillation teacher: plain eager teacher (no_grad) vs teacher.py.
+         With --teacher-input-size, also what feeding the teacher its own inputs costs: our distillation
+         step with the teacher's batches made beforehand (as a second data pipeline would) vs the same
+         step converting the student's batch on the device (teacher.py's TeacherInputs: mean = std = 0.5
+         and the teacher's size, from the student's ImageNet-normalised batch).
   eval   eager no_grad forward vs engine.evaluate (inference teacher-style, --compile when given).
   teacher the teacher's forward alone.
 
@@ -55,6 +59,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,7 +77,7 @@ from engine import LossScaler, TrainOptions, evaluate, train_one_epoch
 from losses import DistillationLoss
 from samplers import ResumableSampler
 from precision import Precision, dtype_flag, resolve_precision
-from teacher import prepare_teacher
+from teacher import InferenceTeacher, InputSpec, TeacherInputs, prepare_teacher
 from tools import pack_shards
 
 REPO = Path(__file__).resolve().parent
@@ -83,6 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='deit_tiny_patch16_224', help='student (any timm model)')
     parser.add_argument('--teacher-model', default='regnety_160', help='teacher for the distillation figures')
+    parser.add_argument('--teacher-input-size', default=None, type=int, metavar='PIXELS',
+                        help='(distill) a teacher trained at this size with mean = std = 0.5: adds the cost of '
+                             'converting the student\'s batch to its inputs; unset: no such figure')
     parser.add_argument('--batch-size', default=32, type=int)
     parser.add_argument('--input-size', default=224, type=int)
     parser.add_argument('--images', default=192, type=int, help='generated JPEGs per data-pipeline pass')
@@ -428,6 +436,37 @@ def teachers(args):
     return base, ours
 
 
+class PremadeInputs(torch.nn.Module):
+    """A teacher given batches made beforehand, one per call in turn, whatever it is passed: the cost of
+    its inputs left out of the step."""
+
+    def __init__(self, teacher: torch.nn.Module, premade: List[torch.Tensor]):
+        super().__init__()
+        self.teacher, self.premade, self.calls = teacher, premade, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = self.premade[self.calls % len(self.premade)]
+        self.calls += 1
+        return self.teacher(batch)
+
+
+def teacher_input_figure(args, our_model, our_opt, batches, images: int) -> dict:
+    """Our distillation step with the teacher's inputs made beforehand vs converted from the student's batch
+    on the device, for a teacher at --teacher-input-size trained with mean = std = 0.5."""
+    student = InputSpec(args.input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    half = (0.5, 0.5, 0.5)
+    convert = TeacherInputs(student, InputSpec(args.teacher_input_size, half, half))
+    premade = [convert(x) for x, _, _ in batches]
+    sized = prepare_teacher(create(args.teacher_model, Namespace(input_size=args.teacher_input_size)),
+                            torch.device('cpu'), compile=args.compile, amp_dtype=args.ours_dtype).model
+    converting = InferenceTeacher(sized, args.ours_dtype, convert)
+    given = PremadeInputs(InferenceTeacher(sized, args.ours_dtype), premade)
+    seconds = time_pair(project_step(our_model, our_opt, batches, given, args.ours_dtype),
+                        project_step(our_model, our_opt, batches, converting, args.ours_dtype), args.repeats,
+                        args.matmul_size, args.ours_dtype)
+    return row(f'teacher @{args.teacher_input_size}: made -> converted', images, seconds, ours_dtype=args.ours_dtype)
+
+
 def bench_models(args) -> List[dict]:
     rows = []
     batches = synthetic_batches(args, args.steps)
@@ -449,6 +488,8 @@ def bench_models(args) -> List[dict]:
                             project_step(our_model, our_opt, batches, our_teacher, args.ours_dtype), args.repeats,
                             args.matmul_size, args.ours_dtype)
         rows.append(row(f'distill step: <- {args.teacher_model}', images, seconds, step_flops + teacher_flops, ours_dtype=args.ours_dtype))
+        if args.teacher_input_size:
+            rows.append(teacher_input_figure(args, our_model, our_opt, batches, images))
     if 'eval' in args.sections:
         base_model.eval()
         eval_flops = count_flops(lambda: base_model(batches[0][0])) / args.batch_size

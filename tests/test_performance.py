@@ -432,9 +432,9 @@ def run_benchmark(out, capsys, *argv) -> tuple:
 
 def test_benchmark_quick_writes_the_table_the_bf16_breakdown_and_json(tmp_path, capsys):
     report, stdout = run_benchmark(tmp_path / 'bench.json', capsys, '--quick', '--breakdown', '--amp-dtype',
-                                   'bfloat16')
+                                   'bfloat16', '--teacher-input-size', '80')
     names = [r['name'] for r in report['rows']]
-    assert [n.split(':')[0] for n in names] == ['data', 'data', 'train step', 'distill step', 'eval',
+    assert [n.split(':')[0] for n in names] == ['data', 'data', 'train step', 'distill step', 'teacher @80', 'eval',
                                                 'teacher forward']
     assert report['matmul_gflops'] > 0 and all(r['ratio'] > 0 and r['peak_rss_mib'] > 0 for r in report['rows'])
     assert report['bf16_matmul_gflops'] > 0 and report['ours_dtype'] == 'bfloat16'
