@@ -1015,117 +1015,122 @@ def train(args, signals: checkpoint.StopSignals) -> Optional[dict]:
     speedups.keep_freed_memory_for(device)
     # One training run per output directory, owned until train() returns (evaluation writes nothing there).
     owner = checkpoint.claim_output_dir_of_the_job(args.output_dir) if args.output_dir and not args.eval else None
-    if args.output_dir and not args.eval and not args.resume:  # a run from epoch 0: another run's files are kept
-        checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
-    print(settings_summary(args))
-
-    # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
-    # another node cannot read) ends every rank here, before the first collective of training.
-    with utils.failing_together():
-        # Data
-        loader_train, loader_val, nb_classes, classes = build_data(args)
-        args.nb_classes = nb_classes  # recorded with the run: known once the data is read
-        mixup_fn = build_mixup(args, nb_classes)
-
-        # Models
-        model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
-        n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-        print(f'number of params: {n_parameters}')
-        teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
-        del teacher_checkpoint  # its weights now live in the teacher
-
-        # Optimisation
-        optimizer = build_optimizer(args, model_without_ddp, device)
-        loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-        lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
-        criterion = criterion_of(args, teacher)
-        options = train_options(args, amp_dtype)
-        state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
-                                         config.plain_args(args), samples_per_step(args),
-                                         start_epoch=args.start_epoch, classes=classes,
-                                         class_descriptions=imagenet_descriptions(classes))
-        if args.resume:
-            state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
-                         batch_size=args.batch_size, accum_steps=args.grad_accum_steps,
-                         world_size=utils.get_world_size(), scaled_lr=args.lr)
-        else:
-            lr_scheduler.step(state.start_epoch)  # applies each group's lr_scale (--layer-decay) from the first step
-    model = training_student(model_without_ddp, args)
-    evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
-    if args.eval:
-        test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
-        print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
-        return test_stats
-    if args.resume and state.start_epoch >= num_epochs:
-        print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
-              f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
-        return
-    if args.resume:
-        print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
-    # Accepted: from here on the run writes to its output directory (rank 0; a failed write ends every rank).
-    with utils.failing_together():
-        config.save_args(args, get_args_parser())
-        epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
-                                   resume_epoch=state.start_epoch if args.resume else None)
-        wandb_run = start_wandb(args, state) if args.wandb else None
-
-    # Loop
-    checkpointer = checkpoint.Checkpointer(
-        args.output_dir, payload=state.payload,
-        every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
-        keep_last=args.keep_last, signals=signals, device=device)
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    cooldown = f' ({args.epochs} + {num_epochs - args.epochs} cooldown)' if num_epochs > args.epochs else ''
-    print(f'Start training for {num_epochs} epochs{cooldown}')
-    start_time = time.time()
-    signals.training()
     try:
-        for epoch in range(state.start_epoch, num_epochs):
-            resuming = epoch == state.start_epoch and state.start_step > 0
-            start_step = state.start_step if resuming else 0
-            loader_train.sampler.set_epoch(epoch)  # reshuffle per epoch, the same way on every rank
-            loader_train.sampler.skip(start_step * samples_per_step(args))
-            train_stats = train_one_epoch(
-                model, criterion, loader_train, optimizer, device, epoch, loss_scaler, options, model_ema, mixup_fn,
-                start_step=start_step, checkpointer=checkpointer, metrics_state=state.metrics_state if resuming else None)
-            lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
+        # a run from epoch 0: another run's files are kept
+        if args.output_dir and not args.eval and not args.resume:
+            checkpoint.set_aside_previous_run(args.output_dir, args.start_over, resume_requested)
+        print(settings_summary(args))
 
+        # What fails on some ranks only while setting up (their data, their files, a resumed checkpoint that
+        # another node cannot read) ends every rank here, before the first collective of training.
+        with utils.failing_together():
+            # Data
+            loader_train, loader_val, nb_classes, classes = build_data(args)
+            args.nb_classes = nb_classes  # recorded with the run: known once the data is read
+            mixup_fn = build_mixup(args, nb_classes)
+
+            # Models
+            model_without_ddp, model_ema = build_student(args, nb_classes, device, amp_dtype)
+            n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+            print(f'number of params: {n_parameters}')
+            teacher = build_teacher(args, teacher_checkpoint, nb_classes, device, amp_dtype)
+            del teacher_checkpoint  # its weights now live in the teacher
+
+            # Optimisation
+            optimizer = build_optimizer(args, model_without_ddp, device)
+            loss_scaler = LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+            lr_scheduler, num_epochs = create_scheduler(args, optimizer)  # num_epochs includes the cooldown
+            criterion = criterion_of(args, teacher)
+            options = train_options(args, amp_dtype)
+            state = checkpoint.TrainingState(model_without_ddp, optimizer, lr_scheduler, loss_scaler, model_ema,
+                                             config.plain_args(args), samples_per_step(args),
+                                             start_epoch=args.start_epoch, classes=classes,
+                                             class_descriptions=imagenet_descriptions(classes))
+            if args.resume:
+                state.resume(args.resume, weights_only=args.eval, opt=args.opt, layer_decay=args.layer_decay,
+                             batch_size=args.batch_size, accum_steps=args.grad_accum_steps,
+                             world_size=utils.get_world_size(), scaled_lr=args.lr)
+            else:
+                # applies each group's lr_scale (--layer-decay) from the first step
+                lr_scheduler.step(state.start_epoch)
+        model = training_student(model_without_ddp, args)
+        evaluated = student_for_evaluation(model, model_without_ddp, args.compile, device)
+        if args.eval:
             test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
-            is_best = test_stats['acc1'] > state.max_accuracy
-            state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
-            print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
-                  f'(max {state.max_accuracy:.2f}%)')
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                         **{f'test_{k}': v for k, v in test_stats.items()},
-                         'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
-            if model_ema is not None:
-                with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
-                    ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
-                                         label='EMA model')
-                log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+            print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%')
+            return test_stats
+        if args.resume and state.start_epoch >= num_epochs:
+            print(f'Nothing to train: {args.resume} ends epoch {state.start_epoch - 1}, the last of {num_epochs} '
+                  f'(--epochs {args.epochs} + cooldown); raise --epochs to train further')
+            return
+        if args.resume:
+            print(f'Continuing at epoch {state.start_epoch} step {state.start_step}')
+        # Accepted: from here on the run writes to its output directory (rank 0; a failed write ends every rank).
+        with utils.failing_together():
+            config.save_args(args, get_args_parser())
+            epoch_log = utils.EpochLog(args.output_dir, tensorboard=args.tensorboard,
+                                       resume_epoch=state.start_epoch if args.resume else None)
+            wandb_run = start_wandb(args, state) if args.wandb else None
 
-            with utils.failing_together():  # rank 0 writes; every rank learns whether it could
-                epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
-                if wandb_run:
-                    wandb_run.log(log_stats)
-                if output_dir:
-                    state.save(str(output_dir / 'checkpoint.pth'), epoch)
-                    if is_best:
-                        state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
-            checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
-    except BaseException:
+        # Loop
+        checkpointer = checkpoint.Checkpointer(
+            args.output_dir, payload=state.payload,
+            every_steps=args.save_interval_steps, every_minutes=args.save_interval_minutes,
+            keep_last=args.keep_last, signals=signals, device=device)
+        output_dir = Path(args.output_dir) if args.output_dir else None
+        cooldown = f' ({args.epochs} + {num_epochs - args.epochs} cooldown)' if num_epochs > args.epochs else ''
+        print(f'Start training for {num_epochs} epochs{cooldown}')
+        start_time = time.time()
+        signals.training()
+        try:
+            for epoch in range(state.start_epoch, num_epochs):
+                resuming = epoch == state.start_epoch and state.start_step > 0
+                start_step = state.start_step if resuming else 0
+                loader_train.sampler.set_epoch(epoch)  # reshuffle per epoch, the same way on every rank
+                loader_train.sampler.skip(start_step * samples_per_step(args))
+                train_stats = train_one_epoch(
+                    model, criterion, loader_train, optimizer, device, epoch, loss_scaler, options, model_ema, mixup_fn,
+                    start_step=start_step, checkpointer=checkpointer,
+                    metrics_state=state.metrics_state if resuming else None)
+                lr_scheduler.step(epoch + 1)  # epoch e trains at the schedule's value of e (the original lags one)
+
+                test_stats = evaluate(loader_val, evaluated, device, amp_dtype, args.print_freq, args.eval_head)
+                is_best = test_stats['acc1'] > state.max_accuracy
+                state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
+                print(f'Accuracy of the network on the test images: {test_stats["acc1"]:.1f}%  '
+                      f'(max {state.max_accuracy:.2f}%)')
+                log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                             **{f'test_{k}': v for k, v in test_stats.items()},
+                             'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': state.max_accuracy}
+                if model_ema is not None:
+                    with on_device(model_ema.module, device) as ema:  # a --model-ema-force-cpu EMA too
+                        ema_stats = evaluate(loader_val, ema, device, amp_dtype, args.print_freq, args.eval_head,
+                                             label='EMA model')
+                    log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+
+                with utils.failing_together():  # rank 0 writes; every rank learns whether it could
+                    epoch_log.write(log_stats)  # before the checkpoint: see EpochLog.trim
+                    if wandb_run:
+                        wandb_run.log(log_stats)
+                    if output_dir:
+                        state.save(str(output_dir / 'checkpoint.pth'), epoch)
+                        if is_best:
+                            state.save(str(output_dir / 'best_checkpoint.pth'), epoch)
+                checkpointer.after_epoch(epoch, str(output_dir / 'checkpoint.pth') if output_dir else None)
+        except BaseException:
+            if wandb_run:
+                wandb_run.finish(exit_code=1)
+            raise
+        finally:
+            epoch_log.close()
         if wandb_run:
-            wandb_run.finish(exit_code=1)
-        raise
-    finally:
-        epoch_log.close()
-    if wandb_run:
-        wandb_run.finish()
+            wandb_run.finish()
 
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f'Training time {total_time}')
-    if owner:
-        owner.close()
+        total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+        print(f'Training time {total_time}')
+    finally:  # released on every way out: a failed run too, whose files stay for --resume
+        if owner:
+            owner.close()
 
 
 def start_wandb(args, state: checkpoint.TrainingState) -> wandb_log.WandbLog:
