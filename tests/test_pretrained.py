@@ -15,7 +15,6 @@ from timm.scheduler import create_scheduler
 import export
 import fast_data
 import main
-import teacher as teacher_module
 from conftest import FAST, assert_one_line_error, run_cli
 from teacher import InputSpec, TeacherInputs
 

@@ -7,7 +7,6 @@ failure), not that gloo happened to fail fast. tests/rank_faults.py injects the 
 import json
 import sys
 
-import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
